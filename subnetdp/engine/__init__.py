@@ -1,0 +1,10 @@
+"""The SDP engine: units, plans, the multi-process wrapper and the single-process simulator.
+It knows nothing of models, data or the training application."""
+
+from .errors import CollectiveError, PlanError, PlanMismatchError, SDPConfigError
+from .plan import Plan, UnitCost, holders_needed, make_plan
+from .simulator import SubnetworkSimulator
+from .wrapper import SubnetworkDataParallel
+
+__all__ = ["CollectiveError", "Plan", "PlanError", "PlanMismatchError", "SDPConfigError",
+           "SubnetworkDataParallel", "SubnetworkSimulator", "UnitCost", "holders_needed", "make_plan"]

@@ -1,0 +1,440 @@
+"""Find the units of an unmodified model: residual blocks, and hidden-neuron groups inside blocks.
+
+A *block* is a module computing ``post(shortcut(x) + f(x))``. Dropping it keeps ``post(shortcut(x))``.
+Blocks that torch.fx can trace (ResNet basic/bottleneck blocks) are analysed exactly: the residual
+add is found in the graph and the dropped block becomes the graph without the branch ``f``, so a
+down-sampling shortcut (and a post-add activation) is kept. Blocks that fx cannot trace (Hugging
+Face decoder layers take ``**kwargs``) must map their first input to an output of the same shape;
+their dropped form returns that input unchanged.
+
+A *neuron site* is a recognised pattern inside a block whose hidden width can be cut without
+changing the block's input or output width: a plain MLP, a gated (SwiGLU) MLP, attention heads, or
+the inner channels of a residual conv block (conv, norm, conv). Its hidden units are split into
+groups; each group is one SDP unit.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.fx
+from torch import nn
+
+from .errors import SDPConfigError
+
+
+def get_module(model: nn.Module, path: str) -> nn.Module:
+    """The submodule at a dotted path, or an error that names the path and what exists there."""
+    try:
+        return model.get_submodule(path) if path else model
+    except AttributeError:
+        parent = path.rpartition(".")[0]
+        try:
+            options = [n for n, _ in model.get_submodule(parent).named_children()] if parent else [
+                n for n, _ in model.named_children()]
+        except AttributeError:
+            options = [n for n, _ in model.named_children()]
+        raise SDPConfigError(
+            f"module path {path!r} names nothing in {type(model).__name__}; "
+            f"children at {parent or '<root>'!r}: {options}") from None
+
+
+def resolve_block_paths(model: nn.Module, spec: str | Sequence[str]) -> list[str]:
+    """Expand ``blocks=``/``neurons=``: a ModuleList/Sequential path, or a list of module paths."""
+    if isinstance(spec, str):
+        container = get_module(model, spec)
+        if not isinstance(container, (nn.ModuleList, nn.Sequential)):
+            raise SDPConfigError(
+                f"{spec!r} is a {type(container).__name__}, not an nn.ModuleList or nn.Sequential; "
+                "pass the container of the blocks, or a list of block paths")
+        paths = [f"{spec}.{name}" for name, _ in container.named_children()]
+        if not paths:
+            raise SDPConfigError(f"{spec!r} is empty: it holds no blocks")
+        return paths
+    paths = list(spec)
+    if not paths:
+        raise SDPConfigError("the list of block paths is empty")
+    if len(set(paths)) != len(paths):
+        raise SDPConfigError(f"block paths repeat: {paths}")
+    for path in paths:
+        get_module(model, path)
+    for a in paths:
+        for b in paths:
+            if a != b and b.startswith(a + "."):
+                raise SDPConfigError(f"block {b!r} lies inside block {a!r}; units must not nest")
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks: how a dropped block is computed
+
+
+class SkippedBlock(nn.Module):
+    """A dropped block whose forward could not be traced: it returns its first input unchanged."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if args:
+            return args[0]
+        for key in ("hidden_states", "x", "input", "inputs"):
+            if key in kwargs:
+                return kwargs[key]
+        raise TypeError(f"dropped block {self.name!r} got no positional input to pass through")
+
+    def extra_repr(self) -> str:
+        return f"dropped {self.name}: identity"
+
+
+def _scale_residual_hook(scale: float):
+    """A forward hook turning an untraceable residual block ``y = x + f(x)`` into ``x + s * f(x)``."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        x = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
+        return x + (output - x) * scale
+
+    return hook
+
+
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+_ADD_METHODS = {"add", "add_", "__add__", "__iadd__"}
+
+
+def _is_add(node: torch.fx.Node) -> bool:
+    return ((node.op == "call_function" and node.target in _ADD_FUNCTIONS)
+            or (node.op == "call_method" and node.target in _ADD_METHODS))
+
+
+def _input_nodes(node: torch.fx.Node) -> list[torch.fx.Node]:
+    return [a for a in node.all_input_nodes]
+
+
+def _param_modules_upstream(node: Any, modules: dict[str, nn.Module]) -> set[str]:
+    """Names of parameterised modules that a node's value depends on."""
+    seen: set[torch.fx.Node] = set()
+    found: set[str] = set()
+    stack = [node] if isinstance(node, torch.fx.Node) else []
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "call_module" and any(True for _ in modules[n.target].parameters()):
+            found.add(n.target)
+        stack.extend(_input_nodes(n))
+    return found
+
+
+@dataclass
+class ResidualGraph:
+    """A traced block with its residual add: ``output = post(add(branch, shortcut))``."""
+
+    graph_module: torch.fx.GraphModule
+    add: torch.fx.Node
+    branch: torch.fx.Node
+    shortcut: Any  # a Node, or a constant in a degenerate block
+
+
+def trace_residual(block: nn.Module, name: str) -> ResidualGraph | None:
+    """Trace ``block`` and find its residual add; None when fx cannot trace it."""
+    try:
+        gm = torch.fx.symbolic_trace(block)
+    except Exception:  # noqa: BLE001 - any tracing failure means "not traceable", handled by caller
+        return None
+    modules = dict(gm.named_modules())
+    outputs = [n for n in gm.graph.nodes if n.op == "output"]
+    node = outputs[0].args[0]
+    # Walk back from the output through parameter-free single-input ops (activations, dropout).
+    while isinstance(node, torch.fx.Node) and not _is_add(node):
+        inputs = _input_nodes(node)
+        parameter_free = node.op != "call_module" or not any(True for _ in modules[node.target].parameters())
+        if len(inputs) != 1 or not parameter_free or node.op in ("placeholder", "get_attr"):
+            break
+        node = inputs[0]
+    if not (isinstance(node, torch.fx.Node) and _is_add(node)):
+        raise SDPConfigError(
+            f"block {name!r} ({type(block).__name__}) is not residual: its output is not "
+            "post(shortcut(x) + f(x)), so dropping it would change the network's shapes or cut it; "
+            "choose residual blocks (e.g. the layers of a transformer or the blocks of a ResNet stage)")
+    a, b = node.args[0], node.args[1]
+    upstream_a = _param_modules_upstream(a, modules)
+    upstream_b = _param_modules_upstream(b, modules)
+    if len(upstream_a) == len(upstream_b):
+        raise SDPConfigError(
+            f"block {name!r}: cannot tell the residual branch from the shortcut "
+            f"(both sides of the add use {len(upstream_a)} parameterised modules)")
+    branch, shortcut = (a, b) if len(upstream_a) > len(upstream_b) else (b, a)
+    return ResidualGraph(gm, node, branch, shortcut)
+
+
+@dataclass
+class BlockInfo:
+    """What the engine knows about one block unit."""
+
+    path: str
+    traced: bool
+    shortcut_modules: list[str] = field(default_factory=list)  # relative to the block: shared
+
+    def is_shortcut_key(self, relative_key: str) -> bool:
+        """Whether a block-relative state_dict key belongs to the kept shortcut (a shared tensor)."""
+        return any(relative_key.startswith(m + ".") for m in self.shortcut_modules)
+
+    def dropped_module(self, block: nn.Module) -> nn.Module:
+        """The module that replaces the block on a worker that does not hold it."""
+        if not self.traced:
+            return SkippedBlock(self.path)
+        res = trace_residual(block, self.path)
+        assert res is not None
+        graph = res.graph_module.graph
+        res.add.replace_all_uses_with(res.shortcut)
+        graph.erase_node(res.add)
+        graph.eliminate_dead_code()
+        gm = torch.fx.GraphModule(res.graph_module, graph, class_name=f"Dropped{type(block).__name__}")
+        # The post-add ops now act on the shortcut, which may be the block's own input (saved for
+        # the previous layer's backward): an in-place activation there would corrupt it.
+        for node in gm.graph.nodes:
+            if node.op == "call_module" and getattr(gm.get_submodule(node.target), "inplace", False):
+                out_of_place = copy.copy(gm.get_submodule(node.target))
+                out_of_place.inplace = False
+                name = node.target.replace(".", "_") + "_out_of_place"
+                gm.add_submodule(name, out_of_place)
+                node.target = name
+            elif node.op == "call_function" and node.kwargs.get("inplace"):
+                node.kwargs = {**node.kwargs, "inplace": False}
+            elif node.op == "call_method" and isinstance(node.target, str) and node.target.endswith("_") \
+                    and not node.target.startswith("__"):
+                node.target = node.target[:-1]
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+        return gm
+
+    def scaled_module(self, block: nn.Module, scale: float) -> nn.Module:
+        """The held block with its residual branch multiplied by ``scale`` (train-time scaling).
+        Parameter names are kept, so state_dict keys do not change."""
+        if not self.traced:
+            block.register_forward_hook(_scale_residual_hook(scale), with_kwargs=True)
+            return block
+        res = trace_residual(block, self.path)
+        assert res is not None
+        graph = res.graph_module.graph
+        with graph.inserting_after(res.branch):
+            scaled = graph.call_function(operator.mul, (res.branch, scale))
+        res.add.replace_input_with(res.branch, scaled)
+        return torch.fx.GraphModule(res.graph_module, graph, class_name=f"Scaled{type(block).__name__}")
+
+
+def analyse_block(block: nn.Module, path: str) -> BlockInfo:
+    """Find how ``block`` is dropped, and which of its parameters belong to the kept shortcut."""
+    res = trace_residual(block, path)
+    if res is None:
+        return BlockInfo(path, traced=False)
+    modules = dict(res.graph_module.named_modules())
+    shortcut_modules = set(_param_modules_upstream(res.shortcut, modules))
+    # Parameter-free modules on the shortcut path can still own buffers (a norm's running stats).
+    stack = [res.shortcut] if isinstance(res.shortcut, torch.fx.Node) else []
+    while stack:
+        node = stack.pop()
+        if node.op == "call_module":
+            shortcut_modules.add(node.target)
+        stack.extend(node.all_input_nodes)
+    return BlockInfo(path, traced=True, shortcut_modules=sorted(shortcut_modules))
+
+
+# ---------------------------------------------------------------------------------------------
+# Neurons: recognised patterns and how their tensors are sliced
+
+
+@dataclass(frozen=True)
+class TensorSlice:
+    """One tensor cut along ``dim``: hidden unit u owns ``unit_width`` consecutive entries in each
+    of ``segments`` equal parts of that dim (segments=3 for a fused q/k/v projection)."""
+
+    module: str
+    tensor: str
+    dim: int
+    unit_width: int
+    segments: int = 1
+
+    def full_ranges(self, full_len: int, start: int, stop: int) -> list[tuple[int, int]]:
+        seg = full_len // self.segments
+        return [(s * seg + start * self.unit_width, s * seg + stop * self.unit_width)
+                for s in range(self.segments)]
+
+    def local_ranges(self, local_len: int, offset: int, width: int) -> list[tuple[int, int]]:
+        """Ranges of a group that starts ``offset`` hidden units into the locally held ones."""
+        seg = local_len // self.segments
+        return [(s * seg + offset * self.unit_width, s * seg + (offset + width) * self.unit_width)
+                for s in range(self.segments)]
+
+
+@dataclass
+class NeuronSite:
+    """A recognised hidden-width pattern inside a block, split into groups of hidden units."""
+
+    path: str
+    block: str
+    pattern: str                 # "mlp" | "gated-mlp" | "attention" | "conv"
+    hidden: int                  # hidden units: neurons, key/value heads, or inner channels
+    slices: list[TensorSlice]
+    output: str                  # module whose input is scaled at train time
+    head_attrs: dict[str, int] = field(default_factory=dict)  # int attributes counting heads
+    heads_per_unit: int = 1
+    groups: list[tuple[int, int]] = field(default_factory=list)
+
+    def split(self, num_groups: int) -> None:
+        """Split the hidden units into ``num_groups`` contiguous groups, as even as possible."""
+        g = max(1, min(num_groups, self.hidden))
+        bounds = [round(i * self.hidden / g) for i in range(g + 1)]
+        self.groups = [(bounds[i], bounds[i + 1]) for i in range(g)]
+
+    def unit_name(self, g: int) -> str:
+        return f"{self.path}#{g}"
+
+
+_GATED_MLP = [("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2")]
+_PLAIN_MLP = [("fc1", "fc2"), ("c_fc", "c_proj"), ("up_proj", "down_proj"), ("lin1", "lin2"),
+              ("linear1", "linear2"), ("dense_h_to_4h", "dense_4h_to_h"), ("w_in", "w_out")]
+_ATTENTION = [("q_proj", "k_proj", "v_proj", "o_proj"), ("wq", "wk", "wv", "wo"),
+              ("query", "key", "value", "out_proj"), ("q", "k", "v", "o")]
+_FUSED_ATTENTION = [("qkv", "proj"), ("qkv", "out"), ("qkv_proj", "o_proj"), ("Wqkv", "out_proj")]
+_HEAD_COUNT_ATTRS = ("num_heads", "n_heads", "n_head", "num_attention_heads")
+_KV_HEAD_COUNT_ATTRS = ("num_key_value_heads", "n_kv_heads", "num_kv_heads")
+_HEAD_DIM_ATTRS = ("head_dim", "head_size", "attention_head_size")
+
+
+def _children(module: nn.Module) -> dict[str, nn.Module]:
+    return dict(module.named_children())
+
+
+def _linear_slices(path: str, name: str, layer: nn.Linear, dim: int, width: int,
+                   segments: int = 1) -> list[TensorSlice]:
+    out = [TensorSlice(f"{path}.{name}", "weight", dim, width, segments)]
+    if dim == 0 and layer.bias is not None:
+        out.append(TensorSlice(f"{path}.{name}", "bias", 0, width, segments))
+    return out
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path and name else (path or name)
+
+
+def _match_site(module: nn.Module, path: str, block: str) -> NeuronSite | None:
+    """Recognise a neuron pattern at ``module``; None if it is none of the known ones."""
+    ch = _children(module)
+    is_linear = lambda n: isinstance(ch.get(n), nn.Linear)  # noqa: E731
+    for gate, up, down in _GATED_MLP:
+        if is_linear(gate) and is_linear(up) and is_linear(down):
+            hidden = ch[up].out_features
+            slices = (_linear_slices(path, gate, ch[gate], 0, 1) + _linear_slices(path, up, ch[up], 0, 1)
+                      + _linear_slices(path, down, ch[down], 1, 1))
+            return NeuronSite(path, block, "gated-mlp", hidden, slices, _join(path, down))
+    for up, down in _PLAIN_MLP:
+        if is_linear(up) and is_linear(down) and ch[up].out_features == ch[down].in_features:
+            slices = _linear_slices(path, up, ch[up], 0, 1) + _linear_slices(path, down, ch[down], 1, 1)
+            return NeuronSite(path, block, "mlp", ch[up].out_features, slices, _join(path, down))
+    if isinstance(module, nn.Sequential) and len(module) >= 3:
+        layers = list(module)
+        if (isinstance(layers[0], nn.Linear) and isinstance(layers[-1], nn.Linear)
+                and not any(True for m in layers[1:-1] for _ in m.parameters())):
+            slices = _linear_slices(path, "0", layers[0], 0, 1) + _linear_slices(
+                path, str(len(layers) - 1), layers[-1], 1, 1)
+            return NeuronSite(path, block, "mlp", layers[0].out_features, slices,
+                              _join(path, str(len(layers) - 1)))
+    attention = _match_attention(module, ch, path, block)
+    if attention is not None:
+        return attention
+    conv1, bn1, conv2 = ch.get("conv1"), ch.get("bn1"), ch.get("conv2")
+    if (isinstance(conv1, nn.Conv2d) and isinstance(bn1, nn.BatchNorm2d) and isinstance(conv2, nn.Conv2d)
+            and conv1.groups == 1 and conv2.groups == 1 and conv1.out_channels == bn1.num_features
+            and conv2.in_channels == conv1.out_channels):
+        slices = [TensorSlice(f"{path}.conv1", "weight", 0, 1)]
+        if conv1.bias is not None:
+            slices.append(TensorSlice(f"{path}.conv1", "bias", 0, 1))
+        for t in ("weight", "bias", "running_mean", "running_var"):
+            if getattr(bn1, t, None) is not None:
+                slices.append(TensorSlice(f"{path}.bn1", t, 0, 1))
+        slices.append(TensorSlice(f"{path}.conv2", "weight", 1, 1))
+        return NeuronSite(path, block, "conv", conv1.out_channels, slices, _join(path, "conv2"))
+    return None
+
+
+def _head_dim(module: nn.Module, q_rows: int, path: str) -> int:
+    for attr in _HEAD_DIM_ATTRS:
+        value = getattr(module, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    for attr in _HEAD_COUNT_ATTRS:
+        value = getattr(module, attr, None)
+        if isinstance(value, int) and value > 0:
+            return q_rows // value
+    raise SDPConfigError(
+        f"attention {path!r}: cannot find its head size (looked for attributes "
+        f"{_HEAD_DIM_ATTRS + _HEAD_COUNT_ATTRS})")
+
+
+def _head_attrs(module: nn.Module) -> dict[str, int]:
+    return {a: getattr(module, a) for a in _HEAD_COUNT_ATTRS + _KV_HEAD_COUNT_ATTRS
+            if isinstance(getattr(module, a, None), int)}
+
+
+def _match_attention(module: nn.Module, ch: dict[str, nn.Module], path: str,
+                     block: str) -> NeuronSite | None:
+    is_linear = lambda n: isinstance(ch.get(n), nn.Linear)  # noqa: E731
+    for q, k, v, o in _ATTENTION:
+        if all(is_linear(n) for n in (q, k, v, o)):
+            q_rows, k_rows = ch[q].out_features, ch[k].out_features
+            hd = _head_dim(module, q_rows, path)
+            if q_rows % hd or k_rows % hd or q_rows % k_rows or ch[o].in_features != q_rows:
+                raise SDPConfigError(f"attention {path!r}: q/k/v/o shapes do not fit head size {hd}")
+            rep = q_rows // k_rows
+            slices = (_linear_slices(path, q, ch[q], 0, rep * hd) + _linear_slices(path, k, ch[k], 0, hd)
+                      + _linear_slices(path, v, ch[v], 0, hd) + _linear_slices(path, o, ch[o], 1, rep * hd))
+            return NeuronSite(path, block, "attention", k_rows // hd, slices, _join(path, o),
+                              head_attrs=_head_attrs(module), heads_per_unit=rep)
+    for qkv, o in _FUSED_ATTENTION:
+        if is_linear(qkv) and is_linear(o) and ch[qkv].out_features == 3 * ch[o].in_features:
+            rows = ch[o].in_features
+            hd = _head_dim(module, rows, path)
+            slices = (_linear_slices(path, qkv, ch[qkv], 0, hd, segments=3)
+                      + _linear_slices(path, o, ch[o], 1, hd))
+            return NeuronSite(path, block, "attention", rows // hd, slices, _join(path, o),
+                              head_attrs=_head_attrs(module))
+    return None
+
+
+def find_neuron_sites(model: nn.Module, block_path: str) -> list[NeuronSite]:
+    """All recognised neuron patterns inside a block (outermost match wins; no nesting)."""
+    block = get_module(model, block_path)
+    sites: list[NeuronSite] = []
+    matched: list[str] = []
+    for rel, module in block.named_modules():
+        if "" in matched or any(rel == m or rel.startswith(m + ".") for m in matched):
+            continue
+        site = _match_site(module, _join(block_path, rel), block_path)
+        if site is not None:
+            sites.append(site)
+            matched.append(rel)
+    if not sites:
+        layout = ", ".join(f"{n}: {type(m).__name__}" for n, m in block.named_children())
+        raise SDPConfigError(
+            f"block {block_path!r} ({type(block).__name__}) has no recognisable neuron pattern "
+            f"(plain MLP, gated MLP, attention q/k/v/o or fused qkv, conv-norm-conv); children: {layout}")
+    return sites
+
+
+def refresh_shape_attributes(module: nn.Module) -> None:
+    """Make a layer's size attributes agree with its (sliced) weight."""
+    if isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+    elif isinstance(module, nn.modules.conv._ConvNd):
+        module.out_channels = module.weight.shape[0]
+        module.in_channels = module.weight.shape[1] * module.groups
+    elif isinstance(module, nn.modules.batchnorm._NormBase):
+        ref = module.weight if module.weight is not None else module.running_mean
+        module.num_features = ref.shape[0]
