@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import CollectiveError, PlanMismatchError, SDPConfigError
@@ -569,7 +570,7 @@ class SubnetworkDataParallel(nn.Module):
             if any(id(p) in ids for group in optimizer.param_groups for p in group["params"]):
                 sdp.sync_weights()
 
-        self._hook_handles.append(torch.optim.optimizer.register_optimizer_step_post_hook(after_step))
+        self._hook_handles.append(register_optimizer_step_post_hook(after_step))
 
     # ------------------------------------------------------------------------------------------
     # the full model
@@ -579,7 +580,7 @@ class SubnetworkDataParallel(nn.Module):
         averaged over the holders when the full model is assembled."""
         out: dict[BucketKey, list[Piece]] = {}
         for piece in self._pieces:
-            if not piece.is_param and self._full_meta[piece.key][1].is_floating_point() \
+            if not piece.is_param and self._full_meta[piece.key][1].is_floating_point \
                     and self.rank in piece.holders:
                 out.setdefault((piece.holders, self._full_meta[piece.key][1]), []).append(piece)
         return dict(sorted(out.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))))
@@ -628,6 +629,21 @@ class SubnetworkDataParallel(nn.Module):
                 self._wait(work, f"full-model broadcast from worker {source}", tuple(range(self.world_size)), flat)
                 received.append(flat.cpu())
             return received
+
+        return assemble_full_state(self, fetch)
+
+    @torch.no_grad()
+    def local_full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Backward masking: this worker's own copy of the full model (no communication). After
+        ``sync_weights()`` the parameters are bitwise identical on every worker; norm running
+        statistics are this worker's own."""
+        if self.masking != "backward":
+            raise SDPConfigError("local_full_state_dict() needs masking='backward': under forward "
+                                 "masking a worker does not hold the full model; use full_state_dict()")
+
+        def fetch(source: int, pieces: list[Piece]) -> list[torch.Tensor]:
+            return [flatten([flatten(self._local_views(p)).cpu() for p in pieces  # type: ignore[arg-type]
+                             if self._full_meta[p.key][1] == dt]) for dt in _dtypes(self, pieces)]
 
         return assemble_full_state(self, fetch)
 
