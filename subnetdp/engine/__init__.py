@@ -4,7 +4,8 @@ It knows nothing of models, data or the training application."""
 from .errors import CollectiveError, PlanError, PlanMismatchError, SDPConfigError
 from .plan import Plan, UnitCost, holders_needed, make_plan
 from .simulator import SubnetworkSimulator
-from .wrapper import SubnetworkDataParallel
+from .wrapper import SubnetworkDataParallel, plan_for
 
 __all__ = ["CollectiveError", "Plan", "PlanError", "PlanMismatchError", "SDPConfigError",
-           "SubnetworkDataParallel", "SubnetworkSimulator", "UnitCost", "holders_needed", "make_plan"]
+           "SubnetworkDataParallel", "SubnetworkSimulator", "UnitCost", "holders_needed", "make_plan",
+           "plan_for"]

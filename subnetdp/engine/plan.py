@@ -43,8 +43,8 @@ class UnitCost:
 
 
 def holders_needed(coverage: float, world_size: int) -> int:
-    """k = max(1, round(C * N)): how many workers hold each unit."""
-    return max(1, min(world_size, round(coverage * world_size)))
+    """k = max(1, round(C * N)), rounding halves up: how many workers hold each unit."""
+    return max(1, min(world_size, math.floor(coverage * world_size + 0.5)))
 
 
 @dataclass

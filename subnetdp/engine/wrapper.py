@@ -88,7 +88,8 @@ class SubnetworkDataParallel(nn.Module):
                  process_group: dist.ProcessGroup | None = None, scale: str = "none",
                  neuron_groups: int | None = None, example_input: Any = None,
                  timeout: float = 600.0, sync_weights_after_step: bool = True,
-                 _virtual_rank: int | None = None, _virtual_world_size: int | None = None) -> None:
+                 _virtual_rank: int | None = None, _virtual_world_size: int | None = None,
+                 _plan_only: bool = False) -> None:
         super().__init__()
         if (blocks is None) == (neurons is None):
             raise SDPConfigError("pass exactly one of blocks= (block level) or neurons= (neuron level)")
@@ -139,6 +140,8 @@ class SubnetworkDataParallel(nn.Module):
                 site.split(neuron_groups or self.world_size)
         flops = self._inspect_example(example_input) if example_input is not None else None
         self.plan: Plan = self._make_plan(flops)
+        if _plan_only:
+            return
         self._full_meta = {k: (v.shape, v.dtype) for k, v in model.state_dict(keep_vars=True).items()}
         self._pieces = self._make_pieces(model)
         self._groups: dict[tuple[int, ...], Any] = {}
@@ -149,6 +152,7 @@ class SubnetworkDataParallel(nn.Module):
         self._sliced: dict[tuple[str, str], dict] = {}  # (module, tensor) -> local layout info
         self._apply_masking()
         self._grad_segments = self._make_grad_segments()
+        self.comm_bytes = 0  # bytes this worker handed to collectives (gradients and weights)
         self._sync_enabled = True
         self._sync_queued = False
         self._auto_grad_sync = not self.virtual
@@ -489,6 +493,7 @@ class SubnetworkDataParallel(nn.Module):
         pending = []
         for key, flat in buckets.items():
             flat = flat.to(self._comm_device())
+            self.comm_bytes += flat.numel() * flat.element_size()
             work = dist.all_reduce(flat, group=self._groups[key[0]], async_op=True)
             pending.append((key, flat, work))
         averaged = {}
@@ -554,6 +559,7 @@ class SubnetworkDataParallel(nn.Module):
             else:
                 dtype = next(self._full_meta[p.key][1] for p in self._weight_pieces() if p.owner == source)
                 flat = torch.empty(numel, device=self._comm_device(), dtype=dtype)
+            self.comm_bytes += flat.numel() * flat.element_size()
             work = dist.broadcast(flat, src=self._global_ranks[source], group=self._world_group, async_op=True)
             self._wait(work, f"weight broadcast from worker {source}", tuple(range(self.world_size)), flat)
             if source != self.rank:
@@ -688,6 +694,13 @@ class SubnetworkDataParallel(nn.Module):
     def extra_repr(self) -> str:
         return (f"level={self.level}, masking={self.masking}, coverage={self.coverage:g}, "
                 f"rank={self.rank}/{self.world_size}, units held={len(self._held)}/{len(self.plan.holders)}")
+
+
+def plan_for(model: nn.Module, world_size: int, **kwargs: Any) -> Plan:
+    """The plan SubnetworkDataParallel would use for ``model`` on ``world_size`` workers, computed
+    without torch.distributed and without changing ``model``. Keyword arguments as the wrapper's."""
+    return SubnetworkDataParallel(model, _virtual_rank=0, _virtual_world_size=world_size, _plan_only=True,
+                                  **kwargs).plan
 
 
 def _dtypes(sdp: SubnetworkDataParallel, pieces: Sequence[Piece]) -> list[torch.dtype]:
