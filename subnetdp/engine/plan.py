@@ -204,11 +204,11 @@ def make_plan(units: Sequence[UnitCost], world_size: int, coverage: float, seed:
     if level == "neuron" and all(u.site is not None for u in units):
         assignment = _assign_sites(units, cost, member)
     if assignment is None:
-        assignment = _assign_greedy(units, cost, member, rng)
+        assignment = _best_of_restarts(units, cost, member, rng, forced=None)
     if assignment is None:
         # Windows starting k positions apart cover the ring: give each one a unit first.
         cover = list(range(0, n, k))[:min_windows] if k < n else [0]
-        assignment = _assign_greedy(units, cost, member, rng, forced=cover)
+        assignment = _best_of_restarts(units, cost, member, rng, forced=cover)
     assert assignment is not None
     holders = {u.name: windows[assignment[i]] for i, u in enumerate(units)}
     return Plan(world_size=n, coverage=coverage, k=k, seed=seed, level=level, holders=holders,
@@ -242,32 +242,59 @@ def _components(member: np.ndarray, counts: np.ndarray) -> int:
     return len({find(r) for r in range(n)})
 
 
+RESTARTS = 8
+
+
+def _best_of_restarts(units: Sequence[UnitCost], cost: np.ndarray, member: np.ndarray,
+                      rng: random.Random, forced: list[int] | None) -> list[int] | None:
+    """Greedy + local search from several seeded tie-breaks; the best (connected, then balanced)."""
+    best, best_key = None, None
+    for attempt in range(RESTARTS):
+        assignment = _assign_greedy(units, cost, member, random.Random(rng.random()), forced,
+                                    randomise=attempt > 0)
+        if assignment is None:
+            continue
+        counts = np.bincount(assignment, minlength=member.shape[0])
+        load = sum(np.outer(member[a], cost[i]) for i, a in enumerate(assignment))
+        key = (_components(member, counts), *_objective(load))
+        if best_key is None or key < best_key:
+            best, best_key = assignment, key
+    return best
+
+
 def _assign_greedy(units: Sequence[UnitCost], cost: np.ndarray, member: np.ndarray,
-                   rng: random.Random, forced: list[int] | None = None) -> list[int] | None:
-    """Largest unit first into the best window, then local search; None if a worker is left out."""
+                   rng: random.Random, forced: list[int] | None = None,
+                   randomise: bool = False) -> list[int] | None:
+    """Largest unit first into the best window, then local search; None if a worker is left out.
+    Ties go to the least-used window, then to the lowest index (or a seeded random one)."""
     num_windows, n = member.shape
     order = sorted(range(len(units)), key=lambda i: (-cost[i].max(), rng.random()))
     load = np.zeros((n, 2))
     assignment = [-1] * len(units)
     covered = np.zeros(n)
     counts = np.zeros(num_windows, dtype=int)
+    connected = False
     for position, i in enumerate(order):
         best, best_key = 0, None
         choices = [forced[position]] if forced and position < len(forced) else range(num_windows)
         for j in choices:
             trial = load + np.outer(member[j], cost[i])
             uncovered = float(((covered + member[j]) == 0).sum())
-            counts[j] += 1
             # A connected overlap graph comes before balance: otherwise worker groups never mix.
-            parts = _components(member, counts)
-            counts[j] -= 1
-            key = (uncovered, parts, *_objective(trial), j)
+            parts = 1
+            if not connected:
+                counts[j] += 1
+                parts = _components(member, counts)
+                counts[j] -= 1
+            tie = rng.random() if randomise else j
+            key = (uncovered, parts, *_objective(trial), counts[j], tie)
             if best_key is None or key < best_key:
                 best, best_key = j, key
         assignment[i] = best
         load += np.outer(member[best], cost[i])
         covered += member[best]
         counts[best] += 1
+        connected = connected or _components(member, counts) == 1
     # Local search: move one unit at a time while it helps, keeping every worker covered and the
     # overlap graph as connected as the greedy pass left it.
     parts = _components(member, counts)

@@ -190,6 +190,9 @@ class SubnetworkDataParallel(nn.Module):
                     x = args[0] if args else next(iter(kwargs.values()), None)
                     shapes[path] = (getattr(x, "shape", None), getattr(out, "shape", None))
                 handles.append(get_module(self.module, path).register_forward_hook(hook, with_kwargs=True))
+        # eval mode: the probe must not update norm running statistics
+        modes = {m: m.training for m in self.module.modules()}
+        self.module.eval()
         try:
             with torch.no_grad(), FlopCounterMode(display=False) as counter:
                 if isinstance(example_input, Mapping):
@@ -201,6 +204,8 @@ class SubnetworkDataParallel(nn.Module):
         finally:
             for h in handles:
                 h.remove()
+            for module, training in modes.items():
+                module.training = training
         for path, (shape_in, shape_out) in shapes.items():
             if shape_in is None or shape_out is None or shape_in != shape_out:
                 raise SDPConfigError(

@@ -1,0 +1,207 @@
+"""Unit discovery on models we did not write, slicing numerics, and errors for bad input."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from _models import make, tiny_llama
+from subnetdp import SDPConfigError, SubnetworkSimulator, plan_for
+from subnetdp.engine.units import SkippedBlock, analyse_block, find_neuron_sites
+from subnetdp.models.resnet import BasicBlock
+
+
+def test_downsampling_block_keeps_its_shortcut_when_dropped() -> None:
+    torch.manual_seed(0)
+    block = BasicBlock(4, 8, stride=2).eval()
+    info = analyse_block(block, "b")
+    assert info.traced and info.shortcut_modules == ["downsample.0", "downsample.1"]
+    dropped = info.dropped_module(block)
+    x = torch.randn(2, 4, 8, 8)
+    x_before = x.clone()
+    expected = torch.relu(block.downsample(x))
+    torch.testing.assert_close(dropped(x), expected)
+    assert torch.equal(x, x_before), "the dropped block must not modify its input in place"
+    assert not any("conv1" in n for n, _ in dropped.named_parameters())
+
+
+def test_identity_block_drops_to_its_input() -> None:
+    block = BasicBlock(4, 4)
+    dropped = analyse_block(block, "b").dropped_module(block)
+    x = torch.rand(2, 4, 8, 8)  # non-negative, as after the previous block's ReLU
+    torch.testing.assert_close(dropped(x), x)
+    assert sum(p.numel() for p in dropped.parameters()) == 0
+
+
+def test_hugging_face_decoder_layer_is_dropped_as_identity() -> None:
+    model = tiny_llama()
+    info = analyse_block(model.model.layers[0], "model.layers.0")
+    assert not info.traced
+    assert isinstance(info.dropped_module(model.model.layers[0]), SkippedBlock)
+
+
+def test_neuron_patterns_in_unmodified_models() -> None:
+    llama = tiny_llama()
+    patterns = {s.path: (s.pattern, s.hidden) for s in find_neuron_sites(llama, "model.layers.0")}
+    assert patterns == {"model.layers.0.self_attn": ("attention", 2),  # 2 key/value heads (GQA)
+                        "model.layers.0.mlp": ("gated-mlp", 64)}
+    resnet = make("resnet")
+    [conv] = find_neuron_sites(resnet, "blocks.2")
+    assert (conv.pattern, conv.hidden) == ("conv", resnet.blocks[2].conv1.out_channels)
+    [mlp] = find_neuron_sites(make("mlp"), "blocks.0")
+    assert (mlp.pattern, mlp.hidden) == ("mlp", 16)
+
+
+def test_block_without_pattern_is_an_error_naming_it() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.ModuleList([nn.Sequential(nn.Conv1d(4, 4, 1))]))
+    with pytest.raises(SDPConfigError, match=r"'1.0' .*no recognisable neuron pattern"):
+        find_neuron_sites(model, "1.0")
+
+
+def _zero_columns(model: nn.Module, sdp_worker) -> nn.Module:
+    """The full model with the non-held hidden groups' output columns zeroed (the reference for a
+    forward-masked worker at scale 'none')."""
+    ref = copy.deepcopy(model)
+    for piece in sdp_worker._pieces:
+        if piece.spec is not None and piece.spec.dim == 1 and sdp_worker.rank not in piece.holders:
+            module_path, name = piece.key.rsplit(".", 1)
+            weight = getattr(ref.get_submodule(module_path), name)
+            with torch.no_grad():
+                for a, b in piece.full_ranges:
+                    weight[:, a:b] = 0
+    return ref
+
+
+@pytest.mark.parametrize("kind,blocks", [("llama", "model.layers"), ("mlp", "blocks")])
+def test_sliced_worker_computes_the_subnetwork(kind: str, blocks: str) -> None:
+    model = make(kind)
+    sim = SubnetworkSimulator(model, 4, neurons=blocks, coverage=0.5, seed=1)
+    x = torch.randint(0, 64, (2, 8)) if kind == "llama" else torch.randn(3, 5)
+    for worker in sim.workers:
+        ref = _zero_columns(model, worker)
+        out, expected = worker(x), ref(x)
+        if kind == "llama":
+            out, expected = out.logits, expected.logits
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+        assert sum(p.numel() for p in worker.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+def test_fused_qkv_attention_is_sliced_by_heads() -> None:
+    class Attention(nn.Module):  # timm/ViT style: one qkv projection, num_heads read in forward
+        def __init__(self, dim: int = 16, num_heads: int = 4) -> None:
+            super().__init__()
+            self.num_heads, self.head_dim = num_heads, dim // num_heads
+            self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, n, _ = x.shape
+            q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            out = nn.functional.scaled_dot_product_attention(q, k, v)
+            return self.proj(out.transpose(1, 2).reshape(b, n, -1))
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = Attention()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.attn(x)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Sequential(Block(), Block()))
+    sim = SubnetworkSimulator(model, 2, neurons="1", coverage=0.5)
+    x = torch.randn(2, 5, 16)
+    for worker in sim.workers:
+        assert worker.module[1][0].attn.num_heads == 2
+        torch.testing.assert_close(worker(x), _zero_columns(model, worker)(x), rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: a clear error before the first step
+
+
+def _virtual(model: nn.Module, world: int = 4, **kwargs):
+    from subnetdp import SubnetworkDataParallel
+    return SubnetworkDataParallel(model, _virtual_rank=0, _virtual_world_size=world, **kwargs)
+
+
+@pytest.mark.parametrize("coverage", [0, -0.1, 1.01, 2])
+def test_coverage_outside_unit_interval(coverage: float) -> None:
+    with pytest.raises(SDPConfigError, match=r"coverage must be in \(0, 1\]"):
+        _virtual(make("mlp"), blocks="blocks", coverage=coverage)
+
+
+def test_path_that_names_nothing_lists_what_is_there() -> None:
+    with pytest.raises(SDPConfigError, match=r"'layers' names nothing.*\['inp', 'blocks', 'head'\]"):
+        _virtual(make("mlp"), blocks="layers", coverage=0.5)
+    with pytest.raises(SDPConfigError, match="names nothing"):
+        _virtual(make("llama"), blocks=["model.layers.0", "model.layers.9"], coverage=0.5)
+
+
+def test_blocks_and_neurons_are_exclusive() -> None:
+    with pytest.raises(SDPConfigError, match="exactly one"):
+        _virtual(make("mlp"), blocks="blocks", neurons="blocks")
+
+
+def test_non_residual_block_is_an_error() -> None:
+    model = nn.Sequential(nn.ModuleList([nn.Linear(5, 8), nn.Linear(8, 8)]))
+    with pytest.raises(SDPConfigError, match="not residual"):
+        _virtual(model, blocks="0", coverage=0.5, world=2)
+
+
+def test_untraceable_block_that_changes_shape_is_an_error() -> None:
+    class Widen(nn.Module):  # untraceable (data-dependent branch), output wider than input
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 6)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x) if x.sum() > -1e9 else x
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList([Widen(), Widen()])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.blocks[0](x)
+
+    with pytest.raises(SDPConfigError, match="no traceable shortcut"):
+        _virtual(Net(), blocks="blocks", coverage=0.5, world=2, example_input=torch.randn(2, 4))
+
+
+def test_coverage_that_rounds_to_zero_holders() -> None:
+    with pytest.raises(SDPConfigError, match=r"round\(C\*N\) = 0"):
+        _virtual(make("mlp"), blocks="blocks", coverage=0.1, world=4)
+
+
+def test_model_on_meta_device_is_an_error() -> None:
+    with torch.device("meta"):
+        model = make("mlp")
+    with pytest.raises(SDPConfigError, match="meta device"):
+        _virtual(model, blocks="blocks", coverage=0.5)
+
+
+def test_nccl_backend_with_cpu_model_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    # No GPU here: pretend an NCCL group exists, and check the device test that runs first.
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "get_process_group_ranks", lambda group: [0, 1])
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    from subnetdp import SubnetworkDataParallel
+    with pytest.raises(SDPConfigError, match="NCCL but the model is on 'cpu'"):
+        SubnetworkDataParallel(make("mlp"), blocks="blocks", coverage=0.5, process_group=object())
+
+
+def test_plan_for_does_not_change_the_model() -> None:
+    model = make("resnet")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = plan_for(model, 4, blocks="blocks", coverage=0.5, example_input=torch.randn(1, 1, 16, 16))
+    assert plan.flops_counted and len(plan.holders) == 8
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
