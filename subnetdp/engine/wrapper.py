@@ -440,6 +440,7 @@ class SubnetworkDataParallel(nn.Module):
     # the training step
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self._sync_queued = False  # a backward that raised before its callback must not block the next
         return self.module(*args, **kwargs)
 
     def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
