@@ -45,3 +45,16 @@ def test_coverage_one_equals_large_batch_training() -> None:
         ref_opt.zero_grad()
     for key, value in sim.full_state_dict().items():
         torch.testing.assert_close(value, reference.state_dict()[key], rtol=1e-5, atol=1e-6)
+
+
+def test_recalibration_sets_running_stats_to_the_batch_average() -> None:
+    from subnetdp import recalibrate_norm_statistics
+    model = make("resnet")
+    batches = [batch_for("resnet", s)[0] for s in range(3)]
+    assert recalibrate_norm_statistics(model, batches) == 3
+    assert not model.training
+    stem_bn = model.stem[1]
+    with torch.no_grad():
+        means = [model.stem[0](x).mean(dim=(0, 2, 3)) for x in batches]
+    torch.testing.assert_close(stem_bn.running_mean, sum(means) / 3, rtol=1e-4, atol=1e-6)
+    assert stem_bn.momentum == 0.1  # restored
