@@ -522,30 +522,29 @@ class SubnetworkDataParallel(nn.Module):
 
     # -- backward masking: bring every worker's copy of the updated units up to date ----------
 
-    def _weight_pieces(self) -> list[Piece]:
-        return [p for p in self._pieces if p.is_param and p.unit is not None]
+    def _weights_owned_by(self, source: int) -> list[Piece]:
+        """Unit parameters whose first holder is ``source`` (cached: used every step)."""
+        if not hasattr(self, "_weights_by_source"):
+            self._weights_by_source: dict[int, list[Piece]] = {}
+            for p in self._pieces:
+                if p.is_param and p.unit is not None:
+                    self._weights_by_source.setdefault(p.owner, []).append(p)
+        return self._weights_by_source.get(source, [])
 
     def owned_weights(self, source: int) -> torch.Tensor:
         """The flat values of the unit parameters whose owner is ``source`` (this worker)."""
-        parts = []
-        for piece in self._weight_pieces():
-            if piece.owner == source:
-                parts += self._local_views(piece)  # type: ignore[operator]
+        parts: list[torch.Tensor] = []
+        for piece in self._weights_owned_by(source):
+            parts += self._local_views(piece)  # type: ignore[operator]
         return flatten(parts, device=self.device)
 
     def _weight_numel(self, source: int) -> int:
-        total = 0
-        for piece in self._weight_pieces():
-            if piece.owner == source:
-                total += math.prod(piece.full_shape(self._full_meta[piece.key][0]))
-        return total
+        return sum(math.prod(p.full_shape(self._full_meta[p.key][0])) for p in self._weights_owned_by(source))
 
     def receive_weights(self, source: int, flat: torch.Tensor) -> None:
         """Overwrite this worker's copies (held and frozen) of ``source``'s unit parameters."""
-        targets = []
-        for piece in self._weight_pieces():
-            if piece.owner != source:
-                continue
+        targets: list[torch.Tensor] = []
+        for piece in self._weights_owned_by(source):
             # a holder's frozen copy of its own slices is stale but unused: forward overwrites it
             targets += self._local_views(piece)  # type: ignore[operator]
         unflatten_into(flat, targets)
@@ -563,7 +562,7 @@ class SubnetworkDataParallel(nn.Module):
             if source == self.rank:
                 flat = self.owned_weights(source).to(self._comm_device())
             else:
-                dtype = next(self._full_meta[p.key][1] for p in self._weight_pieces() if p.owner == source)
+                dtype = self._full_meta[self._weights_owned_by(source)[0].key][1]
                 flat = torch.empty(numel, device=self._comm_device(), dtype=dtype)
             self.comm_bytes += flat.numel() * flat.element_size()
             work = dist.broadcast(flat, src=self._global_ranks[source], group=self._world_group, async_op=True)
