@@ -120,6 +120,8 @@ def run_worker(args: argparse.Namespace) -> None:
             result["plan"] = wrapped.plan.table()  # type: ignore[union-attr]
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / f"{args.strategy}.json").write_text(json.dumps(result, indent=1))
+    # Leave together: a rank tearing down gloo while its peer still evaluates was seen to abort.
+    dist.barrier()
     dist.destroy_process_group()
 
 
