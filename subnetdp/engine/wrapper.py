@@ -296,8 +296,7 @@ class SubnetworkDataParallel(nn.Module):
         return self._groups[tuple(range(self.world_size))]
 
     def _comm_device(self) -> torch.device:
-        return self.device if self._backend == "nccl" else (
-            self.device if self.device.type == "cuda" else torch.device("cpu"))
+        return self.device  # CPU or CUDA: gloo moves both, NCCL was checked to have CUDA
 
     def _check_plan_agreement(self) -> None:
         digest = torch.tensor(list(bytes.fromhex(self.plan.fingerprint())), dtype=torch.uint8,
