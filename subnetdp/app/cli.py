@@ -1,5 +1,9 @@
 """The `subnetdp` command.
 
+    subnetdp train configs/resnet18_fashion_mnist.toml --nproc 4 --out runs/r18
+    subnetdp train configs/llama_shakespeare.toml --simulate 8 --set strategy.coverage=0.25
+    subnetdp train configs/resnet18_fashion_mnist.toml --nproc 4 --out runs/r18 --resume
+    subnetdp export runs/r18 --out r18.safetensors
     subnetdp plan --model resnet18 --workers 8 --coverage 0.5            # block level
     subnetdp plan --model resnet18 --workers 4 --coverage 0.5 --level neuron
     subnetdp plan --model hf-llama --layers 12 --hidden 768 --workers 8 --json plan.json
@@ -54,6 +58,94 @@ def _plan_command(args: argparse.Namespace) -> int:
     return 0
 
 
+TRAIN_EPILOG = """\
+how it runs:
+  --nproc N       starts N local workers through torchrun (torch.distributed.run): gloo on CPU
+                  (one thread each), NCCL with one GPU per rank, gloo when ranks share a GPU
+  torchrun        under your own torchrun (several machines) call the module instead:
+                    torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d \\
+                      --rdzv-endpoint HOST:29500 -m subnetdp.app.cli train CONFIG --out DIR
+                  (see docs/training.md for this and a SLURM script)
+  --simulate N    N virtual workers in this one process (same plan, same averaging)
+
+outputs in --out: config.json, metrics.jsonl, summary.json, checkpoints/ (one file per rank plus
+a manifest); `subnetdp export DIR` writes the assembled model as safetensors.
+
+config keys: `subnetdp train --list-keys`; a wrong key or value is an error listing valid ones.
+"""
+
+
+def _train_command(args: argparse.Namespace) -> int:
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from .config import ConfigError, describe_schema, load_config
+    if args.list_keys:
+        from .builders import DATASETS, MODELS
+        import inspect
+        print(describe_schema())
+        for title, table in (("[model] keys by name", {k: v[0] for k, v in MODELS.items()}),
+                             ("[data] keys by name", DATASETS)):
+            print(title)
+            for name, fn in table.items():
+                params = [f"{p.name} = {p.default!r}" for p in inspect.signature(fn).parameters.values()
+                          if p.name not in ("data", "out")]
+                print(f"  {name}: {', '.join(params)}\n      {(fn.__doc__ or '').strip().splitlines()[0]}")
+        return 0
+    if args.config is None:
+        print("error: give a CONFIG.toml (see configs/), or --list-keys", file=sys.stderr)
+        return 2
+    try:
+        config = load_config(args.config, args.set)
+        from .builders import check_builder_keys
+        check_builder_keys(config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out or f"runs/{config['run.name']}")
+    under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ or "RANK" in os.environ
+    if args.simulate is None and not under_torchrun:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+               "-m", "subnetdp.app.cli", "train", str(args.config), "--out", str(out)]
+        for item in args.set:
+            cmd += ["--set", item]
+        if args.resume:
+            cmd.append("--resume")
+        if args.no_progress:
+            cmd.append("--no-progress")
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(config["run.threads"]))}
+        return subprocess.run(cmd, env=env).returncode
+    from .checkpoint import CheckpointError
+    from .train import run_training
+    try:
+        summary = run_training(config, out, simulate=args.simulate, resume=args.resume,
+                               progress=not args.no_progress)
+    except (ConfigError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if summary is not None:
+        final = summary["final_eval"] or {}
+        print(f"{summary['strategy']}: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items() if k != "step")
+              + f"; median step {summary['median_step_s'] * 1000:.1f} ms; written: {out}/summary.json")
+    return 0
+
+
+def _export_command(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .checkpoint import CheckpointError
+    from .export import export
+    out = Path(args.out or Path(args.run_dir) / "model.safetensors")
+    try:
+        path = export(Path(args.run_dir), out, args.step)
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"written: {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="subnetdp", description="Subnetwork Data Parallelism for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,6 +179,32 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--vocab", type=int, default=1024, help="vocabulary size (default 1024)")
     g.add_argument("--seq-len", type=int, default=128, help="example sequence length for FLOPs (default 128)")
     plan.set_defaults(func=_plan_command)
+
+    train = sub.add_parser("train", help="train a config with DDP or SDP (torchrun, or --simulate)",
+                           description="Train the experiment described by CONFIG.toml: DDP or SDP as its "
+                           "[strategy] says, on N workers.", epilog=TRAIN_EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_argument("config", nargs="?", help="a TOML config, e.g. configs/resnet18_fashion_mnist.toml")
+    train.add_argument("--nproc", type=int, default=1, help="local worker processes started through torchrun (default 1)")
+    train.add_argument("--simulate", type=int, metavar="N", default=None,
+                       help="run N virtual workers in this one process instead of N processes")
+    train.add_argument("--out", help="output folder (default runs/<run.name>)")
+    train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a config key, e.g. --set strategy.coverage=0.25 (repeatable)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the newest complete checkpoint in --out (same config and workers)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--list-keys", action="store_true", help="print every config key with its default and meaning")
+    train.set_defaults(func=_train_command)
+
+    exp = sub.add_parser("export", help="write a run's assembled model as one safetensors file",
+                         description="Assemble the full model from a run's per-rank checkpoint files "
+                         "(one process, no torch.distributed) and write it as safetensors, loadable "
+                         "into the plain model with load_state_dict(strict=True).")
+    exp.add_argument("run_dir", help="the run's --out folder")
+    exp.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest complete one)")
+    exp.add_argument("--out", help="output file (default RUN_DIR/model.safetensors)")
+    exp.set_defaults(func=_export_command)
 
     demo = sub.add_parser("demo", add_help=False, help="DDP vs B-SDP on 4 CPU workers (see `subnetdp demo --help`)")
     demo.set_defaults(func=None)

@@ -23,7 +23,7 @@ from torch import nn
 
 from .layout import Piece, flatten
 from .plan import Plan
-from .wrapper import SubnetworkDataParallel, _dtypes, assemble_full_state
+from .wrapper import SubnetworkDataParallel, _apply_clip, _dtypes, assemble_full_state
 
 
 class SubnetworkSimulator:
@@ -57,6 +57,19 @@ class SubnetworkSimulator:
             averaged = total / len(members)
             for r in members:
                 self.workers[r].set_grad_buckets({key: averaged.clone()})
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """As :meth:`SubnetworkDataParallel.clip_grad_norm_`, after :meth:`sync_gradients`."""
+        squared = torch.zeros((), dtype=torch.float64)
+        for worker in self.workers:
+            for key, flat in worker.grad_buckets().items():
+                if key[0][0] == worker.rank:
+                    squared += flat.double().pow(2).sum().cpu()
+        norm = squared.sqrt().item()
+        for worker in self.workers:
+            _apply_clip(worker.parameters(), norm, max_norm)
+        return torch.tensor(norm)
 
     @torch.no_grad()
     def sync_weights(self) -> None:

@@ -136,9 +136,9 @@ class ResidualGraph:
     """A traced block with its residual add: ``output = post(add(branch, shortcut))``."""
 
     graph_module: torch.fx.GraphModule
-    add: torch.fx.Node
-    branch: torch.fx.Node
-    shortcut: Any  # a Node, or a constant in a degenerate block
+    add: torch.fx.Node                                      # the outermost residual add
+    branches: list[tuple[torch.fx.Node, torch.fx.Node]]     # (add, its branch input), outermost first
+    shortcut: Any  # what the chain of adds starts from: a Node, or a constant in a degenerate block
 
 
 def trace_residual(block: nn.Module, name: str) -> ResidualGraph | None:
@@ -162,15 +162,24 @@ def trace_residual(block: nn.Module, name: str) -> ResidualGraph | None:
             f"block {name!r} ({type(block).__name__}) is not residual: its output is not "
             "post(shortcut(x) + f(x)), so dropping it would change the network's shapes or cut it; "
             "choose residual blocks (e.g. the layers of a transformer or the blocks of a ResNet stage)")
-    a, b = node.args[0], node.args[1]
-    upstream_a = _param_modules_upstream(a, modules)
-    upstream_b = _param_modules_upstream(b, modules)
-    if len(upstream_a) == len(upstream_b):
-        raise SDPConfigError(
-            f"block {name!r}: cannot tell the residual branch from the shortcut "
-            f"(both sides of the add use {len(upstream_a)} parameterised modules)")
-    branch, shortcut = (a, b) if len(upstream_a) > len(upstream_b) else (b, a)
-    return ResidualGraph(gm, node, branch, shortcut)
+    outer = node
+    branches: list[tuple[torch.fx.Node, torch.fx.Node]] = []
+    # A pre-norm transformer layer chains its residual adds: h = x + attn(x); y = h + mlp(h). Follow
+    # the shortcut side through every add, so the dropped layer is the identity, not x + attn(x).
+    while True:
+        a, b = node.args[0], node.args[1]
+        upstream_a = _param_modules_upstream(a, modules)
+        upstream_b = _param_modules_upstream(b, modules)
+        if len(upstream_a) == len(upstream_b):
+            raise SDPConfigError(
+                f"block {name!r}: cannot tell the residual branch from the shortcut "
+                f"(both sides of the add use {len(upstream_a)} parameterised modules)")
+        branch, shortcut = (a, b) if len(upstream_a) > len(upstream_b) else (b, a)
+        branches.append((node, branch))
+        if not (isinstance(shortcut, torch.fx.Node) and _is_add(shortcut)):
+            break
+        node = shortcut
+    return ResidualGraph(gm, outer, branches, shortcut)
 
 
 @dataclass
@@ -223,9 +232,10 @@ class BlockInfo:
         res = trace_residual(block, self.path)
         assert res is not None
         graph = res.graph_module.graph
-        with graph.inserting_after(res.branch):
-            scaled = graph.call_function(operator.mul, (res.branch, scale))
-        res.add.replace_input_with(res.branch, scaled)
+        for add, branch in res.branches:
+            with graph.inserting_after(branch):
+                scaled = graph.call_function(operator.mul, (branch, scale))
+            add.replace_input_with(branch, scaled)
         return torch.fx.GraphModule(res.graph_module, graph, class_name=f"Scaled{type(block).__name__}")
 
 

@@ -31,7 +31,7 @@ import datetime
 import math
 import warnings
 import weakref
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -507,6 +507,20 @@ class SubnetworkDataParallel(nn.Module):
             averaged[key] = flat.div_(len(key[0])).to(self.device)
         self.set_grad_buckets(averaged)
 
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Clip by the gradient norm of the full model, the same on every worker (collective: call
+        it on every rank after backward). Each holder set's averaged bucket is counted once, by its
+        lowest rank, so the norm is that of the full model's averaged gradient, and every holder
+        scales its copy by the same factor. Returns the norm before clipping."""
+        squared = torch.zeros((), dtype=torch.float64, device=self._comm_device())
+        for key, flat in self.grad_buckets().items():
+            if key[0][0] == self.rank:
+                squared += flat.double().pow(2).sum().to(squared.device)
+        work = dist.all_reduce(squared, group=self._world_group, async_op=True)
+        self._wait(work, "gradient-norm all_reduce", tuple(range(self.world_size)), squared)
+        return _apply_clip(self.parameters(), squared.sqrt().item(), max_norm)
+
     def _wait(self, work: Any, what: str, ranks: tuple[int, ...], tensor: torch.Tensor) -> None:
         try:
             completed = work.wait(timeout=self.timeout)
@@ -698,6 +712,15 @@ class SubnetworkDataParallel(nn.Module):
     def extra_repr(self) -> str:
         return (f"level={self.level}, masking={self.masking}, coverage={self.coverage:g}, "
                 f"rank={self.rank}/{self.world_size}, units held={len(self._held)}/{len(self.plan.holders)}")
+
+
+def _apply_clip(params: Iterable[nn.Parameter], norm: float, max_norm: float) -> torch.Tensor:
+    factor = max_norm / (norm + 1e-6)
+    if factor < 1:
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(factor)
+    return torch.tensor(norm)
 
 
 def plan_for(model: nn.Module, world_size: int, **kwargs: Any) -> Plan:

@@ -1,5 +1,6 @@
 """Measurement: figures read from live tensors and from the operating system, never estimated."""
 
-from .memory import optimizer_state_bytes, peak_rss_bytes, tensor_bytes
+from .comm import ByteCounter, counting_allreduce_hook
+from .memory import optimizer_state_bytes, peak_rss_bytes, reset_peak_rss, tensor_bytes
 
-__all__ = ["optimizer_state_bytes", "peak_rss_bytes", "tensor_bytes"]
+__all__ = ["ByteCounter", "counting_allreduce_hook", "optimizer_state_bytes", "peak_rss_bytes", "reset_peak_rss", "tensor_bytes"]

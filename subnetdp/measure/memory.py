@@ -32,3 +32,14 @@ def peak_rss_bytes() -> int | None:
     except OSError:
         return None
     return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current resident size (Linux ``clear_refs``), so a later reading covers
+    only what follows. Returns False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False

@@ -37,6 +37,29 @@ def test_identity_block_drops_to_its_input() -> None:
     assert sum(p.numel() for p in dropped.parameters()) == 0
 
 
+class PreNormLayer(nn.Module):
+    """A transformer layer with two chained residual adds: h = x + f(x); y = h + g(h)."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.norm1, self.f = nn.LayerNorm(dim), nn.Linear(dim, dim)
+        self.norm2, self.g = nn.LayerNorm(dim), nn.Sequential(nn.Linear(dim, 16), nn.GELU(), nn.Linear(16, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x + self.f(self.norm1(x))
+        return h + self.g(self.norm2(h))
+
+
+def test_pre_norm_layer_with_chained_adds_drops_to_identity_and_scales_both_branches() -> None:
+    layer, x = PreNormLayer(), torch.randn(3, 8)
+    info = analyse_block(layer, "layer")
+    assert info.traced and info.shortcut_modules == []
+    assert torch.equal(info.dropped_module(layer)(x), x)
+    scaled = info.scaled_module(copy.deepcopy(layer), 2.0)
+    h = x + 2.0 * layer.f(layer.norm1(x))
+    torch.testing.assert_close(scaled(x), h + 2.0 * layer.g(layer.norm2(h)))
+
+
 def test_hugging_face_decoder_layer_is_dropped_as_identity() -> None:
     model = tiny_llama()
     info = analyse_block(model.model.layers[0], "model.layers.0")

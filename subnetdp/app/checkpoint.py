@@ -1,0 +1,129 @@
+"""Checkpoints: each rank writes only what it holds, then rank 0 writes a manifest; atomically.
+
+Layout of ``OUT/checkpoints``:
+
+    step-00000400/            a complete checkpoint (renamed into place only once it is whole)
+        manifest.json         step, world size, plan fingerprint, config, and each rank file's
+                              size and sha256
+        rank-00000.pt ...     what that rank holds: its (sub)model, optimizer, scheduler, RNG states
+    step-00000600.partial/    being written, or left by a crash: never read, removed on next save
+
+Protocol: every rank writes its file to a temporary name and renames it (``os.replace`` is atomic
+on POSIX), all ranks meet at a barrier, rank 0 checks the files, writes the manifest the same way
+and renames the folder. A checkpoint is taken for good only when its folder has no ``.partial``
+suffix and its manifest's sizes and hashes match the files. Ranks on several machines need a shared
+file system for ``--out``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+PARTIAL = ".partial"
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint, or one that does not match the run being resumed."""
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step-{step:08d}"
+
+
+def rank_file(rank: int) -> str:
+    return f"rank-{rank:05d}.pt"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_rank_state(root: Path, step: int, rank: int, state: dict[str, Any]) -> None:
+    """Every rank: write this rank's state into the step's partial folder."""
+    folder = Path(str(step_dir(root, step)) + PARTIAL)
+    folder.mkdir(parents=True, exist_ok=True)
+    _atomic_write_bytes(folder / rank_file(rank), lambda f: torch.save(state, f))
+
+
+def finalize(root: Path, step: int, world_size: int, manifest: dict[str, Any], keep: int) -> Path:
+    """Rank 0, after every rank's write (a barrier): hash the files, write the manifest, publish."""
+    partial = Path(str(step_dir(root, step)) + PARTIAL)
+    files = {}
+    for rank in range(world_size):
+        path = partial / rank_file(rank)
+        if not path.is_file():
+            raise CheckpointError(f"rank {rank} did not write {path}")
+        files[str(rank)] = {"name": path.name, "bytes": path.stat().st_size, "sha256": _sha256(path)}
+    body = {**manifest, "step": step, "world_size": world_size, "files": files, "written_at": time.time()}
+    _atomic_write_bytes(partial / "manifest.json", lambda f: f.write(json.dumps(body, indent=1).encode()))
+    final = step_dir(root, step)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(partial, final)
+    _prune(root, keep)
+    return final
+
+
+def _prune(root: Path, keep: int) -> None:
+    for stale in root.glob(f"step-*{PARTIAL}"):
+        shutil.rmtree(stale, ignore_errors=True)
+    complete = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(PARTIAL))
+    for old in complete[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_manifest(folder: Path, verify: bool = True) -> dict[str, Any]:
+    """The manifest of a complete checkpoint; CheckpointError when it is missing or does not match."""
+    if folder.name.endswith(PARTIAL):
+        raise CheckpointError(f"{folder} is a partial checkpoint")
+    path = folder / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{folder}: no readable manifest.json ({exc})") from None
+    for rank, entry in manifest["files"].items():
+        file = folder / entry["name"]
+        if not file.is_file() or file.stat().st_size != entry["bytes"]:
+            raise CheckpointError(f"{folder}: rank {rank}'s file {entry['name']} is missing or truncated")
+        if verify and _sha256(file) != entry["sha256"]:
+            raise CheckpointError(f"{folder}: rank {rank}'s file {entry['name']} does not match its hash")
+    return manifest
+
+
+def latest(root: Path, verify: bool = True) -> tuple[Path, dict[str, Any]] | None:
+    """The newest complete, verified checkpoint under ``root``; damaged ones are skipped."""
+    if not root.is_dir():
+        return None
+    candidates = sorted((p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(PARTIAL)),
+                        reverse=True)
+    for folder in candidates:
+        try:
+            return folder, read_manifest(folder, verify)
+        except CheckpointError:
+            continue
+    return None
+
+
+def load_rank_state(folder: Path, rank: int, map_location: Any = "cpu") -> dict[str, Any]:
+    return torch.load(folder / rank_file(rank), map_location=map_location, weights_only=False)

@@ -1,0 +1,238 @@
+"""Experiment configs: TOML files with five sections, validated against the schema below.
+
+    config = load_config("configs/resnet18_fashion_mnist.toml", overrides=["strategy.coverage=0.25"])
+    config.section("optim")["lr"]
+
+Every key of [run], [strategy], [optim] and [eval] is listed in ``SCHEMA`` with its default and
+what it does (``subnetdp train --list-keys`` prints it). [model] and [data] take ``name`` plus the
+keyword arguments of the chosen model or dataset builder (see ``subnetdp.app.builders``); those are
+checked against the builder's signature. A wrong key or value is an error that lists the valid ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config key or value that is not valid; the message lists the valid ones."""
+
+
+@dataclass(frozen=True)
+class Key:
+    default: Any
+    doc: str
+    choices: tuple | None = None
+
+
+SCHEMA: dict[str, dict[str, Key]] = {
+    "run": {
+        "name": Key("run", "a label for the run, written into summary.json"),
+        "seed": Key(0, "seeds model initialisation, data order and dropout (same on every rank)"),
+        "steps": Key(100, "optimizer steps of the DDP baseline; see schedule"),
+        "schedule": Key("iteration", "iteration: every strategy runs `steps`; flops: SDP runs "
+                        "round(steps / C) steps, so it spends about the FLOPs of DDP (the paper's choice)",
+                        ("iteration", "flops")),
+        "log_interval": Key(10, "steps between lines of metrics.jsonl (and progress-bar updates)"),
+        "eval_interval": Key(0, "steps between evaluations of the assembled full model (0: only at the end)"),
+        "checkpoint_interval": Key(0, "steps between checkpoints (0: none; one is always written at the end)"),
+        "keep_checkpoints": Key(2, "how many of the newest checkpoints to keep"),
+        "device": Key("auto", "auto: CUDA when available, else CPU", ("auto", "cpu", "cuda")),
+        "backend": Key("auto", "auto: NCCL when every rank has a GPU of its own, else gloo",
+                       ("auto", "gloo", "nccl")),
+        "autocast": Key("none", "mixed precision for forward/backward (parameters stay float32)",
+                        ("none", "bfloat16", "float16")),
+        "threads": Key(1, "torch CPU threads per worker (1: several workers share the cores)"),
+        "timeout": Key(600.0, "seconds before a collective that has not completed (dead or stuck peer) raises"),
+    },
+    "strategy": {
+        "name": Key("sdp", "ddp: torch DistributedDataParallel; sdp: subnetwork data parallelism",
+                    ("ddp", "sdp")),
+        "level": Key("block", "block: residual blocks are the units (B-SDP); neuron: groups of hidden "
+                     "neurons, heads or channels inside blocks (N-SDP)", ("block", "neuron")),
+        "masking": Key("forward", "forward: train the subnetwork; backward: full forward, gradients "
+                       "and optimizer state only for held units", ("forward", "backward")),
+        "coverage": Key(0.5, "C in (0, 1]: the fraction of units each worker holds"),
+        "scale": Key("none", "train-time scaling of kept blocks/neurons under forward masking",
+                     ("none", "inverse-coverage")),
+        "neuron_groups": Key(0, "neuron level: groups per neuron site (0: one per worker)"),
+        "plan_seed": Key(0, "seed of the plan (which worker holds which unit)"),
+    },
+    "optim": {
+        "name": Key("sgd", "the optimizer", ("sgd", "adamw")),
+        "lr": Key(0.1, "peak learning rate"),
+        "momentum": Key(0.9, "SGD momentum"),
+        "nesterov": Key(False, "SGD Nesterov momentum"),
+        "betas": Key([0.9, 0.95], "AdamW betas"),
+        "eps": Key(1e-8, "AdamW epsilon"),
+        "weight_decay": Key(0.0, "decoupled (AdamW) or L2 (SGD) weight decay"),
+        "warmup_steps": Key(0, "linear warm-up steps"),
+        "lr_schedule": Key("cosine", "learning-rate decay after warm-up", ("constant", "cosine", "linear")),
+        "min_lr_ratio": Key(0.0, "final learning rate as a fraction of lr"),
+        "grad_clip": Key(0.0, "clip the global gradient norm of the full model to this (0: off)"),
+    },
+    "eval": {
+        "batch_size": Key(256, "evaluation batch size per worker"),
+        "max_batches": Key(0, "evaluation batches per worker (0: the whole test/validation split)"),
+        "recalibrate_norm_batches": Key(
+            0, "re-estimate the assembled model's BatchNorm statistics on this many training batches "
+            "before evaluating, and report both figures (0: off)"),
+    },
+    "model": {"name": Key("resnet18", "the model; other keys are the builder's keyword arguments",
+                          ("resnet18", "vit", "llama"))},
+    "data": {"name": Key("synthetic-images", "the dataset; other keys are the builder's keyword arguments "
+                         "(batch_size, the per-worker batch, for all of them)",
+                         ("fashion-mnist", "cifar10", "cifar100", "text", "synthetic-images",
+                          "synthetic-text"))},
+}
+
+# Keys that a resumed run may change: they do not alter the trained values.
+RESUMABLE_CHANGES = {("run", "steps"), ("run", "log_interval"), ("run", "eval_interval"),
+                     ("run", "checkpoint_interval"), ("run", "keep_checkpoints"), ("run", "timeout"),
+                     ("eval", "batch_size"), ("eval", "max_batches")}
+
+
+def _type_ok(value: Any, default: Any) -> bool:
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, type(default))
+
+
+def _unknown(what: str, name: str, valid: list[str]) -> ConfigError:
+    near = difflib.get_close_matches(name, valid, n=1)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    return ConfigError(f"unknown {what} {name!r}{hint}; valid: {', '.join(valid)}")
+
+
+@dataclass
+class Config:
+    """A validated config: ``sections[section][key]``; model/data keys are checked by their builders."""
+
+    sections: dict[str, dict[str, Any]]
+    source: str = ""
+
+    def section(self, name: str) -> dict[str, Any]:
+        return self.sections[name]
+
+    def __getitem__(self, dotted: str) -> Any:
+        section, _, key = dotted.partition(".")
+        return self.sections[section][key]
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return copy.deepcopy(self.sections)
+
+    def differences(self, other: "Config") -> list[tuple[str, str, Any, Any]]:
+        """(section, key, ours, theirs) for every key whose value differs."""
+        out = []
+        for section in sorted(set(self.sections) | set(other.sections)):
+            a, b = self.sections.get(section, {}), other.sections.get(section, {})
+            for key in sorted(set(a) | set(b)):
+                if a.get(key) != b.get(key):
+                    out.append((section, key, a.get(key), b.get(key)))
+        return out
+
+
+def validate(raw: dict[str, Any], source: str = "") -> Config:
+    """Fill defaults and check every key and value of a parsed TOML document."""
+    where = f" in {source}" if source else ""
+    for section in raw:
+        if section not in SCHEMA:
+            raise _unknown(f"section{where}", section, list(SCHEMA))
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"[{section}]{where} must be a table of keys")
+    sections: dict[str, dict[str, Any]] = {}
+    for section, keys in SCHEMA.items():
+        given = dict(raw.get(section, {}))
+        values = {k: copy.deepcopy(spec.default) for k, spec in keys.items()}
+        for key, value in given.items():
+            if key not in keys:
+                if section in ("model", "data"):
+                    values[key] = value  # checked against the builder's signature
+                    continue
+                raise _unknown(f"key in [{section}]{where}", key, list(keys))
+            spec = keys[key]
+            if not _type_ok(value, spec.default):
+                raise ConfigError(f"[{section}] {key} = {value!r}{where}: expected a "
+                                  f"{type(spec.default).__name__} like {spec.default!r}")
+            if spec.choices and value not in spec.choices:
+                raise ConfigError(f"[{section}] {key} = {value!r}{where} is not valid; "
+                                  f"valid: {', '.join(map(str, spec.choices))}")
+            values[key] = value
+        sections[section] = values
+    _check_ranges(sections, where)
+    return Config(sections, source)
+
+
+def _check_ranges(s: dict[str, dict[str, Any]], where: str) -> None:
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message + where)
+
+    need(0 < s["strategy"]["coverage"] <= 1, f"[strategy] coverage must be in (0, 1], got {s['strategy']['coverage']}")
+    need(s["run"]["steps"] >= 1, "[run] steps must be >= 1")
+    need(s["run"]["log_interval"] >= 1, "[run] log_interval must be >= 1")
+    for key in ("eval_interval", "checkpoint_interval"):
+        need(s["run"][key] >= 0, f"[run] {key} must be >= 0")
+    need(s["run"]["keep_checkpoints"] >= 1, "[run] keep_checkpoints must be >= 1")
+    need(s["run"]["threads"] >= 1, "[run] threads must be >= 1")
+    need(s["optim"]["lr"] > 0, "[optim] lr must be positive")
+    need(s["optim"]["grad_clip"] >= 0, "[optim] grad_clip must be >= 0")
+    need(0 <= s["optim"]["min_lr_ratio"] <= 1, "[optim] min_lr_ratio must be in [0, 1]")
+    need(len(s["optim"]["betas"]) == 2, "[optim] betas must be two numbers")
+    need(s["eval"]["batch_size"] >= 1, "[eval] batch_size must be >= 1")
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """``section.key=value``; the value is read as TOML (numbers, booleans, lists), else a string."""
+    dotted, sep, value_text = text.partition("=")
+    section, dot, key = dotted.strip().partition(".")
+    if not sep or not dot or not key:
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. strategy.coverage=0.25")
+    try:
+        value = tomllib.loads(f"v = {value_text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = value_text.strip()
+    return section, key, value
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a TOML config (or start from the defaults when ``path`` is None) and apply ``--set``s."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    for text in overrides:
+        section, key, value = parse_override(text)
+        raw.setdefault(section, {})[key] = value
+    return validate(raw, str(path) if path else "")
+
+
+def from_dict(sections: dict[str, dict[str, Any]]) -> Config:
+    return validate(copy.deepcopy(sections))
+
+
+def describe_schema() -> str:
+    """Every fixed key with its default and meaning (``subnetdp train --list-keys``)."""
+    lines = []
+    for section, keys in SCHEMA.items():
+        lines.append(f"[{section}]")
+        for key, spec in keys.items():
+            choices = f"  one of: {', '.join(map(str, spec.choices))}" if spec.choices else ""
+            lines.append(f"  {key} = {json.dumps(spec.default)}\n      {spec.doc}{choices}")
+        lines.append("")
+    return "\n".join(lines)
