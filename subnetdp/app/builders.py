@@ -156,8 +156,9 @@ class Task:
         if self.kind == "lm":
             yield from self.data.eval_batches(batch_size, rank, world, max_batches)
             return
+        per_rank = None if max_batches is None else math.ceil(max_batches / world)
         for i, batch in enumerate(self.data.eval_batches(batch_size, rank, world)):
-            if max_batches is not None and i >= max_batches:
+            if per_rank is not None and i >= per_rank:
                 return
             yield batch
 

@@ -79,7 +79,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "eval": {
         "batch_size": Key(256, "evaluation batch size per worker"),
-        "max_batches": Key(0, "evaluation batches per worker (0: the whole test/validation split)"),
+        "max_batches": Key(0, "evaluation batches in all, split over the workers (0: the whole test/validation split)"),
         "recalibrate_norm_batches": Key(
             0, "re-estimate the assembled model's BatchNorm statistics on this many training batches "
             "before evaluating, and report both figures (0: off)"),

@@ -153,6 +153,7 @@ class Trainer:
     sdp: SubnetworkDataParallel | None = None
     simulator: SubnetworkSimulator | None = None
     ddp_bytes: ByteCounter = field(default_factory=ByteCounter)
+    peak_grad_bytes: int = 0
 
     @property
     def strategy(self) -> str:
@@ -244,6 +245,8 @@ def train_step(tr: Trainer, step: int) -> float:
             tr.simulator.clip_grad_norm_(clip)
         else:  # DDP gradients are already averaged and identical on every rank
             torch.nn.utils.clip_grad_norm_(tr.models[0].parameters(), clip)
+    # gradients are freed at zero_grad: their size is read here, while they exist
+    tr.peak_grad_bytes = max(tr.peak_grad_bytes, tensor_bytes(p.grad for m in tr.models for p in m.parameters()))
     for optimizer, scheduler in zip(tr.optimizers, tr.schedulers):
         optimizer.step()  # backward-masked SDP broadcasts updated units from an optimizer hook
         scheduler.step()
@@ -286,8 +289,7 @@ def evaluate(tr: Trainer, eval_model: nn.Module) -> dict[str, float]:
     if batches and has_norm_stats:
         data, size, seed = tr.task.data, tr.config["data.batch_size"], tr.config["run.seed"]
         # the same training batches on every rank, so every rank ends with the same statistics
-        recalibrate_norm_statistics(eval_model, (data.train_batch(10_000_019 + i, 0, 1, size, seed)[0]
-                                                 .to(tr.ctx.device) for i in range(batches)))
+        recalibrate_norm_statistics(eval_model, (x.to(tr.ctx.device) for x in data.calibration_batches(batches, size, seed)))
         metrics.update({f"{k}_recalibrated": v for k, v in _evaluate_model(eval_model, tr, rank, world).items()})
     return metrics
 
@@ -321,16 +323,13 @@ def rank_figures(tr: Trainer, peak: PeakMemory, step_times: list[float], comm_by
     figures = {
         "trainable_param_bytes": tensor_bytes(params),
         "all_param_bytes": tensor_bytes(p for m in models for p in (m.module if hasattr(m, "module") else m).parameters()),
-        "grad_bytes_at_step_end": tensor_bytes(p.grad for p in params),
+        "grad_bytes": tr.peak_grad_bytes,
         "optimizer_state_bytes": sum(optimizer_state_bytes(o) for o in tr.optimizers),
         "peak_rss_bytes_training": peak.rss,
         "comm_bytes_per_step": comm_bytes / max(1, steps_timed),
         "median_step_s": statistics.median(step_times[1:] or step_times) if step_times else None,
         "step_s_p10_p90": (list(np.percentile(step_times, [10, 90])) if step_times else None),
     }
-    if tr.sdp is not None:
-        held = tr.sdp.held_bytes()
-        figures["grad_bytes_held"] = held["trainable_params"]  # one gradient per trainable parameter
     if peak.device.type == "cuda":
         figures.update(cuda_max_allocated_bytes=peak.cuda_allocated, cuda_max_reserved_bytes=peak.cuda_reserved)
     if tr.ctx.simulate:

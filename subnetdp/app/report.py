@@ -1,0 +1,76 @@
+"""Side-by-side tables and loss plots of finished runs (their summary.json and metrics.jsonl).
+
+    from subnetdp.app.report import comparison_table, plot_losses
+    print(comparison_table([Path("runs/demo/ddp"), Path("runs/demo/sdp")]))
+    plot_losses([Path("runs/demo/ddp"), Path("runs/demo/sdp")], Path("runs/demo/loss.png"))
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+MiB = 2 ** 20
+
+
+def read_run(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return summary, metrics
+
+
+def _rows(summary: dict[str, Any]) -> dict[str, str]:
+    ranks = summary["per_rank"]
+    final = summary["final_eval"] or {}
+    largest = lambda key: max(r.get(key) or 0 for r in ranks) / MiB  # noqa: E731
+    row = {"strategy": summary["strategy"], "steps": str(summary["steps"])}
+    for key, label in (("accuracy", "test acc"), ("accuracy_recalibrated", "acc, BN re-est."),
+                       ("val_loss", "val loss"), ("perplexity", "val ppl")):
+        if key in final:
+            row[label] = f"{final[key]:.4f}" if "acc" in key else f"{final[key]:.3f}"
+    row.update({
+        "params MiB": f"{largest('trainable_param_bytes'):.2f}",
+        "grads MiB": f"{largest('grad_bytes'):.2f}",
+        "optim MiB": f"{largest('optimizer_state_bytes'):.2f}",
+        "peak RSS MiB": f"{largest('peak_rss_bytes_training'):.0f}",
+    })
+    if any("cuda_max_allocated_bytes" in r for r in ranks):
+        row["CUDA peak MiB"] = f"{largest('cuda_max_allocated_bytes'):.0f}"
+    row["comm MiB/step"] = f"{statistics.mean(r['comm_bytes_per_step'] for r in ranks) / MiB:.2f}"
+    row["step ms"] = f"{summary['median_step_s'] * 1000:.1f}"
+    return row
+
+
+def comparison_table(run_dirs: list[Path]) -> str:
+    """A markdown table, one row per run; memory is the largest over ranks (per worker)."""
+    rows = [_rows(read_run(d)[0]) for d in run_dirs]
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(r.get(c, "") for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def plot_losses(run_dirs: list[Path], path: Path, title: str = "training loss") -> Path:
+    """Training loss against step (and the evaluation points) of each run, one PNG."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only: no display on servers
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for run_dir in run_dirs:
+        summary, metrics = read_run(run_dir)
+        train = [m for m in metrics if "loss" in m]
+        ax.plot([m["step"] for m in train], [m["loss"] for m in train], label=f"{summary['strategy']} (train)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (mean over workers)")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
