@@ -127,7 +127,8 @@ def _train_command(args: argparse.Namespace) -> int:
     if summary is not None:
         final = summary["final_eval"] or {}
         print(f"{summary['strategy']}: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items() if k != "step")
-              + f"; median step {summary['median_step_s'] * 1000:.1f} ms; written: {out}/summary.json")
+              + (f"; median step {summary['median_step_s'] * 1000:.1f} ms" if summary["median_step_s"] else "")
+              + f"; written: {out}/summary.json")
     return 0
 
 

@@ -108,10 +108,10 @@ def _type_ok(value: Any, default: Any) -> bool:
     return isinstance(value, type(default))
 
 
-def _unknown(what: str, name: str, valid: list[str]) -> ConfigError:
+def _unknown(what: str, name: str, valid: list[str], where: str = "") -> ConfigError:
     near = difflib.get_close_matches(name, valid, n=1)
     hint = f" (did you mean {near[0]!r}?)" if near else ""
-    return ConfigError(f"unknown {what} {name!r}{hint}; valid: {', '.join(valid)}")
+    return ConfigError(f"unknown {what} {name!r}{hint}; valid: {', '.join(valid)}{where}")
 
 
 @dataclass
@@ -147,7 +147,7 @@ def validate(raw: dict[str, Any], source: str = "") -> Config:
     where = f" in {source}" if source else ""
     for section in raw:
         if section not in SCHEMA:
-            raise _unknown(f"section{where}", section, list(SCHEMA))
+            raise _unknown("section", section, list(SCHEMA), where)
         if not isinstance(raw[section], dict):
             raise ConfigError(f"[{section}]{where} must be a table of keys")
     sections: dict[str, dict[str, Any]] = {}
@@ -159,7 +159,7 @@ def validate(raw: dict[str, Any], source: str = "") -> Config:
                 if section in ("model", "data"):
                     values[key] = value  # checked against the builder's signature
                     continue
-                raise _unknown(f"key in [{section}]{where}", key, list(keys))
+                raise _unknown(f"key in [{section}]", key, list(keys), where)
             spec = keys[key]
             if not _type_ok(value, spec.default):
                 raise ConfigError(f"[{section}] {key} = {value!r}{where}: expected a "

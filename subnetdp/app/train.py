@@ -537,7 +537,8 @@ def _run(config: Config, out: Path, ctx: Context, resume: bool, progress: bool) 
         "name": run["name"], "strategy": strategy_label(config), "workers": ctx.world_size,
         "simulated": ctx.simulate, "steps": steps, "resumed_from": start_step or None,
         "final_eval": evals[-1] if evals else None, "evals": evals,
-        "median_step_s": statistics.median(r["median_step_s"] for r in per_rank if r["median_step_s"]),
+        "median_step_s": statistics.median(times) if (times := [r["median_step_s"] for r in per_rank
+                                                                 if r["median_step_s"]]) else None,
         "samples_per_step": samples_per_step,
         "per_rank": per_rank,
         "plan": plan.to_dict() if plan is not None else None,

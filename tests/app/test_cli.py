@@ -32,14 +32,19 @@ def test_plan_reports_impossible_plans_as_errors(capsys) -> None:
 
 def test_demo_runs_ddp_and_sdp_through_torchrun(tmp_path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "subnetdp.app.cli", "demo", "--workers", "2", "--steps", "3",
-                             "--width", "4", "--batch-size", "8", "--out", str(tmp_path)],
-                            capture_output=True, text=True, env=env, timeout=300)
+    # the demo's own config, on synthetic images so the test needs no dataset
+    sets = ["data.name=synthetic-images", "data.train_size=256", "data.test_size=64", "model.width=4",
+            "eval.recalibrate_norm_batches=2"]
+    cmd = [sys.executable, "-m", "subnetdp.app.cli", "demo", "--workers", "2", "--steps", "3", "--out",
+           str(tmp_path), "--no-progress"]
+    for item in sets:
+        cmd += ["--set", item]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "DDP" in result.stdout and "B-SDP fwd C=0.5" in result.stdout
-    sdp = json.loads((tmp_path / "sdp.json").read_text())
-    ddp = json.loads((tmp_path / "ddp.json").read_text())
-    assert len(sdp["per_rank"]) == 2
+    assert "| DDP | 3 |" in result.stdout and "| B-SDP fwd C=0.5 | 3 |" in result.stdout
+    sdp = json.loads((tmp_path / "sdp" / "summary.json").read_text())
+    ddp = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert len(sdp["per_rank"]) == 2 and (tmp_path / "loss.png").stat().st_size > 10_000
     # measured, per worker: SDP holds fewer parameter bytes and moves fewer bytes than DDP
-    assert max(r["param_bytes"] for r in sdp["per_rank"]) < ddp["per_rank"][0]["param_bytes"]
+    assert max(r["trainable_param_bytes"] for r in sdp["per_rank"]) < ddp["per_rank"][0]["trainable_param_bytes"]
     assert max(r["comm_bytes_per_step"] for r in sdp["per_rank"]) < ddp["per_rank"][0]["comm_bytes_per_step"]

@@ -294,3 +294,35 @@ def test_requires_initialised_process_group() -> None:
     assert not dist.is_initialized()
     with pytest.raises(Exception, match="not initialised"):
         SubnetworkDataParallel(make("mlp"), blocks="blocks", coverage=0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient clipping by the full model's norm, the same on every worker
+
+
+def _clipped_norms(rank: int, world: int) -> tuple[float, dict]:
+    model = make("resnet")
+    sdp = SubnetworkDataParallel(model, blocks="blocks", coverage=0.5, seed=1)
+    x, y = batch_for("resnet", rank)
+    loss_of("resnet", sdp, x, y).backward()
+    norm = sdp.clip_grad_norm_(1e-3).item()
+    return norm, {n: p.grad.norm().item() for n, p in sdp.named_parameters()}
+
+
+def test_clip_grad_norm_uses_the_full_models_norm_on_every_worker() -> None:
+    results = run_distributed(_clipped_norms, 4)
+    sim = SubnetworkSimulator(make("resnet"), 4, blocks="blocks", coverage=0.5, seed=1)
+    for rank, worker in enumerate(sim.workers):
+        x, y = batch_for("resnet", rank)
+        loss_of("resnet", worker, x, y).backward()
+    sim.sync_gradients()
+    # the full model's averaged gradient: each unit once (from its owner), shared parameters once
+    full = sum(flat.double().pow(2).sum() for w in sim.workers for key, flat in w.grad_buckets().items()
+               if key[0][0] == w.rank).sqrt().item()
+    assert sim.clip_grad_norm_(1e-3).item() == pytest.approx(full)
+    assert [r[0] for r in results] == pytest.approx([full] * 4, rel=1e-5)
+    # holders of the same unit scaled their (identical) gradients by the same factor
+    for rank, (_, grads) in enumerate(results):
+        for name, value in grads.items():
+            assert value == pytest.approx(dict(sim.workers[rank].named_parameters())[name].grad.norm().item(),
+                                          rel=1e-4, abs=1e-9)

@@ -1,0 +1,179 @@
+"""`subnetdp train` end to end: real torchrun workers on synthetic data, --simulate, exact resume
+after killing a real multi-process run, and export to safetensors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from subnetdp.app.builders import build_task
+from subnetdp.app.config import load_config
+
+SYNTHETIC = """
+[run]
+name = "test"
+steps = 12
+log_interval = 1
+checkpoint_interval = 4
+eval_interval = 6
+[model]
+name = "resnet18"
+width = 4
+[data]
+name = "synthetic-images"
+batch_size = 8
+train_size = 512
+test_size = 128
+[optim]
+lr = 0.05
+[eval]
+recalibrate_norm_batches = 2
+"""
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _config(tmp_path: Path, text: str = SYNTHETIC) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def _train(config: Path, out: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "subnetdp.app.cli", "train", str(config), "--out", str(out),
+                             "--no-progress", *args], capture_output=True, text=True, env=ENV, timeout=300)
+    if check:
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+def _process_tree(pid: int) -> list[int]:
+    """pid and all its descendants (torchrun starts its workers in sessions of their own)."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += parents.get(tree[-1], [])
+    return tree
+
+
+def _losses(out: Path) -> list[tuple]:
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(x["step"], x.get("loss"), json.dumps(x.get("eval"), sort_keys=True)) for x in lines]
+
+
+def test_two_workers_train_evaluate_checkpoint_and_export(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    _train(_config(tmp_path), out, "--nproc", "2")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["workers"] == 2 and summary["steps"] == 12 and summary["strategy"] == "B-SDP fwd C=0.5"
+    assert [e["step"] for e in summary["evals"]] == [6, 12]
+    assert {"accuracy", "test_loss", "accuracy_recalibrated"} <= set(summary["final_eval"])
+    ranks = summary["per_rank"]
+    assert len(ranks) == 2 and all(r["comm_bytes_per_step"] > 0 and r["peak_rss_bytes_training"] > 0 for r in ranks)
+    assert all(r["trainable_param_bytes"] == r["grad_bytes"] == r["optimizer_state_bytes"] for r in ranks)
+    assert summary["plan"]["k"] == 1 and summary["config"]["strategy"]["coverage"] == 0.5
+    assert [x[0] for x in _losses(out) if x[1] is not None] == list(range(1, 13))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000008", "step-00000012"]
+
+    exported = tmp_path / "model.safetensors"
+    result = subprocess.run([sys.executable, "-m", "subnetdp.app.cli", "export", str(out), "--out", str(exported)],
+                            capture_output=True, text=True, env=ENV, timeout=120)
+    assert result.returncode == 0, result.stderr
+    task = build_task(load_config(_config(tmp_path)))
+    model = task.make_model()
+    model.load_state_dict(load_file(str(exported)), strict=True)
+    model.eval()
+    correct = count = 0
+    with torch.no_grad():
+        for x, y in task.eval_batches(256, 0, 1, None):
+            correct += (model(x).argmax(1) == y).sum().item()
+            count += len(y)
+    # the exported model is the one the run evaluated at its end
+    assert correct / count == pytest.approx(summary["final_eval"]["accuracy"], abs=1e-9)
+
+
+@pytest.mark.parametrize("strategy", ["sdp", "ddp"])
+def test_killed_multi_process_run_resumes_exactly(tmp_path: Path, strategy: str) -> None:
+    config = _config(tmp_path, SYNTHETIC.replace("steps = 12", "steps = 150").replace(
+        "checkpoint_interval = 4", "checkpoint_interval = 10").replace("batch_size = 8", "batch_size = 32"))
+    sets = ["--nproc", "2", "--set", f"strategy.name={strategy}"]
+    reference = tmp_path / "reference"
+    _train(config, reference, *sets)
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "subnetdp.app.cli", "train", str(config), "--out", str(out),
+                             "--no-progress", *sets], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoints" / "step-00000010").is_dir():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    for pid in _process_tree(proc.pid):  # torchrun and both workers, mid-run
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "summary.json").exists()
+
+    _train(config, out, *sets, "--resume")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from"] is not None and summary["resumed_from"] < 150
+    assert _losses(out) == _losses(reference)  # every loss and evaluation, bit for bit
+
+
+def test_resume_with_a_different_config_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    _train(_config(tmp_path), out, "--simulate", "2")
+    result = _train(_config(tmp_path), out, "--simulate", "2", "--resume", "--set", "optim.lr=0.5", check=False)
+    assert result.returncode == 2 and "optim.lr: checkpoint 0.05, now 0.5" in result.stderr
+    result = _train(_config(tmp_path), out, "--simulate", "4", "--resume", check=False)
+    assert result.returncode == 2 and "written by 2 workers" in result.stderr
+
+
+def test_simulated_workers_match_real_ones(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    _train(config, tmp_path / "real", "--nproc", "2")
+    _train(config, tmp_path / "sim", "--simulate", "2")
+    real = [x[1] for x in _losses(tmp_path / "real") if x[1] is not None]
+    sim = [x[1] for x in _losses(tmp_path / "sim") if x[1] is not None]
+    assert sim == pytest.approx(real, rel=1e-4)
+
+
+@pytest.mark.parametrize("model, data, extra", [
+    ("vit", "synthetic-images", "preset = 'tiny32'\npatch_size = 8\ndepth = 4"),
+    ("llama", "synthetic-text", "preset = 'debug'"),
+])
+def test_other_models_train_at_block_and_neuron_level(tmp_path: Path, model: str, data: str, extra: str) -> None:
+    text = (SYNTHETIC.replace('name = "resnet18"\nwidth = 4', f'name = "{model}"\n{extra}')
+            .replace('name = "synthetic-images"\nbatch_size = 8\ntrain_size = 512\ntest_size = 128',
+                     f'name = "{data}"\nbatch_size = 4')
+            .replace("steps = 12", "steps = 4").replace("eval_interval = 6", "eval_interval = 0")
+            .replace("[eval]", "[eval]\nmax_batches = 4"))
+    for level in ("block", "neuron"):
+        out = tmp_path / level
+        _train(_config(tmp_path, text), out, "--simulate", "4", "--set", f"strategy.level={level}",
+               "--set", "optim.name=adamw", "--set", "optim.lr=0.001", "--set", "optim.grad_clip=1.0")
+        summary = json.loads((out / "summary.json").read_text())
+        key = "val_loss" if model == "llama" else "test_loss"
+        assert summary["final_eval"][key] > 0 and len(summary["plan"]["holders"]) >= 2
+
+
+def test_flop_matched_schedule_extends_training_by_one_over_coverage(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    _train(_config(tmp_path), out, "--simulate", "4", "--set", "run.schedule=flops", "--set", "run.steps=3",
+           "--set", "strategy.coverage=0.25", "--set", "run.eval_interval=0")
+    assert json.loads((out / "summary.json").read_text())["steps"] == 12
