@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Set up (scripts/setup.sh) and run the test suite: real multi-process gloo groups on CPU.
+# Set up (scripts/setup.sh, scripts/get_data.sh) and run the test suite: real multi-process gloo
+# groups on CPU. Tests that read the real Fashion-MNIST files are skipped where they are absent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/get_data.sh || echo "Fashion-MNIST not installed: its tests will be skipped"
 . .venv/bin/activate
 export OMP_NUM_THREADS=1
 python -m pytest tests "$@"

@@ -58,17 +58,21 @@ def plot_losses(run_dirs: list[Path], path: Path, title: str = "training loss") 
     matplotlib.use("Agg")  # files only: no display on servers
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120, sharey=True)
     for run_dir in run_dirs:
         summary, metrics = read_run(run_dir)
         train = [m for m in metrics if "loss" in m]
-        ax.plot([m["step"] for m in train], [m["loss"] for m in train], label=f"{summary['strategy']} (train)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (mean over workers)")
-    ax.set_yscale("log")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
+        label = f"{summary['strategy']}, {summary['steps']} steps"
+        by_step.plot([m["step"] for m in train], [m["loss"] for m in train], label=label)
+        by_time.plot([m["time_s"] for m in train], [m["loss"] for m in train], label=label)
+    by_step.set_xlabel("optimizer step")
+    by_time.set_xlabel("wall-clock seconds since start (set-up and evaluation included)")
+    by_step.set_ylabel("training loss (mean over workers)")
+    by_step.set_yscale("log")
+    for ax in (by_step, by_time):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

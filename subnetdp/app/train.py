@@ -494,8 +494,10 @@ def _run(config: Config, out: Path, ctx: Context, resume: bool, progress: bool) 
         is_last = done == steps
         if done % run["log_interval"] == 0 or is_last:
             mean = torch.tensor(log_acc, dtype=torch.float64)
-            if not ctx.simulate:
-                dist.all_reduce(mean)  # the mean loss over all workers
+            if not ctx.simulate:  # the mean loss over all workers (NCCL reduces GPU tensors only)
+                mean = mean.to(ctx.device if ctx.backend == "nccl" else "cpu")
+                dist.all_reduce(mean)
+                mean = mean.cpu()
             loss_mean = (mean[0] / mean[1]).item()
             elapsed = time.perf_counter() - window_start
             record = {"step": done, "loss": loss_mean, "lr": tr.schedulers[0].get_last_lr()[0],
