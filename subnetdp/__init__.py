@@ -2,8 +2,9 @@
 
 from .engine import (CollectiveError, Plan, PlanError, PlanMismatchError, SDPConfigError,
                      SubnetworkDataParallel, SubnetworkSimulator, make_plan, plan_for,
-                     recalibrate_norm_statistics)
+                     recalibrate_norm_statistics, scale_residual_branches)
 
 __version__ = "0.1.0"
 __all__ = ["CollectiveError", "Plan", "PlanError", "PlanMismatchError", "SDPConfigError",
-           "SubnetworkDataParallel", "SubnetworkSimulator", "make_plan", "plan_for", "recalibrate_norm_statistics", "__version__"]
+           "SubnetworkDataParallel", "SubnetworkSimulator", "make_plan", "plan_for", "recalibrate_norm_statistics",
+           "scale_residual_branches", "__version__"]

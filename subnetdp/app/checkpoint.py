@@ -125,5 +125,7 @@ def latest(root: Path, verify: bool = True) -> tuple[Path, dict[str, Any]] | Non
     return None
 
 
-def load_rank_state(folder: Path, rank: int, map_location: Any = "cpu") -> dict[str, Any]:
-    return torch.load(folder / rank_file(rank), map_location=map_location, weights_only=False)
+def load_rank_state(folder: Path, rank: int) -> dict[str, Any]:
+    """One rank's file, on CPU: RNG states must be CPU tensors, and load_state_dict moves weights
+    and optimizer state to the devices of the parameters they are loaded into."""
+    return torch.load(folder / rank_file(rank), map_location="cpu", weights_only=False)

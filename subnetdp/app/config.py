@@ -80,6 +80,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "eval": {
         "batch_size": Key(256, "evaluation batch size per worker"),
         "max_batches": Key(0, "evaluation batches in all, split over the workers (0: the whole test/validation split)"),
+        "residual_scale": Key(
+            "none", "B-SDP: multiply each residual branch of the assembled model by k/N (the fraction of "
+            "workers that trained it), as stochastic depth does at test time; 'none': unscaled",
+            ("none", "coverage")),
         "recalibrate_norm_batches": Key(
             0, "re-estimate the assembled model's BatchNorm statistics on this many training batches "
             "before evaluating, and report both figures (0: off)"),

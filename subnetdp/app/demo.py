@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> None:
     summary, _ = read_run(dirs[0])
     note = (f"per worker, the largest over {args.workers} workers (comm: mean; step: median). Peak RSS is "
             f"the whole process during training steps (interpreter, torch, dataset included). Accuracy: the "
-            f"assembled full model on the 10,000 test images, as assembled and after re-estimating BatchNorm "
+            f"assembled full model on the 10,000 test images (B-SDP: residual branches x k/N when "
+            f"[eval] residual_scale = 'coverage'), as assembled and after re-estimating BatchNorm "
             f"statistics on 20 training batches. Machine: {summary['machine']['platform']}, "
             f"{summary['machine']['cpus']} CPUs, torch {summary['machine']['torch']}.")
     (out / "table.md").write_text(table + "\n\n" + note + "\n")

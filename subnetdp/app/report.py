@@ -38,7 +38,8 @@ def _rows(summary: dict[str, Any]) -> dict[str, str]:
     })
     if any("cuda_max_allocated_bytes" in r for r in ranks):
         row["CUDA peak MiB"] = f"{largest('cuda_max_allocated_bytes'):.0f}"
-    row["comm MiB/step"] = f"{statistics.mean(r['comm_bytes_per_step'] for r in ranks) / MiB:.2f}"
+    comm = [r["comm_bytes_per_step"] for r in ranks if r["comm_bytes_per_step"] is not None]
+    row["comm MiB/step"] = f"{statistics.mean(comm) / MiB:.2f}" if comm else "simulated"
     row["step ms"] = f"{summary['median_step_s'] * 1000:.1f}"
     return row
 

@@ -33,7 +33,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ..engine import SubnetworkDataParallel, SubnetworkSimulator, recalibrate_norm_statistics
+from ..engine import (SubnetworkDataParallel, SubnetworkSimulator, recalibrate_norm_statistics,
+                      scale_residual_branches)
 from ..measure import (ByteCounter, counting_allreduce_hook, optimizer_state_bytes, peak_rss_bytes,
                        reset_peak_rss, tensor_bytes)
 from . import checkpoint as ckpt
@@ -120,11 +121,11 @@ def make_optimizer(config: Config, params: list[nn.Parameter], steps: int
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _sdp_kwargs(config: Config, task: Task) -> dict[str, Any]:
+def _sdp_kwargs(config: Config, task: Task, device: torch.device) -> dict[str, Any]:
     s = config.section("strategy")
     return {("blocks" if s["level"] == "block" else "neurons"): task.blocks,
             "coverage": s["coverage"], "masking": s["masking"], "seed": s["plan_seed"], "scale": s["scale"],
-            "neuron_groups": s["neuron_groups"] or None, "example_input": task.example_input}
+            "neuron_groups": s["neuron_groups"] or None, "example_input": task.example_input.to(device)}
 
 
 def strategy_label(config: Config) -> str:
@@ -192,13 +193,13 @@ def build_trainer(config: Config, task: Task, ctx: Context, steps: int) -> Train
     model = task.make_model().to(ctx.device)
     strategy = config["strategy.name"]
     if ctx.simulate and strategy == "sdp":
-        sim = SubnetworkSimulator(model, ctx.world_size, **_sdp_kwargs(config, task))
+        sim = SubnetworkSimulator(model, ctx.world_size, **_sdp_kwargs(config, task, ctx.device))
         models: list[nn.Module] = list(sim.workers)
         trainer_kwargs: dict[str, Any] = {"simulator": sim}
     elif ctx.simulate:  # DDP with N virtual workers: one model, gradients averaged over N batches
         models, trainer_kwargs = [model], {}
     elif strategy == "sdp":
-        sdp = SubnetworkDataParallel(model, timeout=config["run.timeout"], **_sdp_kwargs(config, task))
+        sdp = SubnetworkDataParallel(model, timeout=config["run.timeout"], **_sdp_kwargs(config, task, ctx.device))
         models, trainer_kwargs = [sdp], {"sdp": sdp}
     else:
         ddp = DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
@@ -277,6 +278,17 @@ def _evaluate_model(model: nn.Module, tr: Trainer, rank: int, world: int) -> dic
     return task.eval_metrics(*totals.tolist())
 
 
+def make_eval_model(config: Config, task: Task, plan: Any, device: torch.device) -> nn.Module:
+    """The plain model the assembled weights are loaded into (branches scaled by k/N when asked)."""
+    model = task.make_model().to(device)
+    if config["eval.residual_scale"] == "coverage" and plan is not None:
+        if config["strategy.level"] != "block" or config["strategy.scale"] != "none":
+            raise ConfigError("[eval] residual_scale = 'coverage' needs [strategy] level = 'block' and "
+                              "scale = 'none' (the branches were trained unscaled in part of the workers)")
+        scale_residual_branches(model, task.blocks, plan.k / plan.world_size)
+    return model
+
+
 def evaluate(tr: Trainer, eval_model: nn.Module) -> dict[str, float]:
     """Assemble the full model, evaluate it on the test/validation split (sharded over ranks), and
     again after re-estimating norm statistics when [eval] recalibrate_norm_batches > 0."""
@@ -326,7 +338,8 @@ def rank_figures(tr: Trainer, peak: PeakMemory, step_times: list[float], comm_by
         "grad_bytes": tr.peak_grad_bytes,
         "optimizer_state_bytes": sum(optimizer_state_bytes(o) for o in tr.optimizers),
         "peak_rss_bytes_training": peak.rss,
-        "comm_bytes_per_step": comm_bytes / max(1, steps_timed),
+        # virtual workers exchange nothing: there is no communication to count
+        "comm_bytes_per_step": None if tr.ctx.simulate else comm_bytes / max(1, steps_timed),
         "median_step_s": statistics.median(step_times[1:] or step_times) if step_times else None,
         "step_s_p10_p90": (list(np.percentile(step_times, [10, 90])) if step_times else None),
     }
@@ -416,8 +429,8 @@ def _run(config: Config, out: Path, ctx: Context, resume: bool, progress: bool) 
         task = build_task(config, out)
     steps = total_steps(config)
     tr = build_trainer(config, task, ctx, steps)
-    eval_model = task.make_model().to(ctx.device)
     plan = tr.sdp.plan if tr.sdp is not None else tr.simulator.plan if tr.simulator is not None else None
+    eval_model = make_eval_model(config, task, plan, ctx.device)
 
     start_step, log_acc = 0, [0.0, 0]
     if found is not None:
@@ -425,9 +438,9 @@ def _run(config: Config, out: Path, ctx: Context, resume: bool, progress: bool) 
         _check_resume(config, manifest, ctx, folder)
         if plan is not None and manifest.get("plan_fingerprint") != plan.fingerprint():
             raise ckpt.CheckpointError(f"--resume: {folder} was written under a different SDP plan")
-        own = ckpt.load_rank_state(folder, 0 if ctx.simulate else ctx.rank, ctx.device)
+        own = ckpt.load_rank_state(folder, 0 if ctx.simulate else ctx.rank)
         # DDP replicas are identical: rank 0's file holds the model and optimizer for all of them
-        holder = own if "workers" in own else ckpt.load_rank_state(folder, 0, ctx.device)
+        holder = own if "workers" in own else ckpt.load_rank_state(folder, 0)
         tr.load_state(holder["workers"])
         _set_rng_state(own["rng"], ctx.device)
         start_step, log_acc = manifest["step"], own["log_accumulator"]

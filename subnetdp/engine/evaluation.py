@@ -8,10 +8,12 @@ full model (as slimmable networks and HeteroFL's static BN do) does.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
+
+from .units import analyse_block, get_module, resolve_block_paths
 
 
 @torch.no_grad()
@@ -40,3 +42,20 @@ def recalibrate_norm_statistics(model: nn.Module, batches: Iterable[Any]) -> int
             m.momentum = momentum
         model.eval()
     return count
+
+
+def scale_residual_branches(model: nn.Module, blocks: str | Sequence[str], factor: float) -> nn.Module:
+    """Multiply every block's residual branch by ``factor`` in place: ``post(shortcut(x) + factor *
+    f(x))``, as stochastic depth evaluates a network whose blocks were each trained with survival
+    probability ``factor``. For a B-SDP model trained unscaled, ``factor = k / N`` (each block was
+    in k of the N workers' subnetworks). State-dict keys do not change."""
+    for path in resolve_block_paths(model, blocks):
+        parent_path, _, name = path.rpartition(".")
+        parent = get_module(model, parent_path)
+        block = get_module(model, path)
+        scaled = analyse_block(block, path).scaled_module(block, factor)
+        if isinstance(parent, (nn.ModuleList, nn.Sequential)) and name.isdigit():
+            parent[int(name)] = scaled
+        else:
+            setattr(parent, name, scaled)
+    return model

@@ -497,6 +497,8 @@ class SubnetworkDataParallel(nn.Module):
         buckets = self.grad_buckets()
         pending = []
         for key, flat in buckets.items():
+            if len(key[0]) == 1:
+                continue  # a unit with one holder (k = 1): its gradient is already the average
             flat = flat.to(self._comm_device())
             self.comm_bytes += flat.numel() * flat.element_size()
             work = dist.all_reduce(flat, group=self._groups[key[0]], async_op=True)

@@ -228,3 +228,17 @@ def test_plan_for_does_not_change_the_model() -> None:
     assert plan.flops_counted and len(plan.holders) == 8
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_scale_residual_branches_multiplies_each_branch_and_keeps_keys() -> None:
+    from subnetdp import scale_residual_branches
+    model = make("resnet")
+    x = torch.randn(2, 1, 32, 32)
+    reference = copy.deepcopy(model).eval()
+    scaled = scale_residual_branches(copy.deepcopy(model), "blocks", 0.5).eval()
+    assert scaled.state_dict().keys() == model.state_dict().keys()
+    block, h = reference.blocks[0], reference.stem(x)
+    identity = h if block.downsample is None else block.downsample(h)
+    expected = torch.relu(identity + 0.5 * block.bn2(block.conv2(block.relu(block.bn1(block.conv1(h))))))
+    torch.testing.assert_close(scaled.blocks[0](h), expected)
+    assert not torch.allclose(scaled(x), reference(x))

@@ -326,3 +326,17 @@ def test_clip_grad_norm_uses_the_full_models_norm_on_every_worker() -> None:
         for name, value in grads.items():
             assert value == pytest.approx(dict(sim.workers[rank].named_parameters())[name].grad.norm().item(),
                                           rel=1e-4, abs=1e-9)
+
+
+def _comm_bytes_with_single_holders(rank: int, world: int) -> tuple[int, int]:
+    sdp = SubnetworkDataParallel(make("resnet"), blocks="blocks", coverage=0.5)  # N=2: k=1
+    x, y = batch_for("resnet", rank)
+    loss_of("resnet", sdp, x, y).backward()
+    shared = sum(p.numel() * p.element_size() for n, p in sdp.named_parameters()
+                 if not n.startswith("blocks.") or ".downsample." in n)
+    return sdp.comm_bytes, shared
+
+
+def test_units_with_one_holder_are_not_communicated() -> None:
+    for sent, shared in run_distributed(_comm_bytes_with_single_holders, 2):
+        assert sent == shared  # only the shared parameters are all-reduced
