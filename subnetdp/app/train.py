@@ -19,12 +19,13 @@ import math
 import os
 import platform
 import random
+import shutil
 import socket
 import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -419,7 +420,6 @@ def _run(config: Config, out: Path, ctx: Context, resume: bool, progress: bool) 
         for stale in ("metrics.jsonl", "summary.json"):
             (out / stale).unlink(missing_ok=True)
         if ckpt_root.exists():
-            import shutil
             shutil.rmtree(ckpt_root)
 
     # rank 0 first: it downloads data or trains a tokenizer once, the others then read its files

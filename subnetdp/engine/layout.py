@@ -9,7 +9,7 @@ pieces, so the multi-process wrapper and the single-process simulator move exact
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 
@@ -62,10 +62,3 @@ def unflatten_into(flat: torch.Tensor, targets: list[torch.Tensor]) -> None:
         t.copy_(flat[offset:offset + n].view_as(t))
         offset += n
 
-
-def group_by_holders(pieces: Iterable[Piece], keep: Callable[[Piece], bool]) -> dict[tuple[int, ...], list[Piece]]:
-    out: dict[tuple[int, ...], list[Piece]] = {}
-    for p in pieces:
-        if keep(p):
-            out.setdefault(p.holders, []).append(p)
-    return dict(sorted(out.items()))

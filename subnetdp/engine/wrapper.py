@@ -40,7 +40,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import CollectiveError, PlanMismatchError, SDPConfigError
-from .layout import Piece, flatten, group_by_holders, narrow_ranges, unflatten_into
+from .layout import Piece, flatten, narrow_ranges, unflatten_into
 from .plan import Plan, UnitCost, make_plan
 from .units import (BlockInfo, NeuronSite, analyse_block, find_neuron_sites, get_module,
                     refresh_shape_attributes, resolve_block_paths)
