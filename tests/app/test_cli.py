@@ -41,7 +41,8 @@ def test_demo_runs_ddp_and_sdp_through_torchrun(tmp_path) -> None:
         cmd += ["--set", item]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "| DDP | 3 |" in result.stdout and "| B-SDP fwd C=0.5 | 3 |" in result.stdout
+    # FLOP-matched (configs/demo.toml): B-SDP at C = 0.5 trains twice the steps
+    assert "| DDP | 3 |" in result.stdout and "| B-SDP fwd C=0.5 | 6 |" in result.stdout
     sdp = json.loads((tmp_path / "sdp" / "summary.json").read_text())
     ddp = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert len(sdp["per_rank"]) == 2 and (tmp_path / "loss.png").stat().st_size > 10_000
