@@ -207,10 +207,19 @@ def main(argv: list[str] | None = None) -> int:
     exp.add_argument("--out", help="output file (default RUN_DIR/model.safetensors)")
     exp.set_defaults(func=_export_command)
 
+    bench = sub.add_parser("bench", add_help=False,
+                           help="measure memory, communication and time of DDP, FSDP2, checkpointing, "
+                           "stochastic depth and SDP (see `subnetdp bench --help`)")
+    bench.set_defaults(func=None)
+
     demo = sub.add_parser("demo", add_help=False, help="DDP vs B-SDP on 4 CPU workers (see `subnetdp demo --help`)")
     demo.set_defaults(func=None)
 
     args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        from .bench import main as bench_main
+        bench_main(rest)
+        return 0
     if args.command == "demo":
         from .demo import main as demo_main
         demo_main(rest)

@@ -9,7 +9,10 @@ default averaging all-reduce and adds up the bytes of every bucket it hands over
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch.distributed as dist
 
@@ -26,4 +29,32 @@ def counting_allreduce_hook(state, bucket):  # no annotations: DDP inspects them
     state.bytes += tensor.numel() * tensor.element_size()
     tensor.div_(dist.get_world_size(state.group))
     work = dist.all_reduce(tensor, group=state.group, async_op=True)
-    return work.get_future().then(lambda fut: fut.value()[0])
+    # the all-reduce is in place: the bucket itself is the result (also for backends whose
+    # futures carry no value, such as the fake process group)
+    return work.get_future().then(lambda fut: tensor)
+
+
+_SHARDED_COLLECTIVES = ("all_gather_single", "reduce_scatter_single", "all_gather_into_tensor",
+                        "reduce_scatter_tensor")
+
+
+@contextlib.contextmanager
+def count_collective_bytes(counter: ByteCounter) -> Iterator[ByteCounter]:
+    """Count the input bytes of every all-gather / reduce-scatter issued through ``torch.distributed``
+    while active (FSDP2 calls them at run time through the module, so wrapping it sees them)."""
+    originals = {name: getattr(dist, name) for name in _SHARDED_COLLECTIVES if hasattr(dist, name)}
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def counted(output, input, *args, **kwargs):  # noqa: A002 - torch's parameter name
+            counter.bytes += input.numel() * input.element_size()
+            return fn(output, input, *args, **kwargs)
+        return counted
+
+    for name, fn in originals.items():
+        setattr(dist, name, wrap(fn))
+    try:
+        yield counter
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)

@@ -13,8 +13,14 @@ from typing import Iterable
 import torch
 
 
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor: the local shard of a DTensor (FSDP2), else the tensor."""
+    return t.to_local() if hasattr(t, "to_local") and hasattr(t, "device_mesh") else t
+
+
 def tensor_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    """Bytes this rank holds for ``tensors`` (DTensors count their local shard)."""
+    return sum(local_tensor(t).numel() * t.element_size() for t in tensors if t is not None)
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:

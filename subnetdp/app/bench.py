@@ -1,0 +1,442 @@
+"""`subnetdp bench`: measured memory, communication and time of DDP, FSDP2, activation
+checkpointing, stochastic depth and SDP variants, in one harness on the same model, data and seed.
+
+    subnetdp bench --model resnet18 --workers 4 --out benchmarks/cpu-resnet18
+    subnetdp bench --model llama --preset tiny --workers 4 \\
+        --strategies ddp,fsdp,ddp-ckpt,ddp-sd@0.5,sdp-block-fwd@0.5,sdp-block-fwd-ckpt@0.5
+
+Strategies (``@C`` is the coverage, or the survival probability for stochastic depth):
+  ddp                    torch DistributedDataParallel
+  fsdp                   FSDP2: fully_shard on every block, then on the root
+  ddp-ckpt               DDP, every block under activation checkpointing (non-reentrant)
+  ddp-sd@P               DDP with stochastic depth: each block kept with probability P per step
+  sdp-{block,neuron}-{fwd,bwd}@C         SDP at that level and masking
+  sdp-block-fwd-ckpt@C   B-SDP with the held blocks under activation checkpointing
+
+Each strategy runs in a fresh torchrun process group. Per rank it measures W warm-up steps, then
+T timed steps (forward, backward with the gradient sync that overlaps it, optimizer step; CUDA is
+synchronised around each phase), then T steps without gradient sync (DDP/SDP ``no_sync``, FSDP
+``set_requires_gradient_sync(False)``): the exposed sync time is the difference of the medians of
+forward+backward with and without sync. Memory: on CPU one more step under LiveTensorTracker
+(live tensor bytes by kind at their peak) and the process's VmHWM over the timed steps; on CUDA
+the allocator's max_memory_allocated/reserved over the timed steps. Communication: bytes handed to
+collectives during the timed steps, counted where they are issued (DDP comm hook, SDP's buckets,
+FSDP2's all-gather/reduce-scatter calls).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import gc
+import json
+import os
+import platform
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import checkpoint
+
+from ..engine import SubnetworkDataParallel
+from ..engine.units import analyse_block, get_module, resolve_block_paths
+from ..measure import (ByteCounter, counting_allreduce_hook, optimizer_state_bytes, peak_rss_bytes,
+                       reset_peak_rss, tensor_bytes)
+from ..measure.comm import count_collective_bytes
+from ..measure.live import LiveTensorTracker
+from .builders import Task, build_task
+from .config import from_dict
+
+DEFAULT_STRATEGIES = ("ddp,fsdp,ddp-ckpt,ddp-sd@0.5,sdp-block-fwd@0.5,sdp-block-fwd@0.25,sdp-block-bwd@0.5,"
+                      "sdp-neuron-fwd@0.5,sdp-neuron-bwd@0.5,sdp-block-fwd-ckpt@0.5")
+MiB = 2 ** 20
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    kind: str                  # ddp | fsdp | sdp
+    level: str = "block"
+    masking: str = "forward"
+    coverage: float = 1.0
+    checkpointing: bool = False
+    stochastic_depth: float | None = None
+
+
+def parse_strategy(text: str) -> Strategy:
+    name = text.strip()
+    match = re.fullmatch(r"sdp-(block|neuron)-(fwd|bwd)(-ckpt)?@([0-9.]+)", name)
+    if match:
+        level, masking, ckpt, coverage = match.groups()
+        return Strategy(name, "sdp", level, "forward" if masking == "fwd" else "backward", float(coverage), bool(ckpt))
+    match = re.fullmatch(r"ddp-sd@([0-9.]+)", name)
+    if match:
+        return Strategy(name, "ddp", stochastic_depth=float(match.group(1)))
+    known = {"ddp": Strategy("ddp", "ddp"), "fsdp": Strategy("fsdp", "fsdp"),
+             "ddp-ckpt": Strategy("ddp-ckpt", "ddp", checkpointing=True)}
+    if name not in known:
+        raise ValueError(f"unknown strategy {name!r}; valid: ddp, fsdp, ddp-ckpt, ddp-sd@P, "
+                         "sdp-{block,neuron}-{fwd,bwd}@C, sdp-block-fwd-ckpt@C")
+    return known[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# applying a strategy to an unmodified model
+
+
+def _checkpoint_blocks(model: nn.Module, paths: list[str]) -> None:
+    """Recompute each block's activations in backward instead of keeping them (keys unchanged)."""
+    for path in paths:
+        block = get_module(model, path)
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+class StochasticDepth(nn.Module):
+    """A block kept with probability ``survival`` per training step (else its dropped form, the
+    shortcut alone); evaluation scales the branch by ``survival``. Drop-path at the block level."""
+
+    def __init__(self, block: nn.Module, dropped: nn.Module, survival: float) -> None:
+        super().__init__()
+        self.block, self.dropped, self.survival = block, dropped, survival
+        kept = {id(p) for p in dropped.parameters()}
+        self._branch = [p for p in block.parameters() if id(p) not in kept]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.training and torch.rand(()) >= self.survival:
+            out = self.dropped(*args, **kwargs)
+            # the skipped branch's parameters get zero gradients, as DDP then averages them (no
+            # find_unused_parameters, which costs a search of the graph every step)
+            return out + 0.0 * torch.stack([p.reshape(-1)[0] for p in self._branch]).sum().to(out.dtype)
+        return self.block(*args, **kwargs)
+
+
+def _stochastic_depth(model: nn.Module, paths: list[str], survival: float) -> None:
+    for path in paths:
+        parent_path, _, name = path.rpartition(".")
+        parent, block = get_module(model, parent_path), get_module(model, path)
+        wrapped = StochasticDepth(block, analyse_block(block, path).dropped_module(block), survival)
+        if name.isdigit():
+            parent[int(name)] = wrapped
+        else:
+            setattr(parent, name, wrapped)
+
+
+@dataclass
+class Harness:
+    strategy: Strategy
+    model: nn.Module                    # what the step calls
+    optimizer: torch.optim.Optimizer
+    ddp_bytes: ByteCounter | None = None
+    sdp: SubnetworkDataParallel | None = None
+
+    def comm_bytes(self, counted: ByteCounter) -> int:
+        if self.sdp is not None:
+            return self.sdp.comm_bytes
+        if self.ddp_bytes is not None:
+            return self.ddp_bytes.bytes
+        return counted.bytes
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        if self.strategy.kind == "fsdp":
+            self.model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                self.model.set_requires_gradient_sync(True)
+        else:
+            with self.model.no_sync():
+                yield
+
+
+def apply_strategy(strategy: Strategy, model: nn.Module, task: Task, device: torch.device,
+                   lr: float) -> Harness:
+    paths = resolve_block_paths(model, task.blocks)
+    if strategy.kind == "sdp":
+        level = {"blocks" if strategy.level == "block" else "neurons": task.blocks}
+        sdp = SubnetworkDataParallel(model, coverage=strategy.coverage, masking=strategy.masking,
+                                     example_input=task.example_input.to(device), **level)
+        if strategy.checkpointing:
+            held = [p for p in paths if not type(get_module(sdp.module, p)).__name__.startswith("Dropped")]
+            _checkpoint_blocks(sdp.module, held)
+        wrapped: nn.Module = sdp
+        harness_kwargs: dict[str, Any] = {"sdp": sdp}
+    elif strategy.kind == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+        for path in paths:
+            fully_shard(get_module(model, path))
+        fully_shard(model)
+        wrapped, harness_kwargs = model, {}
+    else:
+        if strategy.checkpointing:
+            _checkpoint_blocks(model, paths)
+        if strategy.stochastic_depth is not None:
+            _stochastic_depth(model, paths, strategy.stochastic_depth)
+        ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        counter = ByteCounter()
+        ddp.register_comm_hook(counter, counting_allreduce_hook)
+        wrapped, harness_kwargs = ddp, {"ddp_bytes": counter}
+    optimizer = torch.optim.AdamW(wrapped.parameters(), lr=lr)
+    return Harness(strategy, wrapped, optimizer, **harness_kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# one rank
+
+
+def _bench_config(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    if args.model == "llama":
+        model = {"name": "llama", "preset": args.preset or "tiny"}
+        data = {"name": "synthetic-text", "batch_size": args.batch_size, "vocab_size": args.vocab,
+                "seq_len": args.seq_len}
+    else:
+        model = {"name": args.model, **({"width": args.width} if args.model == "resnet18" else
+                                        {"preset": args.preset or "small32"})}
+        data = {"name": "synthetic-images", "batch_size": args.batch_size, "channels": 1, "size": 32,
+                "train_size": 1024, "test_size": 64}  # Fashion-MNIST shapes: 1 x 32 x 32, 10 classes
+    return {"run": {"seed": args.seed}, "model": model, "data": data}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _device(args: argparse.Namespace) -> torch.device:
+    if args.device == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
+def run_worker(args: argparse.Namespace) -> None:
+    """One rank of a torchrun job: a real process group."""
+    if args.device == "cpu":
+        torch.set_num_threads(1)
+    device = _device(args)
+    dist.init_process_group(args.backend)
+    record = measure(args, parse_strategy(args.strategy), device)
+    _write(args, record)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run_fake(args: argparse.Namespace, strategies: list[str]) -> None:
+    """One process measures every rank in turn, each in a fake process group of N ranks whose
+    collectives do nothing: memory is exactly that rank's at N workers, time is compute only."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    device = _device(args)
+    from tqdm import tqdm
+    for name in tqdm(strategies, desc="strategies", unit="run"):
+        for rank in range(args.workers):
+            dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=args.workers)
+            try:
+                _write(args, measure(args, parse_strategy(name), device))
+            except Exception as exc:  # noqa: BLE001 - a failing strategy is reported, the others run
+                tqdm.write(f"{name} rank {rank}: failed: {type(exc).__name__}: {exc}")
+            finally:
+                dist.destroy_process_group()
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+
+def _write(args: argparse.Namespace, record: dict[str, Any]) -> None:
+    out = Path(args.out) / "raw" / record["strategy"].replace("@", "_at_")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank-{record['rank']}.json").write_text(json.dumps(record, indent=1))
+
+
+def measure(args: argparse.Namespace, strategy: Strategy, device: torch.device) -> dict[str, Any]:
+    """Warm-up, timed steps, unsynchronised steps and one memory step of this rank."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    task = build_task(from_dict(_bench_config(args)))
+    torch.manual_seed(args.seed)
+    model = task.make_model().to(device)
+    harness = apply_strategy(strategy, model, task, device, args.lr)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext())
+    counted = ByteCounter()
+    batches = [task.data.train_batch(i, rank, world, args.batch_size, args.seed) for i in range(4)]
+
+    def step(i: int, sync: bool = True, times: dict[str, list[float]] | None = None) -> None:
+        x, y = (t.to(device) for t in batches[i % len(batches)])
+        _sync(device)
+        t0 = time.perf_counter()
+        with (contextlib.nullcontext() if sync else harness.no_sync()):
+            with autocast:
+                loss = task.loss(harness.model(x), y)
+            _sync(device)
+            t1 = time.perf_counter()
+            loss.backward()
+            _sync(device)
+            t2 = time.perf_counter()
+        if sync:
+            harness.optimizer.step()
+        harness.optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+        t3 = time.perf_counter()
+        if times is not None:
+            times["forward"].append(t1 - t0)
+            times["backward"].append(t2 - t1)
+            times["optimizer"].append(t3 - t2)
+            times["step"].append(t3 - t0)
+
+    with count_collective_bytes(counted):
+        for i in range(args.warmup):
+            step(i)
+        timed: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": [], "step": []}
+        param_list = list(harness.model.parameters())
+        grad_bytes = 0
+        reset_peak_rss()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        comm_before = harness.comm_bytes(counted)
+        for i in range(args.steps):
+            step(i, times=timed)
+        comm = (harness.comm_bytes(counted) - comm_before) / args.steps
+        rss = peak_rss_bytes()
+        cuda = ({"cuda_max_allocated_bytes": torch.cuda.max_memory_allocated(device),
+                 "cuda_max_reserved_bytes": torch.cuda.max_memory_reserved(device)} if device.type == "cuda" else {})
+        unsynced: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": [], "step": []}
+        for i in range(args.steps):
+            step(i, sync=False, times=unsynced)
+        # one more step to read gradient bytes while they exist, and (CPU) live memory by kind
+        x, y = (t.to(device) for t in batches[0])
+        tracker = LiveTensorTracker(param_list, harness.optimizer, extra=[x, y])
+        with (tracker if device.type == "cpu" else contextlib.nullcontext()):
+            with autocast:
+                loss = task.loss(harness.model(x), y)
+            loss.backward()
+            grad_bytes = tensor_bytes(p.grad for p in param_list)
+            harness.optimizer.step()
+            harness.optimizer.zero_grad(set_to_none=True)
+
+    med = {k: statistics.median(v) for k, v in timed.items()}
+    med_unsynced = {k: statistics.median(v) for k, v in unsynced.items()}
+    record = {
+        "strategy": strategy.name, "rank": rank, "world_size": world, "host": socket.gethostname(),
+        "param_bytes": tensor_bytes(param_list),
+        "grad_bytes": grad_bytes,
+        "optimizer_state_bytes": optimizer_state_bytes(harness.optimizer),
+        "peak_rss_bytes": rss,
+        "comm_bytes_per_step": comm,
+        "time_s": med,
+        "time_s_p10_p90": {k: [sorted(v)[len(v) // 10], sorted(v)[(9 * len(v)) // 10]] for k, v in timed.items()},
+        "time_no_sync_s": med_unsynced,
+        "exposed_sync_s": max(0.0, (med["forward"] + med["backward"])
+                              - (med_unsynced["forward"] + med_unsynced["backward"])),
+        "samples_per_s": args.batch_size / med["step"],
+        **cuda,
+    }
+    if device.type == "cpu":
+        record["live_tensors"] = tracker.report()
+    if harness.sdp is not None:
+        record["plan"] = {"k": harness.sdp.plan.k, "shared_bytes": harness.sdp.plan.shared_bytes,
+                          "total_bytes": sum(harness.sdp.plan.unit_bytes.values()) + harness.sdp.plan.shared_bytes}
+    if task.tokens_per_sample:
+        record["tokens_per_s"] = record["samples_per_s"] * task.tokens_per_sample
+    record["fake_process_group"] = args.backend == "fake"
+    if args.backend == "fake":
+        record["peak_rss_bytes"] = None  # several ranks ran in this one process
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
+# the driver: one torchrun per strategy, then the report
+
+
+def _launch(args: argparse.Namespace, strategy: str, log: Any) -> int:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.workers}",
+           "-m", "subnetdp.app.bench", "--worker", "--strategy", strategy]
+    for key in ("model", "preset", "width", "batch_size", "seq_len", "vocab", "steps", "warmup", "seed",
+                "lr", "device", "backend", "out"):
+        value = getattr(args, key)
+        if value not in (None, ""):
+            cmd += [f"--{key.replace('_', '-')}", str(value)]
+    if args.bf16:
+        cmd.append("--bf16")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} if args.device == "cpu" else dict(os.environ)
+    log.write(f"$ {' '.join(cmd)}\n")
+    log.flush()
+    return subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+
+
+def run_launched(args: argparse.Namespace, strategies: list[str], out: Path) -> None:
+    """One torchrun job (a fresh process group) per strategy; their output goes to bench.log."""
+    from tqdm import tqdm
+    with open(out / "bench.log", "w") as log:
+        for name in tqdm(strategies, desc="strategies", unit="run"):
+            code = _launch(args, name, log)
+            if code != 0:
+                tqdm.write(f"{name}: failed (exit {code}); see {out / 'bench.log'}")
+
+
+def collect(out: Path, strategies: list[str]) -> list[dict[str, Any]]:
+    results = []
+    for name in strategies:
+        folder = out / "raw" / name.replace("@", "_at_")
+        ranks = [json.loads(p.read_text()) for p in sorted(folder.glob("rank-*.json"))]
+        results.append({"strategy": name, "ranks": ranks, "failed": not ranks})
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="subnetdp bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["resnet18", "llama", "vit"], default="resnet18")
+    parser.add_argument("--preset", default="", help="llama/vit preset (default tiny / small32)")
+    parser.add_argument("--width", type=int, default=32, help="resnet18 base width (default 32)")
+    parser.add_argument("--batch-size", type=int, default=32, help="per worker (default 32)")
+    parser.add_argument("--seq-len", type=int, default=256, help="llama: tokens per sequence (default 256)")
+    parser.add_argument("--vocab", type=int, default=256, help="llama: vocabulary of the synthetic tokens (default 256)")
+    parser.add_argument("--workers", type=int, default=4, help="ranks per strategy (default 4)")
+    parser.add_argument("--strategies", default=DEFAULT_STRATEGIES, help=f"comma-separated (default {DEFAULT_STRATEGIES})")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps, and as many without sync (default 8)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--backend", choices=["gloo", "nccl", "fake"], default="gloo",
+                        help="gloo: real ranks on CPU, or sharing one GPU (default); nccl: one GPU per rank; "
+                        "fake: one process measures each rank in turn in a process group whose collectives "
+                        "do nothing (exact per-rank memory, compute-only time, no communication time)")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for forward/backward")
+    parser.add_argument("--out", default="runs/bench", help="output folder (default runs/bench)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--strategy", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        run_worker(args)
+        return
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    for s in strategies:
+        parse_strategy(s)  # fail before launching anything
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.backend == "fake":
+        run_fake(args, strategies)
+    else:
+        run_launched(args, strategies, out)
+    results = collect(out, strategies)
+    from .bench_report import write_report
+    command = "subnetdp bench " + " ".join(a for a in (argv if argv is not None else sys.argv[2:]))
+    machine = {"host": socket.gethostname(), "platform": platform.platform(), "cpus": os.cpu_count(),
+               "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(0),
+               "torch": torch.__version__, "python": platform.python_version()}
+    write_report(out, results, vars(args), command, machine)
+
+
+if __name__ == "__main__":
+    main()
