@@ -245,7 +245,10 @@ def run_fake(args: argparse.Namespace, strategies: list[str]) -> None:
             try:
                 _write(args, measure(args, parse_strategy(name), device))
             except Exception as exc:  # noqa: BLE001 - a failing strategy is reported, the others run
-                tqdm.write(f"{name} rank {rank}: failed: {type(exc).__name__}: {exc}")
+                message = f"{name} rank {rank}: failed: {type(exc).__name__}: {exc}"
+                tqdm.write(message)
+                with open(Path(args.out) / "bench.log", "a") as log:
+                    log.write(message + "\n")
             finally:
                 dist.destroy_process_group()
                 gc.collect()
@@ -414,6 +417,8 @@ def main(argv: list[str] | None = None) -> None:
                         "do nothing (exact per-rank memory, compute-only time, no communication time)")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for forward/backward")
     parser.add_argument("--out", default="runs/bench", help="output folder (default runs/bench)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: rebuild bench.json/md and the charts from OUT/raw (e.g. after a timeout)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--strategy", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -425,7 +430,9 @@ def main(argv: list[str] | None = None) -> None:
         parse_strategy(s)  # fail before launching anything
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.backend == "fake":
+    if args.report_only:
+        pass
+    elif args.backend == "fake":
         run_fake(args, strategies)
     else:
         run_launched(args, strategies, out)
