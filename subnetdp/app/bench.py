@@ -238,6 +238,7 @@ def run_fake(args: argparse.Namespace, strategies: list[str]) -> None:
     collectives do nothing: memory is exactly that rank's at N workers, time is compute only."""
     from torch.testing._internal.distributed.fake_pg import FakeStore
     device = _device(args)
+    (Path(args.out) / "bench.log").write_text("")
     from tqdm import tqdm
     for name in tqdm(strategies, desc="strategies", unit="run"):
         for rank in range(args.workers):
