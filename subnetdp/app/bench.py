@@ -266,6 +266,8 @@ def _write(args: argparse.Namespace, record: dict[str, Any]) -> None:
 def measure(args: argparse.Namespace, strategy: Strategy, device: torch.device) -> dict[str, Any]:
     """Warm-up, timed steps, unsynchronised steps and one memory step of this rank."""
     rank, world = dist.get_rank(), dist.get_world_size()
+    # what an earlier measurement in this process left allocated (should be nothing)
+    allocated_at_start = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
     task = build_task(from_dict(_bench_config(args)))
     torch.manual_seed(args.seed)
     model = task.make_model().to(device)
@@ -352,6 +354,7 @@ def measure(args: argparse.Namespace, strategy: Strategy, device: torch.device) 
     if task.tokens_per_sample:
         record["tokens_per_s"] = record["samples_per_s"] * task.tokens_per_sample
     record["fake_process_group"] = args.backend == "fake"
+    record["cuda_allocated_at_start_bytes"] = allocated_at_start
     if args.backend == "fake":
         record["peak_rss_bytes"] = None  # several ranks ran in this one process
     return record

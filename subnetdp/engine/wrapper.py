@@ -157,8 +157,17 @@ class SubnetworkDataParallel(nn.Module):
         self._sync_queued = False
         self._auto_grad_sync = not self.virtual
         self._hook_handles: list[Any] = []
+        # through a weak reference: a parameter's hook must not keep the wrapper (and with it the
+        # whole model) alive after the user drops it; gc cannot see cycles through tensor hooks
+        this = weakref.ref(self)
+
+        def on_grad_ready(param: torch.Tensor) -> None:
+            sdp = this()
+            if sdp is not None:
+                sdp._on_grad_ready(param)
+
         for p in self.parameters():
-            self._hook_handles.append(p.register_post_accumulate_grad_hook(self._on_grad_ready))
+            self._hook_handles.append(p.register_post_accumulate_grad_hook(on_grad_ready))
         if self.masking == "backward" and sync_weights_after_step and not self.virtual:
             self._register_step_hook()
 

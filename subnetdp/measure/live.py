@@ -33,6 +33,12 @@ def _key(t: torch.Tensor) -> int:
     return id(local_tensor(t).untyped_storage())
 
 
+def _forget(tracker_ref: weakref.ref, key: int) -> None:
+    tracker = tracker_ref()
+    if tracker is not None:
+        tracker.live.pop(key, None)
+
+
 class LiveTensorTracker(TorchDispatchMode):
     """Peak live tensor bytes of the work done inside ``with tracker:``, split by kind."""
 
@@ -70,9 +76,6 @@ class LiveTensorTracker(TorchDispatchMode):
         self.saved.add(_key(t))
         return t
 
-    def _free(self, key: int) -> None:
-        self.live.pop(key, None)
-
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's protocol
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
@@ -83,7 +86,9 @@ class LiveTensorTracker(TorchDispatchMode):
             if key in self.live or key in self.baseline:
                 continue
             self.live[key] = weakref.ref(storage)
-            weakref.finalize(storage, self._free, key)
+            # a weak reference: a storage that outlives the tracker must not keep it (and the
+            # model and optimizer it refers to) alive
+            weakref.finalize(storage, _forget, weakref.ref(self), key)
         # read sizes now rather than at creation: FSDP2 frees and re-allocates unsharded parameters
         # by resizing their storage in place
         current = sum(s.nbytes() for ref in self.live.values() if (s := ref()) is not None)
