@@ -40,6 +40,7 @@ class UnitCost:
     site: str | None = None   # neuron units: the site they split
     group: int = 0
     num_groups: int = 1
+    activations: float | None = None  # bytes saved for backward on the example input; None: not counted
 
 
 def holders_needed(coverage: float, world_size: int) -> int:
@@ -64,9 +65,11 @@ class Plan:
     shared_params: int
     shared_bytes: int
     shared_flops: float
+    unit_activations: dict[str, float] = field(default_factory=dict)
     worker_params: list[int] = field(default_factory=list)
     worker_bytes: list[int] = field(default_factory=list)
     worker_flops: list[float] = field(default_factory=list)
+    worker_activations: list[float] = field(default_factory=list)
     holder_sets: list[tuple[int, ...]] = field(default_factory=list)
     algebraic_connectivity: float = 0.0
 
@@ -75,8 +78,10 @@ class Plan:
         self.worker_params = [self.shared_params] * n
         self.worker_bytes = [self.shared_bytes] * n
         self.worker_flops = [self.shared_flops] * n
+        self.worker_activations = [0.0] * n  # of the units only
         for unit, ranks in self.holders.items():
             for r in ranks:
+                self.worker_activations[r] += self.unit_activations.get(unit, 0.0)
                 self.worker_params[r] += self.unit_params[unit]
                 self.worker_bytes[r] += self.unit_bytes[unit]
                 self.worker_flops[r] += self.unit_flops[unit]
@@ -99,8 +104,11 @@ class Plan:
         """max/min over workers of held parameters and held compute (1.0 is perfect)."""
         def ratio(values: Sequence[float]) -> float:
             return float(max(values) / min(values)) if min(values) > 0 else math.inf
-        return {"params_max_over_min": ratio(self.worker_params),
-                "flops_max_over_min": ratio(self.worker_flops)}
+        out = {"params_max_over_min": ratio(self.worker_params),
+               "flops_max_over_min": ratio(self.worker_flops)}
+        if any(self.worker_activations):
+            out["unit_activations_max_over_min"] = ratio(self.worker_activations)
+        return out
 
     def fingerprint(self) -> str:
         """A digest that two ranks agree on exactly when their plans are identical."""
@@ -142,7 +150,9 @@ class Plan:
             "not counted: no example input, so compute is taken as proportional to parameters")
         lines += ["",
                   f"balance: params max/min {b['params_max_over_min']:.3f}, "
-                  f"compute max/min {b['flops_max_over_min']:.3f} ({flops_note})",
+                  f"compute max/min {b['flops_max_over_min']:.3f} ({flops_note})"
+                  + (f", saved activations of held blocks max/min {b['unit_activations_max_over_min']:.3f}"
+                     if "unit_activations_max_over_min" in b else ""),
                   f"distinct holder sets: {len(self.holder_sets)}; worker-overlap graph algebraic "
                   f"connectivity: {self.algebraic_connectivity:.3f}"
                   + ("  (0: disconnected, workers share only the shared parameters)"
@@ -196,7 +206,12 @@ def make_plan(units: Sequence[UnitCost], world_size: int, coverage: float, seed:
             f"(need at least {min_windows} units); use more blocks, neuron level, or higher coverage")
     p_total = sum(u.params for u in units) or 1
     f_total = sum(flops.values()) or 1.0
-    cost = np.array([[u.params / p_total, flops[u.name] / f_total] for u in units])  # (U, 2)
+    columns = [[u.params / p_total for u in units], [flops[u.name] / f_total for u in units]]
+    if all(u.activations is not None for u in units) and sum(u.activations for u in units) > 0:
+        # activation memory is not proportional to either: early ResNet stages hold most of it
+        a_total = sum(u.activations for u in units)
+        columns.append([u.activations / a_total for u in units])
+    cost = np.array(columns).T  # (U, criteria): each worker's load is balanced on its largest share
     member = np.zeros((len(windows), n))
     for j, w in enumerate(windows):
         member[j, list(w)] = 1.0
@@ -213,6 +228,7 @@ def make_plan(units: Sequence[UnitCost], world_size: int, coverage: float, seed:
     holders = {u.name: windows[assignment[i]] for i, u in enumerate(units)}
     return Plan(world_size=n, coverage=coverage, k=k, seed=seed, level=level, holders=holders,
                 unit_params={u.name: u.params for u in units}, unit_bytes={u.name: u.bytes for u in units},
+                unit_activations={u.name: float(u.activations or 0.0) for u in units},
                 unit_flops=flops, flops_counted=flops_counted, shared_params=shared_params,
                 shared_bytes=shared_bytes,
                 shared_flops=float(shared_flops if shared_flops is not None and flops_counted else (
@@ -269,7 +285,7 @@ def _assign_greedy(units: Sequence[UnitCost], cost: np.ndarray, member: np.ndarr
     Ties go to the least-used window, then to the lowest index (or a seeded random one)."""
     num_windows, n = member.shape
     order = sorted(range(len(units)), key=lambda i: (-cost[i].max(), rng.random()))
-    load = np.zeros((n, 2))
+    load = np.zeros((n, cost.shape[1]))
     assignment = [-1] * len(units)
     covered = np.zeros(n)
     counts = np.zeros(num_windows, dtype=int)
@@ -333,7 +349,7 @@ def _assign_sites(units: Sequence[UnitCost], cost: np.ndarray, member: np.ndarra
     for i, u in enumerate(units):
         by_site.setdefault(u.site, []).append(i)  # type: ignore[arg-type]
     sites = sorted(by_site, key=lambda s: (-cost[by_site[s]].sum(), s))
-    load = np.zeros((n, 2))
+    load = np.zeros((n, cost.shape[1]))
     assignment = [-1] * len(units)
     for site in sites:
         idx = sorted(by_site[site], key=lambda i: units[i].group)

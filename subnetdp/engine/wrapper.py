@@ -222,8 +222,46 @@ class SubnetworkDataParallel(nn.Module):
                     f"{tuple(shape_out) if shape_out is not None else type(shape_out)} and has no traceable "
                     "shortcut: a dropped block must be able to pass its input through")
         root = type(self.module).__name__
+        self._unit_activations = self._count_saved_activations(example_input) if self.level == "block" else {}
         return {name[len(root) + 1:] if name != root else "": float(sum(v.values()))
                 for name, v in counter.get_flop_counts().items() if name.startswith(root)}
+
+    def _count_saved_activations(self, example_input: Any) -> dict[str, float]:
+        """Bytes that autograd saves for backward inside each block, on the example input (eval
+        mode, so norm statistics are untouched; parameters are not counted)."""
+        saved = {path: 0.0 for path in self._blocks}
+        seen: set[int] = set()
+        params = {p.data_ptr() for p in self.module.parameters()}
+        current: list[str] = []
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            ptr = t.untyped_storage().data_ptr()
+            if current and ptr not in params and ptr not in seen:
+                seen.add(ptr)
+                saved[current[-1]] += t.untyped_storage().nbytes()
+            return t
+
+        handles = []
+        for path in self._blocks:
+            block = get_module(self.module, path)
+            handles.append(block.register_forward_pre_hook(lambda m, a, path=path: current.append(path)))
+            handles.append(block.register_forward_hook(lambda m, a, o: current.pop() and None))  # keep o
+        modes = {m: m.training for m in self.module.modules()}
+        self.module.eval()
+        try:
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                if isinstance(example_input, Mapping):
+                    self.module(**example_input)
+                elif isinstance(example_input, tuple):
+                    self.module(*example_input)
+                else:
+                    self.module(example_input)
+        finally:
+            for h in handles:
+                h.remove()
+            for module, training in modes.items():
+                module.training = training
+        return saved
 
     def _make_plan(self, flops: dict[str, float] | None) -> Plan:
         model = self.module
@@ -239,7 +277,8 @@ class SubnetworkDataParallel(nn.Module):
                     unit_flops = flops.get(path, 0.0) - sum(flops.get(f"{path}.{m}", 0.0)
                                                             for m in info.shortcut_modules)
                 units.append(UnitCost(path, sum(p.numel() for _, p in params),
-                                      sum(p.numel() * p.element_size() for _, p in params), unit_flops))
+                                      sum(p.numel() * p.element_size() for _, p in params), unit_flops,
+                                      activations=getattr(self, "_unit_activations", {}).get(path)))
         else:
             for site in self._sites:
                 site_params, site_bytes = 0, 0

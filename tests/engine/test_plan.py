@@ -94,3 +94,17 @@ def test_table_lists_units_workers_and_connectivity() -> None:
     text = plan.table()
     assert "u3" in text and "algebraic connectivity" in text and "max/min" in text
     assert plan.to_dict()["holders"]["u0"] == list(plan.holders["u0"])
+
+
+def test_block_plans_balance_saved_activations_counted_on_the_example_input() -> None:
+    import torch
+
+    from subnetdp import plan_for
+    from subnetdp.models import resnet18
+    plan = plan_for(resnet18(num_classes=10, in_channels=1, width=16), 4, blocks="blocks", coverage=0.5,
+                    example_input=torch.randn(2, 1, 32, 32))
+    acts = plan.unit_activations
+    # a stage-1 block saves more for backward than a stage-4 block (same FLOPs, 8x the pixels)
+    assert acts["blocks.0"] > 2 * acts["blocks.7"] > 0
+    assert plan.balance()["unit_activations_max_over_min"] < 1.2
+    assert not any(set(plan.holders["blocks.0"]) == set(plan.holders["blocks.1"]) for _ in [0])
