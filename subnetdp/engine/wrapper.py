@@ -77,6 +77,9 @@ class SubnetworkDataParallel(nn.Module):
             and to check that untraceable blocks keep their input's shape.
         timeout: seconds after which a collective that has not completed (a dead or stuck peer)
             raises ``CollectiveError`` naming it.
+        bucket_cap_mb: gradients are all-reduced in buckets of about this size per holder set,
+            each issued as soon as backward has produced its gradients, so the sync overlaps the
+            rest of backward (as DDP's buckets do).
         sync_weights_after_step: backward masking: broadcast updated units after every optimizer
             step that updates this module's parameters. Turn off to call ``sync_weights()`` yourself
             (e.g. with several optimizers).
@@ -87,7 +90,7 @@ class SubnetworkDataParallel(nn.Module):
                  masking: str = "forward", seed: int = 0,
                  process_group: dist.ProcessGroup | None = None, scale: str = "none",
                  neuron_groups: int | None = None, example_input: Any = None,
-                 timeout: float = 600.0, sync_weights_after_step: bool = True,
+                 timeout: float = 600.0, sync_weights_after_step: bool = True, bucket_cap_mb: float = 25.0,
                  _virtual_rank: int | None = None, _virtual_world_size: int | None = None,
                  _plan_only: bool = False) -> None:
         super().__init__()
@@ -152,6 +155,14 @@ class SubnetworkDataParallel(nn.Module):
         self._sliced: dict[tuple[str, str], dict] = {}  # (module, tensor) -> local layout info
         self._apply_masking()
         self._grad_segments = self._make_grad_segments()
+        self.bucket_cap_mb = bucket_cap_mb
+        self._chunks = self._make_chunks()
+        self._chunks_of_param: dict[int, list[tuple[int, ...]]] = {}
+        for holders, chunk_list in self._chunks.items():
+            for chunk in chunk_list:
+                for pid in chunk.params:
+                    if holders not in self._chunks_of_param.setdefault(pid, []):
+                        self._chunks_of_param[pid].append(holders)
         self.comm_bytes = 0  # bytes this worker handed to collectives (gradients and weights)
         self._sync_enabled = True
         self._sync_queued = False
@@ -509,14 +520,82 @@ class SubnetworkDataParallel(nn.Module):
         finally:
             self._sync_enabled = previous
 
-    def _on_grad_ready(self, param: torch.Tensor) -> None:
-        if self._auto_grad_sync and self._sync_enabled and not self._sync_queued:
-            self._sync_queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._sync_after_backward)
+    def _make_chunks(self) -> dict[tuple[int, ...], list[_Chunk]]:
+        """Each holder set's gradient segments in reverse model order (the order backward
+        produces them), cut into buckets of about ``bucket_cap_mb``: a bucket's all-reduce is
+        issued as soon as its gradients and those of the buckets before it are ready, so it
+        overlaps the rest of backward. The fixed order keeps every member's issue order the same."""
+        chunks: dict[tuple[int, ...], list[_Chunk]] = {}
+        cap = self.bucket_cap_mb * 2 ** 20
+        for key, segs in self._grad_segments.items():
+            current: list[tuple[nn.Parameter, int | None, tuple]] = []
+            size = 0
+            for seg in reversed(segs):
+                current.append(seg)
+                p, dim, ranges = seg
+                size += (p.numel() if dim is None else
+                         p.numel() // p.shape[dim] * sum(b - a for a, b in ranges)) * p.element_size()
+                if size >= cap:
+                    chunks.setdefault(key[0], []).append(_Chunk(key, current))
+                    current, size = [], 0
+            if current:
+                chunks.setdefault(key[0], []).append(_Chunk(key, current))
+        return chunks
 
+    def _on_grad_ready(self, param: torch.Tensor) -> None:
+        if not (self._auto_grad_sync and self._sync_enabled):
+            return
+        if not self._sync_queued:
+            self._sync_queued = True
+            for chunk_list in self._chunks.values():
+                for chunk in chunk_list:
+                    chunk.reset()
+            torch.autograd.Variable._execution_engine.queue_callback(self._sync_after_backward)
+        for holders in self._chunks_of_param.get(id(param), ()):
+            for chunk in self._chunks[holders]:
+                chunk.pending.discard(id(param))
+            self._launch_ready(holders)
+
+    def _launch_ready(self, holders: tuple[int, ...], everything: bool = False) -> None:
+        for chunk in self._chunks[holders]:
+            if chunk.work is not None:
+                continue
+            if chunk.pending and not everything:
+                return  # a bucket waits for the ones before it: same issue order on every member
+            if len(holders) == 1:
+                chunk.work = False  # one holder: its gradient is already the average
+                continue
+            flat = self._flatten_chunk(chunk).to(self._comm_device())
+            self.comm_bytes += flat.numel() * flat.element_size()
+            chunk.flat = flat
+            chunk.work = dist.all_reduce(flat, group=self._groups[holders], async_op=True)
+
+    def _flatten_chunk(self, chunk: "_Chunk") -> torch.Tensor:
+        parts = []
+        for p, dim, ranges in chunk.segments:
+            grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            parts += [grad] if dim is None else narrow_ranges(grad, dim, ranges)
+        return flatten(parts, device=self.device, dtype=chunk.key[1])
+
+    @torch.no_grad()
     def _sync_after_backward(self) -> None:
+        """End of backward: issue what is left, wait for every bucket, write the averages back."""
         self._sync_queued = False
-        self.sync_gradients()
+        for holders in self._chunks:
+            self._launch_ready(holders, everything=True)
+        for holders, chunk_list in self._chunks.items():
+            for chunk in chunk_list:
+                if chunk.work is False:
+                    continue
+                self._wait(chunk.work, "gradient all_reduce", holders, chunk.flat)
+                averaged = chunk.flat.div_(len(holders)).to(self.device)
+                targets = []
+                for p, dim, ranges in chunk.segments:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    targets += [p.grad] if dim is None else narrow_ranges(p.grad, dim, ranges)
+                unflatten_into(averaged, targets)
+                chunk.flat = None
 
     def grad_buckets(self) -> dict[BucketKey, torch.Tensor]:
         """One flat gradient buffer per holder set this worker belongs to (missing grads are 0)."""
@@ -771,6 +850,21 @@ def _apply_clip(params: Iterable[nn.Parameter], norm: float, max_norm: float) ->
             if p.grad is not None:
                 p.grad.mul_(factor)
     return torch.tensor(norm)
+
+
+class _Chunk:
+    """One gradient bucket of a holder set: its segments, which of its parameters are still to
+    produce a gradient in this backward, and its in-flight all-reduce."""
+
+    def __init__(self, key: BucketKey, segments: list[tuple[nn.Parameter, int | None, tuple]]) -> None:
+        self.key, self.segments = key, segments
+        self.params = {id(p) for p, _, _ in segments}
+        self.pending: set[int] = set(self.params)  # parameters yet to produce their gradient
+        self.work: Any = None
+        self.flat: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        self.pending, self.work, self.flat = set(self.params), None, None
 
 
 def plan_for(model: nn.Module, world_size: int, **kwargs: Any) -> Plan:

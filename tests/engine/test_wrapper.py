@@ -92,12 +92,17 @@ def test_gradients_are_averaged_over_holders_only() -> None:
 # ---------------------------------------------------------------------------------------------
 # Training: multi-process equals the simulator; bytes held; replicas; full_state_dict
 
+# TINY: gradient buckets of a few hundred bytes, so each holder set's gradients travel in many
+# all-reduces issued during backward (the overlapped path), not one at its end
+TINY = 0.0005
 CONFIGS = {
     "resnet-block-forward": ("resnet", dict(blocks="blocks", coverage=0.5)),
-    "resnet-neuron-forward-scaled": ("resnet", dict(neurons="blocks", coverage=0.75, scale="inverse-coverage")),
+    "resnet-neuron-forward-scaled": ("resnet", dict(neurons="blocks", coverage=0.75, scale="inverse-coverage",
+                                                    bucket_cap_mb=TINY)),
     "llama-block-forward-k1": ("llama", dict(blocks="model.layers", coverage=0.25)),
-    "llama-neuron-forward": ("llama", dict(neurons="model.layers", coverage=0.5)),
-    "llama-block-backward": ("llama", dict(blocks="model.layers", coverage=0.5, masking="backward")),
+    "llama-neuron-forward": ("llama", dict(neurons="model.layers", coverage=0.5, bucket_cap_mb=TINY)),
+    "llama-block-backward": ("llama", dict(blocks="model.layers", coverage=0.5, masking="backward",
+                                           bucket_cap_mb=TINY)),
     "mlp-neuron-backward": ("mlp", dict(neurons="blocks", coverage=0.5, masking="backward")),
 }
 

@@ -1,3 +1,7 @@
+#!/usr/bin/env bash
+# Part 2 of bench_llama134m.sh alone (no resume check): the LLaMA-134m benchmark on a fake process
+# group of 4, bf16, within about 2 minutes on an H200. Writes to $OUT (default runs/gpu).
+OUT="${OUT:-runs/gpu}"; mkdir -p "$OUT"
 set -uo pipefail
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
 timeout 230 python3 -m subnetdp.app.cli bench --model llama --preset 134m --vocab 32000 --seq-len 1024 \
