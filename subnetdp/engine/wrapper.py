@@ -158,6 +158,15 @@ class SubnetworkDataParallel(nn.Module):
         self.bucket_cap_mb = bucket_cap_mb
         self._chunks = self._make_chunks()
         self._chunks_of_param: dict[int, list[tuple[int, ...]]] = {}
+        # how many segments of each parameter a multi-holder bucket carries, and whether that is all
+        # of it (a parameter with a single-holder segment keeps its .grad)
+        self._segments_per_param: dict[int, int] = {}
+        for holders, chunk_list in self._chunks.items():
+            for chunk in chunk_list:
+                for p, _, _ in chunk.segments:
+                    self._segments_per_param[id(p)] = self._segments_per_param.get(id(p), 0) + (
+                        1 if len(holders) > 1 else 10 ** 9)
+        self._unbucketed: dict[int, int] = {}
         for holders, chunk_list in self._chunks.items():
             for chunk in chunk_list:
                 for pid in chunk.params:
@@ -550,6 +559,7 @@ class SubnetworkDataParallel(nn.Module):
             for chunk_list in self._chunks.values():
                 for chunk in chunk_list:
                     chunk.reset()
+            self._unbucketed = dict(self._segments_per_param)
             torch.autograd.Variable._execution_engine.queue_callback(self._sync_after_backward)
         for holders in self._chunks_of_param.get(id(param), ()):
             for chunk in self._chunks[holders]:
@@ -569,6 +579,12 @@ class SubnetworkDataParallel(nn.Module):
             self.comm_bytes += flat.numel() * flat.element_size()
             chunk.flat = flat
             chunk.work = dist.all_reduce(flat, group=self._groups[holders], async_op=True)
+            # the bucket now holds these gradients: free a parameter's .grad once all of it is in
+            # buckets, so overlapping the sync does not keep two copies while activations live
+            for p, _, _ in chunk.segments:
+                self._unbucketed[id(p)] -= 1
+                if self._unbucketed[id(p)] == 0:
+                    p.grad = None
 
     def _flatten_chunk(self, chunk: "_Chunk") -> torch.Tensor:
         parts = []
