@@ -219,22 +219,8 @@ class SubnetworkDataParallel(nn.Module):
                     x = args[0] if args else next(iter(kwargs.values()), None)
                     shapes[path] = (getattr(x, "shape", None), getattr(out, "shape", None))
                 handles.append(get_module(self.module, path).register_forward_hook(hook, with_kwargs=True))
-        # eval mode: the probe must not update norm running statistics
-        modes = {m: m.training for m in self.module.modules()}
-        self.module.eval()
-        try:
-            with torch.no_grad(), FlopCounterMode(display=False) as counter:
-                if isinstance(example_input, Mapping):
-                    self.module(**example_input)
-                elif isinstance(example_input, tuple):
-                    self.module(*example_input)
-                else:
-                    self.module(example_input)
-        finally:
-            for h in handles:
-                h.remove()
-            for module, training in modes.items():
-                module.training = training
+        with FlopCounterMode(display=False) as counter:
+            self._probe(example_input, handles, grad=False)
         for path, (shape_in, shape_out) in shapes.items():
             if shape_in is None or shape_out is None or shape_in != shape_out:
                 raise SDPConfigError(
@@ -266,10 +252,17 @@ class SubnetworkDataParallel(nn.Module):
             block = get_module(self.module, path)
             handles.append(block.register_forward_pre_hook(lambda m, a, path=path: current.append(path)))
             handles.append(block.register_forward_hook(lambda m, a, o: current.pop() and None))  # keep o
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            self._probe(example_input, handles, grad=True)
+        return saved
+
+    def _probe(self, example_input: Any, handles: list[Any], grad: bool) -> None:
+        """One forward of the full model on the example input, in eval mode so that norm running
+        statistics are untouched; removes ``handles`` and restores each module's mode after."""
         modes = {m: m.training for m in self.module.modules()}
         self.module.eval()
         try:
-            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with torch.set_grad_enabled(grad):
                 if isinstance(example_input, Mapping):
                     self.module(**example_input)
                 elif isinstance(example_input, tuple):
@@ -281,7 +274,6 @@ class SubnetworkDataParallel(nn.Module):
                 h.remove()
             for module, training in modes.items():
                 module.training = training
-        return saved
 
     def _make_plan(self, flops: dict[str, float] | None) -> Plan:
         model = self.module
