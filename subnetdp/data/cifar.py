@@ -77,7 +77,7 @@ def load_cifar(split: str, num_classes: int = 10, root: str | Path | None = None
         looked = "\n".join(f"  {d}" for d in dirs)
         raise FileNotFoundError(
             f"CIFAR-{num_classes} not found: looked for {tarball} or its extracted folder {inner}/ "
-            f"in\n{looked}\nTo get it: pass --download (download=True) to fetch {BASE_URL}{tarball} "
+            f"in\n{looked}\nTo get it: set download=True (config: [data] download = true) to fetch {BASE_URL}{tarball} "
             f"into {Path(root).expanduser() if root else cache_dir(name)}, or put the tarball "
             f"in a folder and pass it as root (or set ${DATA_ENV}).")
     folder = Path(root).expanduser() if root is not None else cache_dir(name)

@@ -92,7 +92,7 @@ def load_fashion_mnist(split: str, root: str | Path | None = None,
             raise FileNotFoundError(
                 f"Fashion-MNIST {split} split not found: looked for {names[0]}[.gz] and "
                 f"{names[1]}[.gz] in\n{looked}\nTo get it: install the Debian/Ubuntu package "
-                f"(sudo apt install dataset-fashion-mnist), or pass --download (download=True) to "
+                f"(sudo apt install dataset-fashion-mnist), or set download=True (config: [data] download = true) to "
                 f"fetch it into {Path(root).expanduser() if root else cache_dir(NAME)}, or put "
                 f"the files in a folder and pass it as root (or set ${DATA_ENV}).")
         folder = Path(root).expanduser() if root is not None else cache_dir(NAME)

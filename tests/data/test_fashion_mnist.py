@@ -73,7 +73,7 @@ def test_missing_data_error_lists_folders(no_system_data, monkeypatch):
     for folder in (tmp / "env" / "fashion-mnist", tmp / "home" / ".cache" / "subnetdp" / "fashion-mnist",
                    tmp / "system"):
         assert str(folder) in msg
-    assert "apt install dataset-fashion-mnist" in msg and "--download" in msg
+    assert "apt install dataset-fashion-mnist" in msg and "download = true" in msg
 
 
 def test_download_from_local_mirror(no_system_data, monkeypatch):
