@@ -66,3 +66,21 @@ def make(kind: str, seed: int = 0) -> nn.Module:
         from subnetdp.models import resnet18
         return resnet18(num_classes=10, in_channels=1, width=4)
     return tiny_llama()
+
+
+def assert_dropped_blocks_are_identity(model: nn.Module, container: str, x: torch.Tensor) -> None:
+    """Each of 4 simulated workers at C = 0.5 computes the full model with the blocks it does not
+    hold replaced by the identity (a dropped pre-norm layer passes its input through unchanged)."""
+    import copy
+
+    from subnetdp import SubnetworkSimulator
+    sim = SubnetworkSimulator(model, world_size=4, blocks=container, coverage=0.5)
+    for r, worker in enumerate(sim.workers):
+        held = set(sim.plan.held_units(r))
+        ref = copy.deepcopy(model)
+        blocks = ref.get_submodule(container)
+        for i in range(len(blocks)):
+            if f"{container}.{i}" not in held:
+                blocks[i] = nn.Identity()
+        assert len(held) < len(blocks)
+        torch.testing.assert_close(worker(x), ref(x), msg=f"worker {r}")

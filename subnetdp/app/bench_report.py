@@ -123,6 +123,13 @@ def targets(rows: list[dict[str, Any]], args: dict[str, Any]) -> list[str]:
     return out + [""]
 
 
+def _stacked_bars(ax: Any, names: list[str], layers: list[tuple[str, list[float]]]) -> None:
+    bottom = [0.0] * len(names)
+    for label, values in layers:
+        ax.bar(names, values, bottom=bottom, label=label)
+        bottom = [b + v for b, v in zip(bottom, values)]
+
+
 def charts(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
@@ -132,11 +139,7 @@ def charts(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     paths = []
     if all("kinds_mib" in r for r in rows):
         fig, ax = plt.subplots(figsize=(10, 4.5), dpi=120)
-        bottom = [0.0] * len(rows)
-        for kind in KINDS:
-            values = [r["kinds_mib"][kind] for r in rows]
-            ax.bar(names, values, bottom=bottom, label=kind.replace("_", " "))
-            bottom = [b + v for b, v in zip(bottom, values)]
+        _stacked_bars(ax, names, [(kind.replace("_", " "), [r["kinds_mib"][kind] for r in rows]) for kind in KINDS])
         ax.set_ylabel("MiB at the live-tensor peak (largest rank)")
         ax.set_title("memory by kind, per worker")
         ax.legend()
@@ -146,12 +149,9 @@ def charts(rows: list[dict[str, Any]], out: Path) -> list[Path]:
         fig.savefig(paths[-1])
         plt.close(fig)
     fig, ax = plt.subplots(figsize=(10, 4.5), dpi=120)
-    bottom = [0.0] * len(rows)
-    for key, label in (("forward_ms", "forward"), ("backward_ms", "backward (+ overlapped sync)"),
-                       ("optimizer_ms", "optimizer (+ weight sync)")):
-        values = [r[key] for r in rows]
-        ax.bar(names, values, bottom=bottom, label=label)
-        bottom = [b + v for b, v in zip(bottom, values)]
+    _stacked_bars(ax, names, [(label, [r[key] for r in rows]) for key, label in (
+        ("forward_ms", "forward"), ("backward_ms", "backward (+ overlapped sync)"),
+        ("optimizer_ms", "optimizer (+ weight sync)"))])
     ax.scatter(names, [r["exposed_sync_ms"] for r in rows], color="black", marker="_", s=300, zorder=3,
                label="exposed sync")
     ax.set_ylabel("ms per step (median)")

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.fx
 import torch.nn.functional as F
-from torch import nn
 
+from _models import assert_dropped_blocks_are_identity
 from subnetdp.engine.simulator import SubnetworkSimulator
 from subnetdp.models import Llama, LlamaConfig, llama, num_parameters
 from subnetdp.models.llama import PRESETS, apply_rope
@@ -150,17 +150,7 @@ def test_engine_neuron_level(tie: bool) -> None:
 
 
 def test_engine_dropped_block_is_identity() -> None:
-    model = debug()
-    sim = SubnetworkSimulator(model, world_size=4, blocks="layers", coverage=0.5)
-    x = tokens()
-    for r, worker in enumerate(sim.workers):
-        held = set(sim.plan.held_units(r))
-        ref = copy.deepcopy(model)
-        for i in range(len(ref.layers)):
-            if f"layers.{i}" not in held:
-                ref.layers[i] = nn.Identity()
-        assert len(held) < len(model.layers)
-        torch.testing.assert_close(worker(x), ref(x), msg=f"worker {r}")
+    assert_dropped_blocks_are_identity(debug(), "layers", tokens())
 
 
 @pytest.mark.parametrize("world_size,coverage", [(4, 0.5), (8, 0.25)])  # 8 workers: some hold no heads

@@ -9,6 +9,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from _models import assert_dropped_blocks_are_identity
 from subnetdp.engine.simulator import SubnetworkSimulator
 from subnetdp.models import ViT, vit
 from subnetdp.models.vit import PRESETS
@@ -82,17 +83,7 @@ def test_engine_neuron_level() -> None:
 
 
 def test_engine_dropped_block_is_identity() -> None:
-    model = small()
-    sim = SubnetworkSimulator(model, world_size=4, blocks="blocks", coverage=0.5)
-    x = images()
-    for r, worker in enumerate(sim.workers):
-        held = set(sim.plan.held_units(r))
-        ref = copy.deepcopy(model)
-        for i in range(len(ref.blocks)):
-            if f"blocks.{i}" not in held:
-                ref.blocks[i] = nn.Identity()
-        assert len(held) < len(model.blocks)
-        torch.testing.assert_close(worker(x), ref(x), msg=f"worker {r}")
+    assert_dropped_blocks_are_identity(small(), "blocks", images())
 
 
 def test_engine_neuron_worker_is_full_model_without_its_missing_neurons() -> None:
