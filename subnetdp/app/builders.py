@@ -175,9 +175,22 @@ class Task:
         return {"test_loss": loss, "accuracy": correct / max(count, 1)}
 
 
-def _call_checked(fn: Callable, section: str, name: str, kwargs: dict[str, Any], *args: Any) -> Any:
+# builder parameters that build_task fills in itself (the dataset, the run folder); not config keys
+_INTERNAL_PARAMS = ("data", "out")
+
+
+def _user_keys(fn: Callable) -> list[str]:
+    """The config keys a builder accepts: its parameters other than the internal ones."""
+    return [p for p in inspect.signature(fn).parameters if p not in _INTERNAL_PARAMS]
+
+
+def _call_checked(fn: Callable, section: str, name: str, kwargs: dict[str, Any], *args: Any,
+                  internal: dict[str, Any] | None = None) -> Any:
+    """``fn(*args, **kwargs, **internal)``, after checking the user's keys ``kwargs`` (names and
+    value types) against ``fn``'s signature; ``internal`` (build_task's own arguments) is passed
+    through unchecked."""
     params = inspect.signature(fn).parameters
-    valid = [p for p in params if p not in ("data", "out")]
+    valid = _user_keys(fn)
     for key, value in kwargs.items():
         if key not in valid:
             raise ConfigError(f"unknown key in [{section}] for {name!r}: {key!r}; valid: {', '.join(valid)}")
@@ -188,7 +201,7 @@ def _call_checked(fn: Callable, section: str, name: str, kwargs: dict[str, Any],
             raise ConfigError(f"[{section}] {key} = {value!r} for {name!r}: expected a "
                               f"{type(default).__name__} like {default!r}")
     try:
-        return fn(*args, **kwargs)
+        return fn(*args, **kwargs, **(internal or {}))
     except (ValueError, FileNotFoundError) as exc:
         raise ConfigError(f"[{section}] {name}: {exc}") from exc
 
@@ -199,7 +212,7 @@ def check_builder_keys(config: Config) -> None:
         values = dict(config.section(section))
         name = values.pop("name")
         fn = table[name][0] if section == "model" else table[name]
-        valid = [p for p in inspect.signature(fn).parameters if p not in ("data", "out")]
+        valid = _user_keys(fn)
         for key in values:
             if key not in valid:
                 raise ConfigError(f"unknown key in [{section}] for {name!r}: {key!r}; valid: {', '.join(valid)}")
@@ -215,8 +228,9 @@ def build_task(config: Config, out: Path | None = None) -> Task:
     check_builder_keys(config)
     data_kwargs = {k: v for k, v in config.section("data").items() if k != "name"}
     data_name = config["data.name"]
-    extra = {"out": out} if data_name == "text" else {}
-    data = _call_checked(DATASETS[data_name], "data", data_name, {**data_kwargs, **extra})
+    builder_fn = DATASETS[data_name]
+    internal = {"out": out} if "out" in inspect.signature(builder_fn).parameters else {}
+    data = _call_checked(builder_fn, "data", data_name, data_kwargs, internal=internal)
     model_name = config["model.name"]
     builder, blocks, kind = MODELS[model_name]
     model_kwargs = {k: v for k, v in config.section("model").items() if k != "name"}

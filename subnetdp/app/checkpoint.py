@@ -125,6 +125,20 @@ def latest(root: Path, verify: bool = True) -> tuple[Path, dict[str, Any]] | Non
     return None
 
 
+def complete_checkpoints(root: Path, verify: bool = True) -> list[tuple[Path, dict[str, Any]]]:
+    """Every complete checkpoint under ``root`` as (folder, manifest), oldest step first; partial
+    and damaged ones (missing files, sizes or, with ``verify``, hashes that do not match) are skipped."""
+    if not root.is_dir():
+        return []
+    found = []
+    for folder in sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(PARTIAL)):
+        try:
+            found.append((folder, read_manifest(folder, verify)))
+        except CheckpointError:
+            continue
+    return found
+
+
 def load_rank_state(folder: Path, rank: int) -> dict[str, Any]:
     """One rank's file, on CPU: RNG states must be CPU tensors, and load_state_dict moves weights
     and optimizer state to the devices of the parameters they are loaded into."""

@@ -7,6 +7,7 @@
     subnetdp plan --model resnet18 --workers 8 --coverage 0.5            # block level
     subnetdp plan --model resnet18 --workers 4 --coverage 0.5 --level neuron
     subnetdp plan --model hf-llama --layers 12 --hidden 768 --workers 8 --json plan.json
+    subnetdp sweep sweeps/resnet18_fashion_mnist.toml --out results/resnet18_fashion_mnist --jobs 2
     subnetdp demo                                                         # see README.md
 """
 
@@ -212,6 +213,16 @@ def main(argv: list[str] | None = None) -> int:
                            "stochastic depth and SDP (see `subnetdp bench --help`)")
     bench.set_defaults(func=None)
 
+    sweep = sub.add_parser("sweep", add_help=False,
+                           help="run a grid of train cells over seeds, resume it, aggregate mean ± std "
+                           "(see `subnetdp sweep --help`)")
+    sweep.set_defaults(func=None)
+
+    align = sub.add_parser("align", add_help=False,
+                           help="gradient alignment of SDP variants with DDP along a run's checkpoints "
+                           "(see `subnetdp align --help`)")
+    align.set_defaults(func=None)
+
     demo = sub.add_parser("demo", add_help=False, help="DDP vs B-SDP on 4 CPU workers (see `subnetdp demo --help`)")
     demo.set_defaults(func=None)
 
@@ -220,6 +231,12 @@ def main(argv: list[str] | None = None) -> int:
         from .bench import main as bench_main
         bench_main(rest)
         return 0
+    if args.command == "sweep":
+        from .sweep import main as sweep_main
+        return sweep_main(rest)
+    if args.command == "align":
+        from .align import main as align_main
+        return align_main(rest)
     if args.command == "demo":
         from .demo import main as demo_main
         demo_main(rest)

@@ -63,6 +63,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
                      ("none", "inverse-coverage")),
         "neuron_groups": Key(0, "neuron level: groups per neuron site (0: one per worker)"),
         "plan_seed": Key(0, "seed of the plan (which worker holds which unit)"),
+        "stochastic_depth": Key(0.0, "ddp only: probability that a block is dropped in a training step "
+                                "(block-level drop-path, drawn per worker and step; 1 - C gives B-SDP's "
+                                "expected depth); with [eval] residual_scale = 'coverage' the evaluated "
+                                "branches are scaled by the survival probability"),
     },
     "optim": {
         "name": Key("sgd", "the optimizer", ("sgd", "adamw")),
@@ -82,8 +86,13 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "max_batches": Key(0, "evaluation batches in all, split over the workers (0: the whole test/validation split)"),
         "residual_scale": Key(
             "none", "B-SDP: multiply each residual branch of the assembled model by k/N (the fraction of "
-            "workers that trained it), as stochastic depth does at test time; 'none': unscaled",
-            ("none", "coverage")),
+            "workers that trained it), as stochastic depth does at test time (also the survival probability "
+            "of [strategy] stochastic_depth); 'none': unscaled; 'both': report the unscaled model's metrics "
+            "and the scaled one's as scaled_<metric> (where a scale applies)",
+            ("none", "coverage", "both")),
+        "views": Key([], "SDP: besides the assembled full model (always evaluated), also evaluate "
+                     "'subnetworks' (each worker's own subnetwork as trained; mean, min and max over "
+                     "workers) and/or 'ensemble' (the mean of the N subnetworks' predicted probabilities)"),
         "recalibrate_norm_batches": Key(
             0, "re-estimate the assembled model's BatchNorm statistics on this many training batches "
             "before evaluating, and report both figures (0: off)"),
@@ -96,10 +105,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
                           "synthetic-text"))},
 }
 
+EVAL_VIEWS = ("subnetworks", "ensemble")
+
 # Keys that a resumed run may change: they do not alter the trained values.
 RESUMABLE_CHANGES = {("run", "steps"), ("run", "log_interval"), ("run", "eval_interval"),
                      ("run", "checkpoint_interval"), ("run", "keep_checkpoints"), ("run", "timeout"),
-                     ("eval", "batch_size"), ("eval", "max_batches")}
+                     ("eval", "batch_size"), ("eval", "max_batches"), ("eval", "views")}
 
 
 def _type_ok(value: Any, default: Any) -> bool:
@@ -194,6 +205,11 @@ def _check_ranges(s: dict[str, dict[str, Any]], where: str) -> None:
     need(0 <= s["optim"]["min_lr_ratio"] <= 1, "[optim] min_lr_ratio must be in [0, 1]")
     need(len(s["optim"]["betas"]) == 2, "[optim] betas must be two numbers")
     need(s["eval"]["batch_size"] >= 1, "[eval] batch_size must be >= 1")
+    views = s["eval"]["views"]
+    need(all(v in EVAL_VIEWS for v in views), f"[eval] views = {views!r}: valid views are {', '.join(EVAL_VIEWS)}")
+    need(0 <= s["strategy"]["stochastic_depth"] < 1, "[strategy] stochastic_depth must be in [0, 1)")
+    need(s["strategy"]["stochastic_depth"] == 0 or s["strategy"]["name"] == "ddp",
+         "[strategy] stochastic_depth is a DDP baseline: it needs name = 'ddp'")
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:

@@ -32,13 +32,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from ..engine import (SubnetworkDataParallel, SubnetworkSimulator, recalibrate_norm_statistics,
                       scale_residual_branches)
+from ..engine.units import resolve_block_paths
 from ..measure import (ByteCounter, counting_allreduce_hook, optimizer_state_bytes, peak_rss_bytes,
                        reset_peak_rss, tensor_bytes)
 from . import checkpoint as ckpt
+from .baselines import StochasticDepth
 from .builders import Task, build_task
 from .config import RESUMABLE_CHANGES, Config, ConfigError, from_dict
 
@@ -155,6 +158,7 @@ class Trainer:
     sdp: SubnetworkDataParallel | None = None
     simulator: SubnetworkSimulator | None = None
     ddp_bytes: ByteCounter = field(default_factory=ByteCounter)
+    stochastic_depth: StochasticDepth | None = None
     peak_grad_bytes: int = 0
 
     @property
@@ -193,6 +197,8 @@ def build_trainer(config: Config, task: Task, ctx: Context, steps: int) -> Train
     torch.manual_seed(config["run.seed"])  # the same initial model on every rank
     model = task.make_model().to(ctx.device)
     strategy = config["strategy.name"]
+    drop = config["strategy.stochastic_depth"]
+    depth = StochasticDepth(model, resolve_block_paths(model, task.blocks), drop, config["run.seed"]) if drop else None
     if ctx.simulate and strategy == "sdp":
         sim = SubnetworkSimulator(model, ctx.world_size, **_sdp_kwargs(config, task, ctx.device))
         models: list[nn.Module] = list(sim.workers)
@@ -208,7 +214,8 @@ def build_trainer(config: Config, task: Task, ctx: Context, steps: int) -> Train
         ddp.register_comm_hook(counter, counting_allreduce_hook)
         models, trainer_kwargs = [ddp], {"ddp_bytes": counter}
     pairs = [make_optimizer(config, list(m.parameters()), steps) for m in models]
-    return Trainer(config, task, ctx, models, [p[0] for p in pairs], [p[1] for p in pairs], **trainer_kwargs)
+    return Trainer(config, task, ctx, models, [p[0] for p in pairs], [p[1] for p in pairs],
+                   stochastic_depth=depth, **trainer_kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,6 +239,8 @@ def train_step(tr: Trainer, step: int) -> float:
         model = tr.models[i] if tr.simulator is not None else tr.models[0]
         x, y = task.data.train_batch(step, rank, ctx.world_size, batch_size, seed)
         x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
+        if tr.stochastic_depth is not None:
+            tr.stochastic_depth.draw(step, rank)
         with _autocast(cfg, ctx.device):
             loss = task.loss(model(x), y)
         # DDP simulated on one model: the mean over N batches is what N workers' all-reduce gives
@@ -279,32 +288,120 @@ def _evaluate_model(model: nn.Module, tr: Trainer, rank: int, world: int) -> dic
     return task.eval_metrics(*totals.tolist())
 
 
-def make_eval_model(config: Config, task: Task, plan: Any, device: torch.device) -> nn.Module:
-    """The plain model the assembled weights are loaded into (branches scaled by k/N when asked)."""
-    model = task.make_model().to(device)
-    if config["eval.residual_scale"] == "coverage" and plan is not None:
+def _branch_scale(config: Config, plan: Any) -> float | None:
+    """The factor of each residual branch in the evaluated model: k/N for B-SDP trained unscaled,
+    the survival probability for stochastic depth, None when nothing is scaled."""
+    if plan is not None:
         if config["strategy.level"] != "block" or config["strategy.scale"] != "none":
-            raise ConfigError("[eval] residual_scale = 'coverage' needs [strategy] level = 'block' and "
-                              "scale = 'none' (the branches were trained unscaled in part of the workers)")
-        scale_residual_branches(model, task.blocks, plan.k / plan.world_size)
-    return model
+            if config["eval.residual_scale"] == "coverage":
+                raise ConfigError("[eval] residual_scale = 'coverage' needs [strategy] level = 'block' and "
+                                  "scale = 'none' (the branches were trained unscaled in part of the workers)")
+            return None
+        return plan.k / plan.world_size
+    drop = config["strategy.stochastic_depth"]
+    return 1 - drop if drop else None
 
 
-def evaluate(tr: Trainer, eval_model: nn.Module) -> dict[str, float]:
+def make_eval_models(config: Config, task: Task, plan: Any, device: torch.device) -> dict[str, nn.Module]:
+    """The plain models the assembled weights are loaded into, by metric prefix: "" is the model
+    evaluated under the configured residual_scale; with residual_scale = "both" it is unscaled and
+    "scaled_" is the one with branches scaled (k/N, or the survival probability)."""
+    mode = config["eval.residual_scale"]
+    factor = _branch_scale(config, plan) if mode != "none" else None
+    models = {"": task.make_model().to(device)}
+    if factor is not None:
+        scaled = scale_residual_branches(task.make_model().to(device), task.blocks, factor)
+        if mode == "coverage":
+            models[""] = scaled
+        else:
+            models["scaled_"] = scaled
+    return models
+
+
+def evaluate(tr: Trainer, eval_models: dict[str, nn.Module]) -> dict[str, float]:
     """Assemble the full model, evaluate it on the test/validation split (sharded over ranks), and
-    again after re-estimating norm statistics when [eval] recalibrate_norm_batches > 0."""
+    again after re-estimating norm statistics when [eval] recalibrate_norm_batches > 0; then the
+    subnetwork and ensemble views when [eval] views asks for them."""
     state = tr.full_state_dict()
-    eval_model.load_state_dict(state, strict=True)
     rank, world = (0, 1) if tr.ctx.simulate else (tr.ctx.rank, tr.ctx.world_size)
-    metrics = _evaluate_model(eval_model, tr, rank, world)
     batches = tr.config["eval.recalibrate_norm_batches"]
-    has_norm_stats = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in eval_model.modules())
-    if batches and has_norm_stats:
-        data, size, seed = tr.task.data, tr.config["data.batch_size"], tr.config["run.seed"]
-        # the same training batches on every rank, so every rank ends with the same statistics
-        recalibrate_norm_statistics(eval_model, (x.to(tr.ctx.device) for x in data.calibration_batches(batches, size, seed)))
-        metrics.update({f"{k}_recalibrated": v for k, v in _evaluate_model(eval_model, tr, rank, world).items()})
+    metrics: dict[str, float] = {}
+    for prefix, eval_model in eval_models.items():
+        eval_model.load_state_dict(state, strict=True)
+        metrics.update({prefix + k: v for k, v in _evaluate_model(eval_model, tr, rank, world).items()})
+        has_norm_stats = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in eval_model.modules())
+        if batches and has_norm_stats:
+            data, size, seed = tr.task.data, tr.config["data.batch_size"], tr.config["run.seed"]
+            # the same training batches on every rank, so every rank ends with the same statistics
+            recalibrate_norm_statistics(eval_model, (x.to(tr.ctx.device) for x in data.calibration_batches(batches, size, seed)))
+            metrics.update({f"{prefix}{k}_recalibrated": v
+                            for k, v in _evaluate_model(eval_model, tr, rank, world).items()})
+    views = tr.config["eval.views"]
+    if views and tr.strategy == "sdp":
+        metrics.update(evaluate_subnetworks(tr, views))
     return metrics
+
+
+@torch.no_grad()
+def evaluate_subnetworks(tr: Trainer, views: list[str]) -> dict[str, float]:
+    """Each worker's own subnetwork (as trained, its own norm statistics) and the ensemble of the
+    N subnetworks (mean of their probabilities), on the whole test/validation split: every worker
+    evaluates every batch. Keys: subnet_<metric>_{mean,min,max} and ensemble_<metric>."""
+    cfg, task, ctx = tr.config, tr.task, tr.ctx
+    workers = tr.models  # one SubnetworkDataParallel per local (virtual) worker
+    sums = torch.zeros(len(workers) + 1, 3, dtype=torch.float64)  # per worker, then the ensemble
+    for m in workers:
+        m.eval()
+    try:
+        for x, y in task.eval_batches(cfg["eval.batch_size"], 0, 1, cfg["eval.max_batches"] or None):
+            x, y = x.to(ctx.device), y.to(ctx.device)
+            with _autocast(cfg, ctx.device):
+                outs = [m(x).float() for m in workers]
+            for i, out in enumerate(outs):
+                sums[i] += torch.tensor(task.eval_sums(out, y), dtype=torch.float64)
+            if "ensemble" in views:
+                mixed = (tr.simulator.ensemble_log_probs(outs) if tr.simulator is not None
+                         else tr.sdp.ensemble_log_probs(outs[0]))
+                sums[-1] += torch.tensor(task.eval_sums(mixed, y), dtype=torch.float64)
+    finally:
+        for m in workers:
+            m.train()
+    per_worker = [task.eval_metrics(*row.tolist()) for row in sums[:-1]]
+    if not ctx.simulate:
+        gathered: list[Any] = [None] * ctx.world_size
+        dist.all_gather_object(gathered, per_worker[0])
+        per_worker = gathered
+    metrics: dict[str, float] = {}
+    if "subnetworks" in views:
+        for key in per_worker[0]:
+            values = [w[key] for w in per_worker]
+            metrics.update({f"subnet_{key}_mean": statistics.fmean(values), f"subnet_{key}_min": min(values),
+                            f"subnet_{key}_max": max(values)})
+    if "ensemble" in views:
+        metrics.update({f"ensemble_{k}": v for k, v in task.eval_metrics(*sums[-1].tolist()).items()})
+    return metrics
+
+
+def inference_flops(tr: Trainer, eval_model: nn.Module) -> dict[str, float]:
+    """Forward FLOPs per sample of each evaluated view, counted on the example input: the
+    assembled model, one subnetwork (mean over workers) and the ensemble (all N subnetworks)."""
+    def count(model: nn.Module) -> float:
+        was_training = model.training
+        model.eval()
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(tr.task.example_input.to(tr.ctx.device))
+        model.train(was_training)
+        return float(counter.get_total_flops()) / tr.task.example_input.shape[0]
+
+    result = {"assembled": count(eval_model)}
+    if tr.strategy == "sdp":
+        local = [count(m.module) for m in tr.models]
+        if not tr.ctx.simulate:
+            gathered: list[Any] = [None] * tr.ctx.world_size
+            dist.all_gather_object(gathered, local[0])
+            local = gathered
+        result.update(subnetwork=statistics.fmean(local), ensemble=float(sum(local)))
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,7 +527,7 @@ def _run(config: Config, out: Path, ctx: Context, resume: bool, progress: bool) 
     steps = total_steps(config)
     tr = build_trainer(config, task, ctx, steps)
     plan = tr.sdp.plan if tr.sdp is not None else tr.simulator.plan if tr.simulator is not None else None
-    eval_model = make_eval_model(config, task, plan, ctx.device)
+    eval_models = make_eval_models(config, task, plan, ctx.device)
 
     start_step, log_acc = 0, [0.0, 0]
     if found is not None:
@@ -488,13 +585,19 @@ def _run(config: Config, out: Path, ctx: Context, resume: bool, progress: bool) 
                           run["keep_checkpoints"])
         _barrier(ctx)
 
+    flops_per_step = 0.0  # stays 0 when a resumed run has no step left
     peak.start()
     for step in range(start_step, steps):
         comm_before = tr.comm_bytes()
         if ctx.device.type == "cuda":
             torch.cuda.synchronize(ctx.device)
         t0 = time.perf_counter()
-        loss = train_step(tr, step)
+        if step == start_step:  # counted once: every step does the same work
+            with FlopCounterMode(display=False) as flop_counter:
+                loss = train_step(tr, step)
+            flops_per_step = float(flop_counter.get_total_flops())
+        else:
+            loss = train_step(tr, step)
         if ctx.device.type == "cuda":
             torch.cuda.synchronize(ctx.device)
         step_times.append(time.perf_counter() - t0)
@@ -525,14 +628,14 @@ def _run(config: Config, out: Path, ctx: Context, resume: bool, progress: bool) 
         needs_ckpt = is_last or (run["checkpoint_interval"] and done % run["checkpoint_interval"] == 0)
         if needs_eval or needs_ckpt:
             peak.stop()
+            if needs_ckpt:  # first: an evaluation that fails must never cost the training
+                checkpoint(done)
             if needs_eval:
-                metrics = evaluate(tr, eval_model)
+                metrics = evaluate(tr, eval_models)
                 evals.append({"step": done, **metrics})
                 write({"step": done, "eval": metrics})
                 if ctx.is_main:
                     bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-            if needs_ckpt:
-                checkpoint(done)
             peak.start()
             window_start = time.perf_counter()
     bar.close()
@@ -541,6 +644,8 @@ def _run(config: Config, out: Path, ctx: Context, resume: bool, progress: bool) 
         metrics_file.close()
 
     figures = rank_figures(tr, peak, step_times, comm_bytes, steps_timed)
+    figures["train_flops_per_step"] = flops_per_step
+    inference = inference_flops(tr, eval_models[""])
     if ctx.simulate:
         per_rank = [figures]
     else:
@@ -555,6 +660,10 @@ def _run(config: Config, out: Path, ctx: Context, resume: bool, progress: bool) 
         "median_step_s": statistics.median(times) if (times := [r["median_step_s"] for r in per_rank
                                                                  if r["median_step_s"]]) else None,
         "samples_per_step": samples_per_step,
+        # measured (FlopCounterMode) on one step: forward + backward of every worker
+        "train_flops_per_step": (per_step := sum(r["train_flops_per_step"] for r in per_rank)),
+        "train_flops": per_step * steps,
+        "inference_flops_per_sample": inference,
         "per_rank": per_rank,
         "plan": plan.to_dict() if plan is not None else None,
         "config": config.to_dict(),

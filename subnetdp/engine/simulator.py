@@ -16,7 +16,8 @@ wrapper, without torch.distributed. One GPU (or CPU) reproduces an N-worker expe
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping
+import math
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -83,6 +84,15 @@ class SubnetworkSimulator:
             for r, worker in enumerate(self.workers):
                 if r != source:
                     worker.receive_weights(source, flat.clone())
+
+    @staticmethod
+    @torch.no_grad()
+    def ensemble_log_probs(logits: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The ensemble view: the log of the mean over workers of their predicted probabilities,
+        from each virtual worker's subnetwork output on the same batch (as
+        :meth:`SubnetworkDataParallel.ensemble_log_probs` over real ranks)."""
+        stacked = torch.stack([torch.log_softmax(x.float(), dim=-1) for x in logits])
+        return torch.logsumexp(stacked, dim=0) - math.log(len(logits))
 
     @torch.no_grad()
     def full_state_dict(self) -> dict[str, torch.Tensor]:

@@ -141,12 +141,36 @@ class ResidualGraph:
     shortcut: Any  # what the chain of adds starts from: a Node, or a constant in a degenerate block
 
 
+def _graph_module(original: nn.Module, root: nn.Module, graph: torch.fx.Graph,
+                  class_name: str) -> torch.fx.GraphModule:
+    """``torch.fx.GraphModule(root, graph, class_name)`` with ``original``'s buffer persistence."""
+    return _keep_buffer_persistence(torch.fx.GraphModule(root, graph, class_name), original)
+
+
+def _keep_buffer_persistence(gm: torch.fx.GraphModule, original: nn.Module) -> torch.fx.GraphModule:
+    """Mark the buffers of ``gm`` that are non-persistent in ``original`` non-persistent again.
+
+    fx copies a tensor reached by ``get_attr`` (a buffer that the block's own code reads, not one
+    inside a leaf module, e.g. an attention's RoPE tables) with a plain ``register_buffer``, which
+    makes it persistent: the traced module's state_dict would gain keys the original does not have."""
+    for name, buffer in gm.named_buffers():
+        owner_path, _, attr = name.rpartition(".")
+        try:
+            original_owner = original.get_submodule(owner_path)
+        except AttributeError:
+            continue
+        if attr in original_owner._non_persistent_buffers_set:
+            gm.get_submodule(owner_path).register_buffer(attr, buffer, persistent=False)
+    return gm
+
+
 def trace_residual(block: nn.Module, name: str) -> ResidualGraph | None:
     """Trace ``block`` and find its residual add; None when fx cannot trace it."""
     try:
-        gm = torch.fx.symbolic_trace(block)
+        traced = torch.fx.symbolic_trace(block)
     except Exception:  # noqa: BLE001 - any tracing failure means "not traceable", handled by caller
         return None
+    gm = _keep_buffer_persistence(traced, block)
     modules = dict(gm.named_modules())
     outputs = [n for n in gm.graph.nodes if n.op == "output"]
     node = outputs[0].args[0]
@@ -204,7 +228,7 @@ class BlockInfo:
         res.add.replace_all_uses_with(res.shortcut)
         graph.erase_node(res.add)
         graph.eliminate_dead_code()
-        gm = torch.fx.GraphModule(res.graph_module, graph, class_name=f"Dropped{type(block).__name__}")
+        gm = _graph_module(block, res.graph_module, graph, f"Dropped{type(block).__name__}")
         # The post-add ops now act on the shortcut, which may be the block's own input (saved for
         # the previous layer's backward): an in-place activation there would corrupt it.
         for node in gm.graph.nodes:
@@ -236,7 +260,7 @@ class BlockInfo:
             with graph.inserting_after(branch):
                 scaled = graph.call_function(operator.mul, (branch, scale))
             add.replace_input_with(branch, scaled)
-        return torch.fx.GraphModule(res.graph_module, graph, class_name=f"Scaled{type(block).__name__}")
+        return _graph_module(block, res.graph_module, graph, f"Scaled{type(block).__name__}")
 
 
 def analyse_block(block: nn.Module, path: str) -> BlockInfo:

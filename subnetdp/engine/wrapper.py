@@ -658,6 +658,19 @@ class SubnetworkDataParallel(nn.Module):
         self._wait(work, "gradient-norm all_reduce", tuple(range(self.world_size)), squared)
         return _apply_clip(self.parameters(), squared.sqrt().item(), max_norm)
 
+    @torch.no_grad()
+    def ensemble_log_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """The ensemble view: given this worker's subnetwork output (``sdp(x)`` in eval mode) on a
+        batch that every worker evaluates, the log of the mean over the N workers of their
+        predicted probabilities (softmax over the last dimension). Collective: every rank calls it
+        with the same batch. The result is a valid input for ``F.cross_entropy`` (its softmax is
+        the mean probability itself)."""
+        probs = torch.softmax(logits.float(), dim=-1).to(self._comm_device())
+        work = dist.all_reduce(probs, group=self._world_group, async_op=True)
+        self._wait(work, "all_reduce of ensemble probabilities", tuple(range(self.world_size)), probs)
+        # a probability that underflowed to 0 on every worker must not become -inf
+        return (probs / self.world_size).clamp_min_(torch.finfo(probs.dtype).tiny).log_().to(logits.device)
+
     def _wait(self, work: Any, what: str, ranks: tuple[int, ...], tensor: torch.Tensor) -> None:
         try:
             completed = work.wait(timeout=self.timeout)

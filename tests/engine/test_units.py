@@ -242,3 +242,92 @@ def test_scale_residual_branches_multiplies_each_branch_and_keeps_keys() -> None
     expected = torch.relu(identity + 0.5 * block.bn2(block.conv2(block.relu(block.bn1(block.conv1(h))))))
     torch.testing.assert_close(scaled.blocks[0](h), expected)
     assert not torch.allclose(scaled(x), reference(x))
+
+
+class _Rotary(nn.Module):
+    """Reads its own buffers in forward (fx records them as get_attr, not inside a leaf module)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, dim)
+        self.register_buffer("table", torch.linspace(0.5, 1.5, dim), persistent=False)
+        self.register_buffer("kept", torch.ones(dim))  # persistent: must stay in the state dict
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x * self.table) * self.kept
+
+
+class BufferLayer(nn.Module):
+    """A pre-norm residual layer with non-persistent buffers at the top and inside a child."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.norm, self.inner = nn.LayerNorm(dim), _Rotary(dim)
+        self.register_buffer("gate", torch.full((dim,), 0.5), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.inner(self.norm(x)) * self.gate
+
+
+def test_traced_dropped_and_scaled_blocks_keep_buffer_persistence() -> None:
+    layer, x = BufferLayer(), torch.randn(3, 8)
+    info = analyse_block(layer, "layer")
+    assert info.traced
+    keys = set(layer.state_dict())
+    assert "gate" not in keys and "inner.table" not in keys and "inner.kept" in keys
+    scaled = info.scaled_module(copy.deepcopy(layer), 0.5)
+    assert set(scaled.state_dict()) == keys
+    assert {n for n, _ in scaled.named_buffers()} == {"gate", "inner.table", "inner.kept"}
+    torch.testing.assert_close(scaled(x), x + 0.5 * layer.inner(layer.norm(x)) * layer.gate)
+    scaled.load_state_dict(layer.state_dict(), strict=True)
+    dropped = info.dropped_module(layer)
+    assert set(dropped.state_dict()) == {k for k in keys if info.is_shortcut_key(k)} == set()
+    torch.testing.assert_close(dropped(x), x)
+
+
+class _ShortcutScale(nn.Module):
+    """A parameter-free shortcut module with a non-persistent buffer, kept by the dropped block."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("factor", torch.full((dim,), 2.0), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+
+class ShortcutBufferBlock(nn.Module):
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.shortcut, self.branch = _ShortcutScale(dim), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shortcut(x) + self.branch(x)
+
+
+def test_dropped_block_keeps_a_non_persistent_buffer_of_its_shortcut_non_persistent() -> None:
+    block, x = ShortcutBufferBlock(), torch.randn(3, 8)
+    dropped = analyse_block(block, "b").dropped_module(block)
+    torch.testing.assert_close(dropped(x), 2.0 * x)  # the shortcut still reads its buffer
+    assert {n for n, _ in dropped.named_buffers()} == {"shortcut.factor"}
+    assert set(dropped.state_dict()) == set() == set(block.state_dict()) - {"branch.weight", "branch.bias"}
+
+
+def test_scaled_llama_loads_its_own_state_dict_strictly() -> None:
+    from subnetdp import scale_residual_branches
+    from subnetdp.models import llama
+    torch.manual_seed(0)
+    model = llama("debug", vocab_size=32, max_seq_len=16)
+    state = model.state_dict()
+    assert not any("rope" in k for k in state)
+    scaled = scale_residual_branches(llama("debug", vocab_size=32, max_seq_len=16), "layers", 0.5)
+    assert set(scaled.state_dict()) == set(state)
+    scaled.load_state_dict(state, strict=True)
+    tokens = torch.randint(0, 32, (2, 16))
+    assert torch.isfinite(scaled(tokens)).all()
+    # SDP with train-time scaling and dropped layers: each worker's keys are the full model's keys
+    sim = SubnetworkSimulator(llama("debug", vocab_size=32, max_seq_len=16), 2, blocks="layers",
+                              coverage=0.5, scale="inverse-coverage")
+    for worker in sim.workers:
+        assert set(worker.module.state_dict()) <= set(state)
+    assert set(sim.full_state_dict()) == set(state)

@@ -1,0 +1,128 @@
+"""What `subnetdp train` evaluates and records: the assembled / subnetwork / ensemble views (real
+ranks equal the simulator), the scaled and unscaled assembled model, measured training FLOPs, the
+stochastic-depth baseline, and the final checkpoint written before the final evaluation."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from subnetdp import SubnetworkSimulator
+from subnetdp.app import train as train_module
+from subnetdp.app.baselines import StochasticDepth
+from subnetdp.app.config import ConfigError, load_config
+from subnetdp.models import resnet18
+
+from _runs import SYNTHETIC, _config, _train
+
+VIEWS = SYNTHETIC.replace("[eval]", '[eval]\nviews = ["subnetworks", "ensemble"]\nresidual_scale = "both"').replace(
+    "steps = 12", "steps = 6").replace("checkpoint_interval = 4", "checkpoint_interval = 0").replace(
+    "eval_interval = 6", "eval_interval = 0")
+
+
+def _final(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_views_on_real_ranks_equal_the_simulator(tmp_path: Path) -> None:
+    config = _config(tmp_path, VIEWS)
+    _train(config, tmp_path / "real", "--nproc", "2")
+    _train(config, tmp_path / "sim", "--simulate", "2")
+    real, sim = _final(tmp_path / "real")["final_eval"], _final(tmp_path / "sim")["final_eval"]
+    keys = {"accuracy", "scaled_accuracy", "scaled_accuracy_recalibrated", "subnet_accuracy_mean",
+            "subnet_accuracy_min", "subnet_accuracy_max", "ensemble_accuracy", "ensemble_test_loss"}
+    assert keys <= set(real)
+    for key in keys:
+        assert real[key] == pytest.approx(sim[key], abs=1e-4), key
+    assert real["subnet_accuracy_min"] <= real["subnet_accuracy_mean"] <= real["subnet_accuracy_max"]
+    flops = _final(tmp_path / "sim")["inference_flops_per_sample"]
+    # two workers, C = 0.5: each subnetwork runs part of the blocks; the ensemble runs both
+    assert flops["subnetwork"] < flops["assembled"] < flops["ensemble"] == pytest.approx(2 * flops["subnetwork"])
+
+
+def test_ddp_has_no_subnetwork_views_and_flop_matching_is_measured(tmp_path: Path) -> None:
+    config = _config(tmp_path, VIEWS)
+    _train(config, tmp_path / "ddp", "--simulate", "4", "--set", "strategy.name=ddp")
+    _train(config, tmp_path / "sdp", "--simulate", "4", "--set", "run.schedule=flops")
+    ddp, sdp = _final(tmp_path / "ddp"), _final(tmp_path / "sdp")
+    assert not any(k.startswith(("subnet_", "ensemble_", "scaled_")) for k in ddp["final_eval"])
+    assert sdp["steps"] == 2 * ddp["steps"]
+    # a B-SDP step at C = 0.5 costs more than half of DDP's (stem and head stay whole), less than all
+    ratio = sdp["train_flops_per_step"] / ddp["train_flops_per_step"]
+    assert 0.5 < ratio < 0.9
+    assert sdp["train_flops"] == pytest.approx(sdp["train_flops_per_step"] * sdp["steps"])
+    assert 1.0 < sdp["train_flops"] / ddp["train_flops"] < 1.8
+
+
+def test_ensemble_is_the_mean_of_probabilities() -> None:
+    logits = [torch.randn(5, 7) * 10 for _ in range(3)]
+    expected = torch.stack([torch.softmax(x, -1) for x in logits]).mean(0).log()
+    mixed = SubnetworkSimulator.ensemble_log_probs(logits)
+    assert torch.allclose(mixed, expected, atol=1e-5)
+    # its softmax is the mean probability, so cross-entropy on it is the ensemble's log loss
+    assert torch.allclose(torch.log_softmax(mixed, -1), expected, atol=1e-5)
+    assert torch.allclose(SubnetworkSimulator.ensemble_log_probs(logits[:1]), torch.log_softmax(logits[0], -1), atol=1e-6)
+
+
+def test_final_checkpoint_survives_a_failing_evaluation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("evaluation failed")
+
+    monkeypatch.setattr(train_module, "evaluate", broken)
+    config = load_config(_config(tmp_path, VIEWS))
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        train_module.run_training(config, tmp_path / "run", simulate=2, progress=False)
+    assert (tmp_path / "run" / "checkpoints" / "step-00000006" / "manifest.json").is_file()
+
+
+def test_stochastic_depth_keeps_keys_and_drops_blocks_per_worker_and_step() -> None:
+    torch.manual_seed(0)
+    model = resnet18(num_classes=3, in_channels=1, width=4)
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    paths = [f"blocks.{i}" for i in range(len(model.blocks))]
+    depth = StochasticDepth(model, paths, drop=0.5, seed=0)
+    assert model.state_dict().keys() == reference.keys()
+    depth.draw(step=3, rank=1)
+    first = list(depth.dropped_now)
+    depth.draw(step=3, rank=1)
+    assert depth.dropped_now == first  # a pure function of (seed, step, rank)
+    draws = []
+    for step in range(50):
+        depth.draw(step, 0)
+        draws += depth.dropped_now
+    assert 0.35 < sum(draws) / len(draws) < 0.65
+
+    x = torch.randn(2, 1, 16, 16)
+    model.train()
+    depth.dropped_now = [True] * len(paths)
+    out = model(x)
+    out.sum().backward()
+    branch = model.blocks[0].conv1.weight  # a dropped block's branch gets a zero gradient
+    assert branch.grad is not None and torch.count_nonzero(branch.grad) == 0
+    model.eval()  # evaluation always runs every block
+    plain = resnet18(num_classes=3, in_channels=1, width=4)
+    plain.load_state_dict(model.state_dict())
+    plain.eval()
+    assert torch.allclose(model(x), plain(x))
+
+
+def test_stochastic_depth_is_a_ddp_baseline_and_views_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="needs name = 'ddp'"):
+        load_config(None, ["strategy.stochastic_depth=0.5"])
+    with pytest.raises(ConfigError, match="valid views are subnetworks, ensemble"):
+        load_config(None, ['eval.views=["assembled"]'])
+    out = tmp_path / "sd"
+    _train(_config(tmp_path, VIEWS), out, "--simulate", "2", "--set", "strategy.name=ddp",
+           "--set", "strategy.stochastic_depth=0.5")
+    final = _final(out)["final_eval"]
+    assert math.isfinite(final["accuracy"]) and "scaled_accuracy" in final  # branches x survival 0.5
+
+
+def test_stochastic_depth_rejects_dropping_every_block_always() -> None:
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\)"):
+        StochasticDepth(nn.Sequential(), [], drop=1.0)
