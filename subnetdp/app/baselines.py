@@ -1,4 +1,5 @@
-"""Baselines that SDP is compared with, applied to an unmodified model (keys unchanged).
+"""Baselines that SDP is compared with, applied to an unmodified model (keys unchanged):
+stochastic depth and activation checkpointing (also used by SDP's full-model phase).
 
     sd = StochasticDepth(model, ["blocks.0", "blocks.1"], drop=0.5, seed=0)
     sd.draw(step, rank)            # before each worker's forward: fixes which blocks it drops
@@ -13,10 +14,12 @@ regularisation?" comparison. At evaluation the branches are scaled by the surviv
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..engine.units import analyse_block, get_module
 
@@ -56,3 +59,10 @@ class StochasticDepth:
         generator = torch.Generator().manual_seed(hash((self.seed, step, rank)) & 0x7FFF_FFFF_FFFF)
         draws = torch.rand(len(self.dropped_now), generator=generator)
         self.dropped_now = [bool(u < self.drop) for u in draws]
+
+
+def checkpoint_blocks(model: nn.Module, paths: Sequence[str]) -> None:
+    """Recompute each block's activations in backward instead of keeping them (keys unchanged)."""
+    for path in paths:
+        block = get_module(model, path)
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import gc
 import json
 import os
@@ -47,14 +46,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.checkpoint import checkpoint
 
 from ..engine import SubnetworkDataParallel
-from ..engine.units import analyse_block, get_module, resolve_block_paths
+from ..engine.units import get_module, resolve_block_paths
 from ..measure import (ByteCounter, counting_allreduce_hook, optimizer_state_bytes, peak_rss_bytes,
                        reset_peak_rss, tensor_bytes)
 from ..measure.comm import count_collective_bytes
 from ..measure.live import LiveTensorTracker
+from .baselines import StochasticDepth, checkpoint_blocks
 from .builders import Task, build_task
 from .config import from_dict
 
@@ -95,43 +94,6 @@ def parse_strategy(text: str) -> Strategy:
 # applying a strategy to an unmodified model
 
 
-def _checkpoint_blocks(model: nn.Module, paths: list[str]) -> None:
-    """Recompute each block's activations in backward instead of keeping them (keys unchanged)."""
-    for path in paths:
-        block = get_module(model, path)
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
-
-
-class StochasticDepth(nn.Module):
-    """A block kept with probability ``survival`` per training step (else its dropped form, the
-    shortcut alone); evaluation scales the branch by ``survival``. Drop-path at the block level."""
-
-    def __init__(self, block: nn.Module, dropped: nn.Module, survival: float) -> None:
-        super().__init__()
-        self.block, self.dropped, self.survival = block, dropped, survival
-        kept = {id(p) for p in dropped.parameters()}
-        self._branch = [p for p in block.parameters() if id(p) not in kept]
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.training and torch.rand(()) >= self.survival:
-            out = self.dropped(*args, **kwargs)
-            # the skipped branch's parameters get zero gradients, as DDP then averages them (no
-            # find_unused_parameters, which costs a search of the graph every step)
-            return out + 0.0 * torch.stack([p.reshape(-1)[0] for p in self._branch]).sum().to(out.dtype)
-        return self.block(*args, **kwargs)
-
-
-def _stochastic_depth(model: nn.Module, paths: list[str], survival: float) -> None:
-    for path in paths:
-        parent_path, _, name = path.rpartition(".")
-        parent, block = get_module(model, parent_path), get_module(model, path)
-        wrapped = StochasticDepth(block, analyse_block(block, path).dropped_module(block), survival)
-        if name.isdigit():
-            parent[int(name)] = wrapped
-        else:
-            setattr(parent, name, wrapped)
-
-
 @dataclass
 class Harness:
     strategy: Strategy
@@ -139,6 +101,7 @@ class Harness:
     optimizer: torch.optim.Optimizer
     ddp_bytes: ByteCounter | None = None
     sdp: SubnetworkDataParallel | None = None
+    depth: StochasticDepth | None = None
 
     def comm_bytes(self, counted: ByteCounter) -> int:
         if self.sdp is not None:
@@ -169,7 +132,7 @@ def apply_strategy(strategy: Strategy, model: nn.Module, task: Task, device: tor
                                      example_input=task.example_input.to(device), **level)
         if strategy.checkpointing:
             held = [p for p in paths if not type(get_module(sdp.module, p)).__name__.startswith("Dropped")]
-            _checkpoint_blocks(sdp.module, held)
+            checkpoint_blocks(sdp.module, held)
         wrapped: nn.Module = sdp
         harness_kwargs: dict[str, Any] = {"sdp": sdp}
     elif strategy.kind == "fsdp":
@@ -180,13 +143,14 @@ def apply_strategy(strategy: Strategy, model: nn.Module, task: Task, device: tor
         wrapped, harness_kwargs = model, {}
     else:
         if strategy.checkpointing:
-            _checkpoint_blocks(model, paths)
-        if strategy.stochastic_depth is not None:
-            _stochastic_depth(model, paths, strategy.stochastic_depth)
+            checkpoint_blocks(model, paths)
+        # survival P per step: each block dropped with probability 1 - P, per rank and step
+        depth = (StochasticDepth(model, paths, 1 - strategy.stochastic_depth)
+                 if strategy.stochastic_depth is not None else None)
         ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
         counter = ByteCounter()
         ddp.register_comm_hook(counter, counting_allreduce_hook)
-        wrapped, harness_kwargs = ddp, {"ddp_bytes": counter}
+        wrapped, harness_kwargs = ddp, {"ddp_bytes": counter, "depth": depth}
     optimizer = torch.optim.AdamW(wrapped.parameters(), lr=lr)
     return Harness(strategy, wrapped, optimizer, **harness_kwargs)
 
@@ -278,6 +242,8 @@ def measure(args: argparse.Namespace, strategy: Strategy, device: torch.device) 
 
     def step(i: int, sync: bool = True, times: dict[str, list[float]] | None = None) -> None:
         x, y = (t.to(device) for t in batches[i % len(batches)])
+        if harness.depth is not None:
+            harness.depth.draw(i, rank)
         _sync(device)
         t0 = time.perf_counter()
         with (contextlib.nullcontext() if sync else harness.no_sync()):

@@ -63,6 +63,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
                      ("none", "inverse-coverage")),
         "neuron_groups": Key(0, "neuron level: groups per neuron site (0: one per worker)"),
         "plan_seed": Key(0, "seed of the plan (which worker holds which unit)"),
+        "full_phase": Key(0.0, "sdp only: fraction of the DDP step budget spent at the end training the "
+                          "assembled full model on every worker (as DDP): the SDP phase runs (1 - f) of its "
+                          "steps, then the full model runs f x run.steps steps (0: off)"),
+        "full_phase_checkpointing": Key(False, "recompute each block's activations in backward during the "
+                                        "full phase (activation checkpointing), so the phase's peak memory "
+                                        "stays near the SDP phase's"),
         "stochastic_depth": Key(0.0, "ddp only: probability that a block is dropped in a training step "
                                 "(block-level drop-path, drawn per worker and step; 1 - C gives B-SDP's "
                                 "expected depth); with [eval] residual_scale = 'coverage' the evaluated "
@@ -208,6 +214,9 @@ def _check_ranges(s: dict[str, dict[str, Any]], where: str) -> None:
     views = s["eval"]["views"]
     need(all(v in EVAL_VIEWS for v in views), f"[eval] views = {views!r}: valid views are {', '.join(EVAL_VIEWS)}")
     need(0 <= s["strategy"]["stochastic_depth"] < 1, "[strategy] stochastic_depth must be in [0, 1)")
+    need(0 <= s["strategy"]["full_phase"] < 1, "[strategy] full_phase must be in [0, 1)")
+    need(s["strategy"]["full_phase"] == 0 or s["strategy"]["name"] == "sdp",
+         "[strategy] full_phase ends an SDP run with the full model: it needs name = 'sdp'")
     need(s["strategy"]["stochastic_depth"] == 0 or s["strategy"]["name"] == "ddp",
          "[strategy] stochastic_depth is a DDP baseline: it needs name = 'ddp'")
 

@@ -37,7 +37,7 @@ def assemble_from_checkpoint(run_dir: Path, step: int | None = None) -> tuple[di
     config = from_dict(manifest["config"])
     model = rebuild_model(manifest["model"], manifest["model_kwargs"])
     world = manifest["virtual_world_size"]
-    if config["strategy.name"] == "ddp":
+    if config["strategy.name"] == "ddp" or manifest.get("phase") == "full":  # one full model (DDP-style)
         state = ckpt.load_rank_state(folder, 0)["workers"][0]["model"]
         prefix = "module."  # DistributedDataParallel's; a simulated DDP run saved the plain model
         return {k.removeprefix(prefix): v.contiguous() for k, v in state.items()}, manifest

@@ -41,7 +41,7 @@ from ..engine.units import resolve_block_paths
 from ..measure import (ByteCounter, counting_allreduce_hook, optimizer_state_bytes, peak_rss_bytes,
                        reset_peak_rss, tensor_bytes)
 from . import checkpoint as ckpt
-from .baselines import StochasticDepth
+from .baselines import StochasticDepth, checkpoint_blocks
 from .builders import Task, build_task
 from .config import RESUMABLE_CHANGES, Config, ConfigError, from_dict
 
@@ -94,15 +94,27 @@ def setup_context(config: Config, simulate: int | None) -> Context:
     return Context(dist.get_rank(), dist.get_world_size(), local_rank, device, simulate=False, backend=backend)
 
 
-def total_steps(config: Config) -> int:
+def phase_steps(config: Config) -> tuple[int, int]:
+    """(steps of the strategy's own phase, steps of the final full-model phase). Under the FLOP
+    schedule SDP runs steps / C; [strategy] full_phase = f moves f of the DDP budget to the end."""
     run, strategy = config.section("run"), config.section("strategy")
-    if run["schedule"] == "flops" and strategy["name"] == "sdp":
-        return max(1, round(run["steps"] / strategy["coverage"]))
-    return run["steps"]
+    if strategy["name"] != "sdp":
+        return run["steps"], 0
+    full = round(strategy["full_phase"] * run["steps"])
+    own = run["steps"] - full
+    if run["schedule"] == "flops":
+        own = round(own / strategy["coverage"])
+    return max(1, own), full
 
 
-def make_optimizer(config: Config, params: list[nn.Parameter], steps: int
+def total_steps(config: Config) -> int:
+    return sum(phase_steps(config))
+
+
+def make_optimizer(config: Config, params: list[nn.Parameter], steps: int, first_step: int = 0
                    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """The optimizer and its schedule over ``steps``; ``first_step`` continues a schedule (the full
+    phase starts where the SDP phase left it)."""
     o = config.section("optim")
     if o["name"] == "sgd":
         optimizer: torch.optim.Optimizer = torch.optim.SGD(
@@ -113,6 +125,7 @@ def make_optimizer(config: Config, params: list[nn.Parameter], steps: int
     warmup, floor = o["warmup_steps"], o["min_lr_ratio"]
 
     def factor(step: int) -> float:
+        step += first_step
         if step < warmup:
             return (step + 1) / warmup
         progress = min(1.0, (step - warmup) / max(1, steps - warmup))
@@ -159,11 +172,12 @@ class Trainer:
     simulator: SubnetworkSimulator | None = None
     ddp_bytes: ByteCounter = field(default_factory=ByteCounter)
     stochastic_depth: StochasticDepth | None = None
+    full_phase: bool = False                     # the assembled full model, trained as DDP
     peak_grad_bytes: int = 0
 
     @property
     def strategy(self) -> str:
-        return self.config["strategy.name"]
+        return "ddp" if self.full_phase else self.config["strategy.name"]
 
     def comm_bytes(self) -> int:
         if self.sdp is not None:
@@ -193,10 +207,19 @@ class Trainer:
         return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
-def build_trainer(config: Config, task: Task, ctx: Context, steps: int) -> Trainer:
+def build_trainer(config: Config, task: Task, ctx: Context, steps: int,
+                  full_phase_from: dict[str, torch.Tensor] | None = None, first_step: int = 0) -> Trainer:
+    """The models, optimizers and schedules of this process. With ``full_phase_from`` (an assembled
+    state dict) it is the full phase: that full model on every worker, trained as DDP, its
+    schedule continuing at ``first_step``."""
     torch.manual_seed(config["run.seed"])  # the same initial model on every rank
     model = task.make_model().to(ctx.device)
     strategy = config["strategy.name"]
+    if full_phase_from is not None:
+        model.load_state_dict(full_phase_from, strict=True)
+        if config["strategy.full_phase_checkpointing"]:
+            checkpoint_blocks(model, resolve_block_paths(model, task.blocks))
+        strategy = "ddp"
     drop = config["strategy.stochastic_depth"]
     depth = StochasticDepth(model, resolve_block_paths(model, task.blocks), drop, config["run.seed"]) if drop else None
     if ctx.simulate and strategy == "sdp":
@@ -213,9 +236,9 @@ def build_trainer(config: Config, task: Task, ctx: Context, steps: int) -> Train
         counter = ByteCounter()
         ddp.register_comm_hook(counter, counting_allreduce_hook)
         models, trainer_kwargs = [ddp], {"ddp_bytes": counter}
-    pairs = [make_optimizer(config, list(m.parameters()), steps) for m in models]
+    pairs = [make_optimizer(config, list(m.parameters()), steps, first_step) for m in models]
     return Trainer(config, task, ctx, models, [p[0] for p in pairs], [p[1] for p in pairs],
-                   stochastic_depth=depth, **trainer_kwargs)
+                   stochastic_depth=depth, full_phase=full_phase_from is not None, **trainer_kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -448,6 +471,15 @@ def rank_figures(tr: Trainer, peak: PeakMemory, step_times: list[float], comm_by
     return figures
 
 
+def _gather_figures(tr: Trainer, figures: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every rank's figures (collective), or the simulation's one."""
+    if tr.ctx.simulate:
+        return [figures]
+    per_rank: list[Any] = [None] * tr.ctx.world_size
+    dist.all_gather_object(per_rank, {"rank": tr.ctx.rank, "host": socket.gethostname(), **figures})
+    return per_rank
+
+
 # ---------------------------------------------------------------------------------------------
 # the run
 
@@ -524,10 +556,16 @@ def _run(config: Config, out: Path, ctx: Context, resume: bool, progress: bool) 
     _barrier(ctx)
     if task is None:
         task = build_task(config, out)
-    steps = total_steps(config)
+    own_steps, full_steps = phase_steps(config)
+    steps = own_steps + full_steps
     tr = build_trainer(config, task, ctx, steps)
     plan = tr.sdp.plan if tr.sdp is not None else tr.simulator.plan if tr.simulator is not None else None
     eval_models = make_eval_models(config, task, plan, ctx.device)
+    sdp_phase_figures: list[dict[str, Any]] | None = None
+
+    def begin_full_phase() -> Trainer:
+        """SDP ends here: every worker continues with the assembled full model, as DDP."""
+        return build_trainer(config, task, ctx, steps, full_phase_from=tr.full_state_dict(), first_step=own_steps)
 
     start_step, log_acc = 0, [0.0, 0]
     if found is not None:
@@ -535,6 +573,8 @@ def _run(config: Config, out: Path, ctx: Context, resume: bool, progress: bool) 
         _check_resume(config, manifest, ctx, folder)
         if plan is not None and manifest.get("plan_fingerprint") != plan.fingerprint():
             raise ckpt.CheckpointError(f"--resume: {folder} was written under a different SDP plan")
+        if manifest.get("phase") == "full":
+            tr = begin_full_phase()  # its weights and optimizer come from the checkpoint below
         own = ckpt.load_rank_state(folder, 0 if ctx.simulate else ctx.rank)
         # DDP replicas are identical: rank 0's file holds the model and optimizer for all of them
         holder = own if "workers" in own else ckpt.load_rank_state(folder, 0)
@@ -581,21 +621,29 @@ def _run(config: Config, out: Path, ctx: Context, resume: bool, progress: bool) 
                            "model_kwargs": task.model_kwargs, "model": config["model.name"],
                            "example_input_shape": list(task.example_input.shape),
                            "plan_fingerprint": plan.fingerprint() if plan is not None else None,
+                           "phase": "full" if tr.full_phase else "own",
                            "virtual_world_size": ctx.world_size},
                           run["keep_checkpoints"])
         _barrier(ctx)
 
-    flops_per_step = 0.0  # stays 0 when a resumed run has no step left
+    phase_flops = {"own": 0.0, "full": 0.0}  # per step, counted on each phase's first step run here
     peak.start()
     for step in range(start_step, steps):
+        if step == own_steps and not tr.full_phase:
+            peak.stop()
+            sdp_phase_figures = _gather_figures(tr, rank_figures(tr, peak, step_times, comm_bytes, steps_timed))
+            tr = begin_full_phase()
+            peak.start()
+            if ctx.is_main:
+                bar.write(f"step {step}: SDP phase done; the assembled full model trains for {full_steps} steps")
         comm_before = tr.comm_bytes()
         if ctx.device.type == "cuda":
             torch.cuda.synchronize(ctx.device)
         t0 = time.perf_counter()
-        if step == start_step:  # counted once: every step does the same work
+        if step in (start_step, own_steps):  # counted once per phase: its steps all do the same work
             with FlopCounterMode(display=False) as flop_counter:
                 loss = train_step(tr, step)
-            flops_per_step = float(flop_counter.get_total_flops())
+            phase_flops["full" if tr.full_phase else "own"] = float(flop_counter.get_total_flops())
         else:
             loss = train_step(tr, step)
         if ctx.device.type == "cuda":
@@ -644,13 +692,9 @@ def _run(config: Config, out: Path, ctx: Context, resume: bool, progress: bool) 
         metrics_file.close()
 
     figures = rank_figures(tr, peak, step_times, comm_bytes, steps_timed)
-    figures["train_flops_per_step"] = flops_per_step
+    figures.update({f"{phase}_flops_per_step": v for phase, v in phase_flops.items()})
     inference = inference_flops(tr, eval_models[""])
-    if ctx.simulate:
-        per_rank = [figures]
-    else:
-        per_rank = [None] * ctx.world_size
-        dist.all_gather_object(per_rank, {"rank": ctx.rank, "host": socket.gethostname(), **figures})
+    per_rank = _gather_figures(tr, figures)
     if not ctx.is_main:
         return None
     summary = {
@@ -661,8 +705,10 @@ def _run(config: Config, out: Path, ctx: Context, resume: bool, progress: bool) 
                                                                  if r["median_step_s"]]) else None,
         "samples_per_step": samples_per_step,
         # measured (FlopCounterMode) on one step: forward + backward of every worker
-        "train_flops_per_step": (per_step := sum(r["train_flops_per_step"] for r in per_rank)),
-        "train_flops": per_step * steps,
+        "train_flops_per_step": (own := sum(r["own_flops_per_step"] for r in per_rank)),
+        "train_flops": own * own_steps + (full := sum(r["full_flops_per_step"] for r in per_rank)) * full_steps,
+        "full_phase": ({"from_step": own_steps, "steps": full_steps, "flops_per_step": full,
+                        "sdp_phase_per_rank": sdp_phase_figures} if full_steps else None),
         "inference_flops_per_sample": inference,
         "per_rank": per_rank,
         "plan": plan.to_dict() if plan is not None else None,

@@ -126,3 +126,37 @@ def test_stochastic_depth_is_a_ddp_baseline_and_views_are_checked(tmp_path: Path
 def test_stochastic_depth_rejects_dropping_every_block_always() -> None:
     with pytest.raises(ValueError, match=r"must be in \[0, 1\)"):
         StochasticDepth(nn.Sequential(), [], drop=1.0)
+
+
+def test_full_phase_ends_sdp_with_the_full_model_and_resumes_exactly_across_the_switch(tmp_path: Path) -> None:
+    text = VIEWS.replace("steps = 6", "steps = 8").replace("checkpoint_interval = 0", "checkpoint_interval = 3\nkeep_checkpoints = 5")
+    sets = ["--simulate", "2", "--set", "strategy.full_phase=0.5", "--set", "run.schedule=flops"]
+    reference = tmp_path / "reference"
+    _train(_config(tmp_path, text), reference, *sets)
+    summary = _final(reference)
+    # FLOP schedule: (1 - 0.5) x 8 / C = 8 SDP steps, then 0.5 x 8 = 4 full-model steps
+    assert summary["steps"] == 12 and summary["full_phase"]["from_step"] == 8
+    full = summary["full_phase"]["flops_per_step"]
+    assert full > summary["train_flops_per_step"] > 0
+    assert summary["train_flops"] == pytest.approx(8 * summary["train_flops_per_step"] + 4 * full)
+    # per worker, the SDP phase held less than the full model (simulated figures sum the 2 workers)
+    assert summary["full_phase"]["sdp_phase_per_rank"][0]["trainable_param_bytes"] / 2 < \
+        summary["per_rank"][0]["trainable_param_bytes"]
+    assert not any(k.startswith("subnet_") for k in summary["final_eval"])  # one full model at the end
+
+    for resume_from in (9, 6):  # inside the full phase, and before the switch
+        out = tmp_path / f"from-{resume_from}"
+        _train(_config(tmp_path, text), out, *sets)
+        for folder in (out / "checkpoints").iterdir():
+            if int(folder.name.split("-")[1]) > resume_from:
+                for f in folder.iterdir():
+                    f.unlink()
+                folder.rmdir()
+        (out / "summary.json").unlink()
+        _train(_config(tmp_path, text), out, *sets, "--resume")
+        assert _final(out)["resumed_from"] == resume_from
+        assert (out / "metrics.jsonl").read_text().count('"loss"') == 12
+        mine = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        theirs = [json.loads(x) for x in (reference / "metrics.jsonl").read_text().splitlines()]
+        assert [x.get("loss") for x in mine] == [x.get("loss") for x in theirs]
+        assert mine[-1]["eval"] == theirs[-1]["eval"]
