@@ -221,6 +221,23 @@ def _check_ranges(s: dict[str, dict[str, Any]], where: str) -> None:
          "[strategy] stochastic_depth is a DDP baseline: it needs name = 'ddp'")
 
 
+def phase_steps(config: Config) -> tuple[int, int]:
+    """(steps of the strategy's own phase, steps of the final full-model phase). Under the FLOP
+    schedule SDP runs steps / C; [strategy] full_phase = f moves f of the DDP budget to the end."""
+    run, strategy = config.section("run"), config.section("strategy")
+    if strategy["name"] != "sdp":
+        return run["steps"], 0
+    full = round(strategy["full_phase"] * run["steps"])
+    own = run["steps"] - full
+    if run["schedule"] == "flops":
+        own = round(own / strategy["coverage"])
+    return max(1, own), full
+
+
+def total_steps(config: Config) -> int:
+    return sum(phase_steps(config))
+
+
 def parse_override(text: str) -> tuple[str, str, Any]:
     """``section.key=value``; the value is read as TOML (numbers, booleans, lists), else a string."""
     dotted, sep, value_text = text.partition("=")

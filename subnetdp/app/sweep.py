@@ -65,7 +65,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from .config import RESUMABLE_CHANGES, ConfigError, from_dict, load_config, parse_override
+from .config import RESUMABLE_CHANGES, ConfigError, from_dict, load_config, parse_override, total_steps
 
 LAUNCHES = ("simulate", "nproc")
 MAIN_METRICS = ("accuracy", "accuracy_recalibrated", "test_loss", "val_loss", "perplexity")
@@ -591,10 +591,7 @@ def plot_results(results: dict[str, Any], out: Path) -> list[Path]:
 
 
 def _steps(cell: Cell) -> int:
-    run, strategy = cell.config["run"], cell.config["strategy"]
-    if run["schedule"] == "flops" and strategy["name"] == "sdp":  # as train.total_steps
-        return max(1, round(run["steps"] / strategy["coverage"]))
-    return run["steps"]
+    return total_steps(from_dict(cell.config))
 
 
 def dry_run_table(sweep: Sweep, cells: list[Cell], out: Path) -> str:

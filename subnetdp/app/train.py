@@ -43,7 +43,7 @@ from ..measure import (ByteCounter, counting_allreduce_hook, optimizer_state_byt
 from . import checkpoint as ckpt
 from .baselines import StochasticDepth, checkpoint_blocks
 from .builders import Task, build_task
-from .config import RESUMABLE_CHANGES, Config, ConfigError, from_dict
+from .config import RESUMABLE_CHANGES, Config, ConfigError, from_dict, phase_steps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,23 +92,6 @@ def setup_context(config: Config, simulate: int | None) -> Context:
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=run["timeout"]),
                             device_id=device if backend == "nccl" else None)
     return Context(dist.get_rank(), dist.get_world_size(), local_rank, device, simulate=False, backend=backend)
-
-
-def phase_steps(config: Config) -> tuple[int, int]:
-    """(steps of the strategy's own phase, steps of the final full-model phase). Under the FLOP
-    schedule SDP runs steps / C; [strategy] full_phase = f moves f of the DDP budget to the end."""
-    run, strategy = config.section("run"), config.section("strategy")
-    if strategy["name"] != "sdp":
-        return run["steps"], 0
-    full = round(strategy["full_phase"] * run["steps"])
-    own = run["steps"] - full
-    if run["schedule"] == "flops":
-        own = round(own / strategy["coverage"])
-    return max(1, own), full
-
-
-def total_steps(config: Config) -> int:
-    return sum(phase_steps(config))
 
 
 def make_optimizer(config: Config, params: list[nn.Parameter], steps: int, first_step: int = 0
