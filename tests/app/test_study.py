@@ -53,3 +53,17 @@ def test_shipped_sweep_runs_a_ddp_and_an_sdp_cell(tmp_path: Path, sweep: Path) -
     for cell in (ddp, sdp):
         summary = json.loads((out / "cells" / cell.id / "summary.json").read_text())
         assert summary["final_eval"] and summary["train_flops"] > 0
+
+
+def test_study_tables_script_prints_the_committed_results(tmp_path: Path) -> None:
+    results = tmp_path / "results" / "resnet18_fashion_mnist"
+    results.mkdir(parents=True)
+    condition = {"config": {"strategy": {"name": "ddp"}, "run": {"steps": 10, "schedule": "iteration"}, "model": {}},
+                 "workers": 4, "metrics": {"accuracy": {"mean": 0.9, "std": 0.01, "n": 3}}}
+    (results / "results.json").write_text(json.dumps({"conditions": [condition]}))
+    for root in (tmp_path / "results", ROOT / "results"):
+        result = subprocess.run([sys.executable, str(ROOT / "scripts" / "study_tables.py"), "--results", str(root)],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert "| DDP, 10 steps | 4 | 90.00 ± 1.00 (n=3) |" in result.stdout or root == ROOT / "results"
+        assert "###" in result.stdout
