@@ -91,17 +91,19 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "batch_size": Key(256, "evaluation batch size per worker"),
         "max_batches": Key(0, "evaluation batches in all, split over the workers (0: the whole test/validation split)"),
         "residual_scale": Key(
-            "none", "B-SDP: multiply each residual branch of the assembled model by k/N (the fraction of "
-            "workers that trained it), as stochastic depth does at test time (also the survival probability "
-            "of [strategy] stochastic_depth); 'none': unscaled; 'both': report the unscaled model's metrics "
-            "and the scaled one's as scaled_<metric> (where a scale applies)",
+            "both", "'coverage': evaluate the assembled B-SDP model with each residual branch x k/N (the "
+            "fraction of workers that trained it), as stochastic depth does at test time (also the survival "
+            "probability of [strategy] stochastic_depth); 'none': unscaled; 'both' (default): the unscaled "
+            "model's metrics, and the scaled one's as scaled_<metric> where a scale applies (docs/results.md: "
+            "scaled is better for B-SDP; the exported model is the unscaled one)",
             ("none", "coverage", "both")),
         "views": Key([], "SDP: besides the assembled full model (always evaluated), also evaluate "
                      "'subnetworks' (each worker's own subnetwork as trained; mean, min and max over "
                      "workers) and/or 'ensemble' (the mean of the N subnetworks' predicted probabilities)"),
         "recalibrate_norm_batches": Key(
-            0, "re-estimate the assembled model's BatchNorm statistics on this many training batches "
-            "before evaluating, and report both figures (0: off)"),
+            20, "re-estimate the assembled model's BatchNorm statistics on this many training batches "
+            "before evaluating, and report both figures as <metric> and <metric>_recalibrated (0: off; "
+            "models without BatchNorm skip it)"),
     },
     "model": {"name": Key("resnet18", "the model; other keys are the builder's keyword arguments",
                           ("resnet18", "vit", "llama"))},
