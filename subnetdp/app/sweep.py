@@ -246,6 +246,18 @@ def expand(sweep_path: str | Path, extra_sets: Iterable[str] = ()) -> list[Cell]
 # running the cells
 
 
+def _same_config(recorded: dict[str, Any] | None, wanted: dict[str, Any]) -> bool:
+    """Whether a finished run's config is the cell's, once both are completed with the current
+    defaults: a key added to the schema later (with a default that changes nothing) does not make
+    an earlier run a different one."""
+    if recorded is None:
+        return False
+    try:
+        return from_dict(recorded).to_dict() == from_dict(wanted).to_dict()
+    except ConfigError:
+        return False
+
+
 def cell_state(cell: Cell, out: Path, launch: str) -> str:
     """complete | new | resume | restart; SweepError when summary.json records another config."""
     folder = out / "cells" / cell.id
@@ -255,7 +267,7 @@ def cell_state(cell: Cell, out: Path, launch: str) -> str:
             recorded = json.loads(summary.read_text()).get("config")
         except json.JSONDecodeError:
             recorded = None
-        if recorded == cell.config:
+        if _same_config(recorded, cell.config):
             return "complete"
         diffs = []
         if recorded is not None:
@@ -417,7 +429,7 @@ def aggregate(out_dir: str | Path) -> dict[str, Any]:
             metrics = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines() if x.strip()]
         except (OSError, json.JSONDecodeError):
             continue
-        if summary.get("config") != cell["config"]:
+        if not _same_config(summary.get("config"), cell["config"]):
             continue
         machine = machine or summary.get("machine")
         config = json.loads(json.dumps(cell["config"]))

@@ -215,3 +215,15 @@ name = "sdp"
     assert main(["--out", str(out), "--report-only"]) == 0
     assert _mtimes(out) == after and (out / "results.md").exists() and (out / "metric_vs_coverage.png").exists()
     assert len(json.loads((out / "results.json").read_text())["conditions"]) == 3
+
+
+def test_a_run_recorded_before_a_schema_key_was_added_is_still_complete() -> None:
+    from subnetdp.app.config import load_config
+    from subnetdp.app.sweep import _same_config
+    wanted = load_config(None, ["strategy.coverage=0.5"]).to_dict()
+    older = json.loads(json.dumps(wanted))
+    del older["strategy"]["full_phase"]  # a key that did not exist when the run was made
+    assert _same_config(older, wanted)
+    older["strategy"]["coverage"] = 0.25
+    assert not _same_config(older, wanted)
+    assert not _same_config(None, wanted)
