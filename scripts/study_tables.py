@@ -34,6 +34,7 @@ def _label(cond: dict[str, Any]) -> str:
     s, run = cond["config"]["strategy"], cond["config"]["run"]
     if s["name"] == "ddp":
         label = "DDP" + (f" + stochastic depth {s['stochastic_depth']:g}" if s.get("stochastic_depth") else "")
+        label += f" + dropout {cond['config']['model']['dropout']:g}" if cond["config"]["model"].get("dropout") else ""
         return label + f", {run['steps']} steps"
     label = f"{'B' if s['level'] == 'block' else 'N'}-SDP {'fwd' if s['masking'] == 'forward' else 'bwd'} C={s['coverage']:g}"
     extras = [f"{run['schedule']}-matched"]
@@ -52,15 +53,37 @@ def _flops(value: float | None) -> str:
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table, without the columns that are empty in every row."""
+    keep = [i for i in range(len(header)) if i < 2 or any(r[i] for r in rows)]
+    header, rows = [header[i] for i in keep], [[r[i] for i in keep] for r in rows]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def inference_table(results: dict[str, Any], folder: Path) -> str:
+    """Forward FLOPs per sample of each view, read from one cell's summary.json per condition."""
+    rows = []
+    for cond in results["conditions"]:
+        if cond["config"]["strategy"]["name"] != "sdp":
+            continue
+        summary = json.loads((folder / "cells" / cond["cells"][0] / "summary.json").read_text())
+        flops = summary.get("inference_flops_per_sample") or {}
+        if "subnetwork" not in flops:  # a run that ended with the full model has one view only
+            continue
+        rows.append([_label(cond), f"{cond['workers']}"] + [
+            f"{flops[k] / 1e6:.2f}" if k in flops else "" for k in ("assembled", "subnetwork", "ensemble")])
+    return _table(["run", "N", "assembled", "one subnetwork", "ensemble of N"], rows)
 
 
 def views_table(results: dict[str, Any], metric: str, scale: float, digits: int,
                 keep: Any = lambda c: True) -> str:
     """Assembled (unscaled, x k/N, each BN re-estimated), each subnetwork, ensemble: mean ± std."""
     rows = []
-    for cond in results["conditions"]:
+    # DDP first, then its regularised variants, then SDP (a stable sort keeps the sweep's order)
+    ordered = sorted(results["conditions"], key=lambda c: (
+        c["workers"], c["config"]["strategy"]["name"] != "ddp", bool(c["config"]["strategy"].get("stochastic_depth")),
+        bool(c["config"]["model"].get("dropout"))))
+    for cond in ordered:
         if not keep(cond):
             continue
         m = cond["metrics"]
@@ -101,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         digits = 2 if scale == 100.0 else 3
         print(f"### {title}: {unit}, mean ± std over seeds\n")
         print(views_table(results, metric, scale, digits))
+        print(f"\n{title}: forward MFLOP per sample of each view (inference cost)\n")
+        print(inference_table(results, root / name))
         print()
     for path in sorted((root / "alignment").glob("*.json")):
         print(f"### gradient alignment: {path.stem} (cosine to DDP's gradient, norm ratio |g_SDP|/|g_DDP|)\n")

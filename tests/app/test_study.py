@@ -41,7 +41,7 @@ def test_shipped_sweep_runs_a_ddp_and_an_sdp_cell(tmp_path: Path, sweep: Path) -
     sdp = next(c for c in cells if c.config["strategy"]["name"] == "sdp")
     out = tmp_path / "out"
     args = [sys.executable, "-m", "subnetdp.app.cli", "sweep", str(sweep), "--out", str(out), "--no-progress",
-            "--jobs", "2", "--only", ddp.id, "--only", sdp.id]
+            "--jobs", "2", "--keep-checkpoints", "--only", ddp.id, "--only", sdp.id]
     for item in SMOKE:
         args += ["--set", item]
     result = subprocess.run(args, capture_output=True, text=True, timeout=300,
