@@ -67,8 +67,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
                           "assembled full model on every worker (as DDP): the SDP phase runs (1 - f) of its "
                           "steps, then the full model runs f x run.steps steps (0: off)"),
         "full_phase_checkpointing": Key(False, "recompute each block's activations in backward during the "
-                                        "full phase (activation checkpointing), so the phase's peak memory "
-                                        "stays near the SDP phase's"),
+                                        "full phase (activation checkpointing): less activation memory; the "
+                                        "full model's parameters, gradients and optimizer state remain"),
         "stochastic_depth": Key(0.0, "ddp only: probability that a block is dropped in a training step "
                                 "(block-level drop-path, drawn per worker and step; 1 - C gives B-SDP's "
                                 "expected depth); with [eval] residual_scale = 'coverage' the evaluated "
