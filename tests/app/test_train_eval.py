@@ -143,6 +143,11 @@ def test_full_phase_ends_sdp_with_the_full_model_and_resumes_exactly_across_the_
     assert summary["full_phase"]["sdp_phase_per_rank"][0]["trainable_param_bytes"] / 2 < \
         summary["per_rank"][0]["trainable_param_bytes"]
     assert not any(k.startswith("subnet_") for k in summary["final_eval"])  # one full model at the end
+    # activation checkpointing in the full phase recomputes the same values: the same training losses
+    recomputed = tmp_path / "recomputed"
+    _train(_config(tmp_path, text), recomputed, *sets, "--set", "strategy.full_phase_checkpointing=true")
+    losses = [json.loads(x).get("loss") for x in (reference / "metrics.jsonl").read_text().splitlines()]
+    assert [json.loads(x).get("loss") for x in (recomputed / "metrics.jsonl").read_text().splitlines()] == losses
 
     for resume_from in (9, 6):  # inside the full phase, and before the switch
         out = tmp_path / f"from-{resume_from}"
