@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +85,9 @@ def views_table(results: dict[str, Any], metric: str, scale: float, digits: int,
     for cond in ordered:
         if not keep(cond):
             continue
-        m = cond["metrics"]
+        m = dict(cond["metrics"])
+        if cond["config"]["strategy"]["masking"] == "backward":  # full forward: no branch to scale
+            m = {k: v for k, v in m.items() if not k.startswith("scaled_")}
         rows.append([_label(cond), f"{cond['workers']}",
                      _fmt(m.get(metric), scale, digits), _fmt(m.get(f"{metric}_recalibrated"), scale, digits),
                      _fmt(m.get(f"scaled_{metric}"), scale, digits),

@@ -298,10 +298,12 @@ def _branch_scale(config: Config, plan: Any) -> float | None:
     """The factor of each residual branch in the evaluated model: k/N for B-SDP trained unscaled,
     the survival probability for stochastic depth, None when nothing is scaled."""
     if plan is not None:
-        if config["strategy.level"] != "block" or config["strategy.scale"] != "none":
+        s = config.section("strategy")
+        if s["level"] != "block" or s["scale"] != "none" or s["masking"] != "forward":
             if config["eval.residual_scale"] == "coverage":
-                raise ConfigError("[eval] residual_scale = 'coverage' needs [strategy] level = 'block' and "
-                                  "scale = 'none' (the branches were trained unscaled in part of the workers)")
+                raise ConfigError("[eval] residual_scale = 'coverage' needs [strategy] level = 'block', masking = "
+                                  "'forward' and scale = 'none' (the branches were trained unscaled in part of "
+                                  "the workers' forward passes)")
             return None
         return plan.k / plan.world_size
     drop = config["strategy.stochastic_depth"]

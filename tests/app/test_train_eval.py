@@ -165,3 +165,20 @@ def test_full_phase_ends_sdp_with_the_full_model_and_resumes_exactly_across_the_
         theirs = [json.loads(x) for x in (reference / "metrics.jsonl").read_text().splitlines()]
         assert [x.get("loss") for x in mine] == [x.get("loss") for x in theirs]
         assert mine[-1]["eval"] == theirs[-1]["eval"]
+
+
+def test_branches_are_scaled_only_where_they_were_trained_in_part_of_the_forward_passes() -> None:
+    class Plan:
+        k, world_size = 1, 4
+
+    def scale(*sets: str) -> float | None:
+        return train_module._branch_scale(load_config(None, list(sets)), Plan())
+
+    assert scale() == 0.25  # block level, forward masking, unscaled at train time: k / N
+    assert scale("strategy.masking=backward") is None  # the full model ran every forward pass
+    assert scale("strategy.level=neuron") is None
+    assert scale("strategy.scale=inverse-coverage") is None
+    with pytest.raises(ConfigError, match="masking = 'forward'"):
+        scale("strategy.masking=backward", "eval.residual_scale=coverage")
+    assert train_module._branch_scale(load_config(None, ["strategy.name=ddp", "strategy.stochastic_depth=0.2"]),
+                                      None) == pytest.approx(0.8)
