@@ -86,7 +86,7 @@ def views_table(results: dict[str, Any], metric: str, scale: float, digits: int,
         if not keep(cond):
             continue
         m = dict(cond["metrics"])
-        if cond["config"]["strategy"]["masking"] == "backward":  # full forward: no branch to scale
+        if cond["config"]["strategy"].get("masking") == "backward":  # full forward: no branch to scale
             m = {k: v for k, v in m.items() if not k.startswith("scaled_")}
         rows.append([_label(cond), f"{cond['workers']}",
                      _fmt(m.get(metric), scale, digits), _fmt(m.get(f"{metric}_recalibrated"), scale, digits),
