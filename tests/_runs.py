@@ -29,6 +29,18 @@ recalibrate_norm_batches = 2
 """
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
+# the smallest real training task: a width-4 ResNet-18 on 256 synthetic images (sweep, align tests)
+TINY_TASK = """
+[model]
+name = "resnet18"
+width = 4
+[data]
+name = "synthetic-images"
+batch_size = 8
+train_size = 256
+test_size = 64
+"""
+
 
 def _config(tmp_path: Path, text: str = SYNTHETIC) -> Path:
     path = tmp_path / "config.toml"

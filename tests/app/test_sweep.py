@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _runs import TINY_TASK
 
 from subnetdp.app.sweep import SweepError, expand, main
 
@@ -22,15 +23,7 @@ BASE = """
 name = "sweep-test"
 steps = 3
 log_interval = 1
-[model]
-name = "resnet18"
-width = 4
-[data]
-name = "synthetic-images"
-batch_size = 8
-train_size = 256
-test_size = 64
-[eval]
+""" + TINY_TASK + """[eval]
 batch_size = 64
 """
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from _runs import TINY_TASK
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -153,15 +154,7 @@ steps = 4
 checkpoint_interval = 2
 keep_checkpoints = 5
 log_interval = 2
-[model]
-name = "resnet18"
-width = 4
-[data]
-name = "synthetic-images"
-batch_size = 8
-train_size = 256
-test_size = 64
-[optim]
+""" + TINY_TASK + """[optim]
 lr = 0.05
 [strategy]
 name = "ddp"
