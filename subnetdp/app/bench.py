@@ -45,17 +45,16 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
-from ..engine import SubnetworkDataParallel
 from ..engine.units import get_module, resolve_block_paths
-from ..measure import (ByteCounter, counting_allreduce_hook, optimizer_state_bytes, peak_rss_bytes,
-                       reset_peak_rss, tensor_bytes)
+from ..measure import ByteCounter, optimizer_state_bytes, tensor_bytes
 from ..measure.comm import count_collective_bytes
 from ..measure.live import LiveTensorTracker
 from .baselines import StochasticDepth, checkpoint_blocks
 from .builders import Task, build_task
 from .config import from_dict
+from .parallelism import Parallelism, RealDDP, RealSDP, level_kwargs
+from .runtime import PeakMemory, autocast, choose_device, machine_info, percentiles, torchrun_command, worker_env
 
 DEFAULT_STRATEGIES = ("ddp,fsdp,ddp-ckpt,ddp-sd@0.5,sdp-block-fwd@0.5,sdp-block-fwd@0.25,sdp-block-bwd@0.5,"
                       "sdp-neuron-fwd@0.5,sdp-neuron-bwd@0.5,sdp-block-fwd-ckpt@0.5")
@@ -99,15 +98,14 @@ class Harness:
     strategy: Strategy
     model: nn.Module                    # what the step calls
     optimizer: torch.optim.Optimizer
-    ddp_bytes: ByteCounter | None = None
-    sdp: SubnetworkDataParallel | None = None
+    parallelism: Parallelism | None = None  # DDP and SDP; None for FSDP2
     depth: StochasticDepth | None = None
 
     def comm_bytes(self, counted: ByteCounter) -> int:
-        if self.sdp is not None:
-            return self.sdp.comm_bytes
-        if self.ddp_bytes is not None:
-            return self.ddp_bytes.bytes
+        """Bytes handed to collectives so far: DDP's comm hook or SDP's own count; FSDP2's
+        all-gathers and reduce-scatters as ``counted`` saw them issued."""
+        if self.parallelism is not None:
+            return self.parallelism.comm_bytes()
         return counted.bytes
 
     @contextlib.contextmanager
@@ -127,14 +125,13 @@ def apply_strategy(strategy: Strategy, model: nn.Module, task: Task, device: tor
                    lr: float) -> Harness:
     paths = resolve_block_paths(model, task.blocks)
     if strategy.kind == "sdp":
-        level = {"blocks" if strategy.level == "block" else "neurons": task.blocks}
-        sdp = SubnetworkDataParallel(model, coverage=strategy.coverage, masking=strategy.masking,
-                                     example_input=task.example_input.to(device), **level)
+        par: Parallelism = RealSDP(model, coverage=strategy.coverage, masking=strategy.masking,
+                                   example_input=task.example_input.to(device),
+                                   **level_kwargs(strategy.level, task.blocks))
         if strategy.checkpointing:
-            held = [p for p in paths if not type(get_module(sdp.module, p)).__name__.startswith("Dropped")]
-            checkpoint_blocks(sdp.module, held)
-        wrapped: nn.Module = sdp
-        harness_kwargs: dict[str, Any] = {"sdp": sdp}
+            checkpoint_blocks(par.unwrapped_models[0], _blocks_run_forward(strategy, par, paths))
+        wrapped: nn.Module = par.models[0]
+        harness_kwargs: dict[str, Any] = {"parallelism": par}
     elif strategy.kind == "fsdp":
         from torch.distributed.fsdp import fully_shard
         for path in paths:
@@ -147,12 +144,20 @@ def apply_strategy(strategy: Strategy, model: nn.Module, task: Task, device: tor
         # survival P per step: each block dropped with probability 1 - P, per rank and step
         depth = (StochasticDepth(model, paths, 1 - strategy.stochastic_depth)
                  if strategy.stochastic_depth is not None else None)
-        ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-        counter = ByteCounter()
-        ddp.register_comm_hook(counter, counting_allreduce_hook)
-        wrapped, harness_kwargs = ddp, {"ddp_bytes": counter, "depth": depth}
+        par = RealDDP(model, device)
+        wrapped, harness_kwargs = par.models[0], {"parallelism": par, "depth": depth}
     optimizer = torch.optim.AdamW(wrapped.parameters(), lr=lr)
     return Harness(strategy, wrapped, optimizer, **harness_kwargs)
+
+
+def _blocks_run_forward(strategy: Strategy, par: Parallelism, paths: list[str]) -> list[str]:
+    """The blocks whose forward pass this rank runs, as the plan says: under block-level forward
+    masking the blocks it holds; otherwise every block (neuron level slices inside each block,
+    and backward masking runs the full forward)."""
+    if strategy.level != "block" or strategy.masking != "forward":
+        return paths
+    held = set(par.plan.held_units(par.ranks[0]))
+    return [p for p in paths if p in held]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,11 +183,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _device(args: argparse.Namespace) -> torch.device:
-    if args.device == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-        return device
-    return torch.device("cpu")
+    return choose_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def run_worker(args: argparse.Namespace) -> None:
@@ -236,7 +237,7 @@ def measure(args: argparse.Namespace, strategy: Strategy, device: torch.device) 
     torch.manual_seed(args.seed)
     model = task.make_model().to(device)
     harness = apply_strategy(strategy, model, task, device, args.lr)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext())
+    mixed_precision = "bfloat16" if args.bf16 else "none"
     counted = ByteCounter()
     batches = [task.data.train_batch(i, rank, world, args.batch_size, args.seed) for i in range(4)]
 
@@ -247,7 +248,7 @@ def measure(args: argparse.Namespace, strategy: Strategy, device: torch.device) 
         _sync(device)
         t0 = time.perf_counter()
         with (contextlib.nullcontext() if sync else harness.no_sync()):
-            with autocast:
+            with autocast(mixed_precision, device):
                 loss = task.loss(harness.model(x), y)
             _sync(device)
             t1 = time.perf_counter()
@@ -271,16 +272,13 @@ def measure(args: argparse.Namespace, strategy: Strategy, device: torch.device) 
         timed: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": [], "step": []}
         param_list = list(harness.model.parameters())
         grad_bytes = 0
-        reset_peak_rss()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        peak = PeakMemory(device)
+        peak.start()
         comm_before = harness.comm_bytes(counted)
         for i in range(args.steps):
             step(i, times=timed)
         comm = (harness.comm_bytes(counted) - comm_before) / args.steps
-        rss = peak_rss_bytes()
-        cuda = ({"cuda_max_allocated_bytes": torch.cuda.max_memory_allocated(device),
-                 "cuda_max_reserved_bytes": torch.cuda.max_memory_reserved(device)} if device.type == "cuda" else {})
+        peak.stop()
         unsynced: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": [], "step": []}
         for i in range(args.steps):
             step(i, sync=False, times=unsynced)
@@ -288,7 +286,7 @@ def measure(args: argparse.Namespace, strategy: Strategy, device: torch.device) 
         x, y = (t.to(device) for t in batches[0])
         tracker = LiveTensorTracker(param_list, harness.optimizer, extra=[x, y])
         with (tracker if device.type == "cpu" else contextlib.nullcontext()):
-            with autocast:
+            with autocast(mixed_precision, device):
                 loss = task.loss(harness.model(x), y)
             loss.backward()
             grad_bytes = tensor_bytes(p.grad for p in param_list)
@@ -302,21 +300,22 @@ def measure(args: argparse.Namespace, strategy: Strategy, device: torch.device) 
         "param_bytes": tensor_bytes(param_list),
         "grad_bytes": grad_bytes,
         "optimizer_state_bytes": optimizer_state_bytes(harness.optimizer),
-        "peak_rss_bytes": rss,
+        "peak_rss_bytes": peak.rss or None,  # None where /proc cannot tell
         "comm_bytes_per_step": comm,
         "time_s": med,
-        "time_s_p10_p90": {k: [sorted(v)[len(v) // 10], sorted(v)[(9 * len(v)) // 10]] for k, v in timed.items()},
+        "time_s_p10_p90": {k: percentiles(v, [10, 90]) for k, v in timed.items()},
         "time_no_sync_s": med_unsynced,
         "exposed_sync_s": max(0.0, (med["forward"] + med["backward"])
                               - (med_unsynced["forward"] + med_unsynced["backward"])),
         "samples_per_s": args.batch_size / med["step"],
-        **cuda,
+        **peak.cuda_figures(),
     }
     if device.type == "cpu":
         record["live_tensors"] = tracker.report()
-    if harness.sdp is not None:
-        record["plan"] = {"k": harness.sdp.plan.k, "shared_bytes": harness.sdp.plan.shared_bytes,
-                          "total_bytes": sum(harness.sdp.plan.unit_bytes.values()) + harness.sdp.plan.shared_bytes}
+    plan = harness.parallelism.plan if harness.parallelism is not None else None
+    if plan is not None:
+        record["plan"] = {"k": plan.k, "shared_bytes": plan.shared_bytes,
+                          "total_bytes": sum(plan.unit_bytes.values()) + plan.shared_bytes}
     if task.tokens_per_sample:
         record["tokens_per_s"] = record["samples_per_s"] * task.tokens_per_sample
     record["fake_process_group"] = args.backend == "fake"
@@ -331,16 +330,16 @@ def measure(args: argparse.Namespace, strategy: Strategy, device: torch.device) 
 
 
 def _launch(args: argparse.Namespace, strategy: str, log: Any) -> int:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.workers}",
-           "-m", "subnetdp.app.bench", "--worker", "--strategy", strategy]
+    worker_args = ["--worker", "--strategy", strategy]
     for key in ("model", "preset", "width", "batch_size", "seq_len", "vocab", "steps", "warmup", "seed",
                 "lr", "device", "backend", "out"):
         value = getattr(args, key)
         if value not in (None, ""):
-            cmd += [f"--{key.replace('_', '-')}", str(value)]
+            worker_args += [f"--{key.replace('_', '-')}", str(value)]
     if args.bf16:
-        cmd.append("--bf16")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"} if args.device == "cpu" else dict(os.environ)
+        worker_args.append("--bf16")
+    cmd = torchrun_command(args.workers, "subnetdp.app.bench", *worker_args)
+    env = worker_env(1 if args.device == "cpu" else None)
     log.write(f"$ {' '.join(cmd)}\n")
     log.flush()
     return subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
@@ -409,9 +408,7 @@ def main(argv: list[str] | None = None) -> None:
     results = collect(out, strategies)
     from .bench_report import write_report
     command = "subnetdp bench " + " ".join(a for a in (argv if argv is not None else sys.argv[2:]))
-    machine = {"host": socket.gethostname(), "platform": platform.platform(), "cpus": os.cpu_count(),
-               "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(0),
-               "torch": torch.__version__, "python": platform.python_version()}
+    machine = {**machine_info(torch.device(args.device)), "python": platform.python_version()}
     write_report(out, results, vars(args), command, machine)
 
 

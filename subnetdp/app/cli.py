@@ -43,11 +43,11 @@ def _build(args: argparse.Namespace) -> tuple[nn.Module, str, object]:
 
 
 def _plan_command(args: argparse.Namespace) -> int:
+    from .parallelism import level_kwargs
     model, blocks, example = _build(args)
-    level_arg = {"blocks" if args.level == "block" else "neurons": blocks}
     try:
         plan = plan_for(model, args.workers, coverage=args.coverage, seed=args.seed,
-                        neuron_groups=args.neuron_groups, example_input=example, **level_arg)
+                        neuron_groups=args.neuron_groups, example_input=example, **level_kwargs(args.level, blocks))
     except (SDPConfigError, PlanError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -82,6 +82,7 @@ def _train_command(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .config import ConfigError, describe_schema, load_config
+    from .runtime import torchrun_command, worker_env
     if args.list_keys:
         from .builders import DATASETS, MODELS
         import inspect
@@ -107,16 +108,15 @@ def _train_command(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/{config['run.name']}")
     under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ or "RANK" in os.environ
     if args.simulate is None and not under_torchrun:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-               "-m", "subnetdp.app.cli", "train", str(args.config), "--out", str(out)]
+        worker_args = ["train", str(args.config), "--out", str(out)]
         for item in args.set:
-            cmd += ["--set", item]
+            worker_args += ["--set", item]
         if args.resume:
-            cmd.append("--resume")
+            worker_args.append("--resume")
         if args.no_progress:
-            cmd.append("--no-progress")
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(config["run.threads"]))}
-        return subprocess.run(cmd, env=env).returncode
+            worker_args.append("--no-progress")
+        cmd = torchrun_command(args.nproc, "subnetdp.app.cli", *worker_args)
+        return subprocess.run(cmd, env=worker_env(config["run.threads"], keep_if_set=True)).returncode
     from .checkpoint import CheckpointError
     from .train import run_training
     try:

@@ -17,12 +17,12 @@ the test accuracy of the assembled full model on the 10,000 test images.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 from .report import comparison_table, plot_losses, read_run
+from .runtime import worker_env
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.toml"
 
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     common = [s for s in args.set if not s.startswith("strategy.")]
     if args.steps is not None:
         common.append(f"run.steps={args.steps}")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # several workers share the cores
+    env = worker_env(1)  # several workers share the cores
     runs = {"ddp": common + ["strategy.name=ddp"], "sdp": common + [s for s in args.set if s.startswith("strategy.")]}
     for name, sets in runs.items():
         print(f"\n=== {name.upper()}: {args.workers} workers ===", flush=True)

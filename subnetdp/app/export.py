@@ -21,6 +21,7 @@ from ..engine import SubnetworkSimulator
 from . import checkpoint as ckpt
 from .builders import MODELS, rebuild_model
 from .config import from_dict
+from .parallelism import level_kwargs
 
 
 def assemble_from_checkpoint(run_dir: Path, step: int | None = None) -> tuple[dict[str, torch.Tensor], dict]:
@@ -44,8 +45,7 @@ def assemble_from_checkpoint(run_dir: Path, step: int | None = None) -> tuple[di
     s = config.section("strategy")
     example = torch.zeros(manifest["example_input_shape"],
                           dtype=torch.long if MODELS[manifest["model"]][2] == "lm" else torch.float32)
-    sim = SubnetworkSimulator(model, world, **{("blocks" if s["level"] == "block" else "neurons"):
-                                               MODELS[manifest["model"]][1]},
+    sim = SubnetworkSimulator(model, world, **level_kwargs(s["level"], MODELS[manifest["model"]][1]),
                               coverage=s["coverage"], masking=s["masking"], seed=s["plan_seed"], scale=s["scale"],
                               neuron_groups=s["neuron_groups"] or None, example_input=example)
     if sim.plan.fingerprint() != manifest["plan_fingerprint"]:

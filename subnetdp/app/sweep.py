@@ -66,6 +66,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .config import RESUMABLE_CHANGES, ConfigError, from_dict, load_config, parse_override, total_steps
+from .runtime import worker_env
 
 LAUNCHES = ("simulate", "nproc")
 MAIN_METRICS = ("accuracy", "accuracy_recalibrated", "test_loss", "val_loss", "perplexity")
@@ -309,7 +310,7 @@ def _run_cell(cell: Cell, base: Path, out: Path, launch: str, state: str) -> tup
             folder.rename(aside)
     folder.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = worker_env(1)  # cells may run side by side: one thread per worker
     with open(folder / "train.log", "a" if state == "resume" else "w") as log:
         log.write("$ " + shlex.join(train_command(cell, base, out, launch, state == "resume")) + "\n")
         log.flush()

@@ -4,10 +4,12 @@
     torchrun --nproc-per-node 4 -m subnetdp.app.cli train configs/resnet18_fashion_mnist.toml --out runs/r18
     subnetdp train configs/resnet18_fashion_mnist.toml --simulate 8 --out runs/sim8   # one process
 
-Every worker builds the same model from the same seed, wraps it (torch DDP, or SDP), and trains on
-its own shard: the batch of step s on rank r is a pure function of (seed, s, r), so a resumed run
-sees the batches of the uninterrupted one. Writes, in --out: config.json, metrics.jsonl (one line
-per logging step, and one per evaluation), summary.json, checkpoints/ (see checkpoint.py).
+Every worker builds the same model from the same seed, has it parallelised (parallelism.py: torch
+DDP or SDP, over real ranks or virtual workers), and trains on its own shard: the batch of step s
+on rank r is a pure function of (seed, s, r), so a resumed run sees the batches of the
+uninterrupted one. Writes, in --out: config.json, metrics.jsonl (one line per logging step, and
+one per evaluation), summary.json, checkpoints/ (see checkpoint.py). What is evaluated is in
+evaluation.py.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import random
 import shutil
 import socket
@@ -25,25 +26,24 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-from ..engine import (SubnetworkDataParallel, SubnetworkSimulator, recalibrate_norm_statistics,
-                      scale_residual_branches)
 from ..engine.units import resolve_block_paths
-from ..measure import (ByteCounter, counting_allreduce_hook, optimizer_state_bytes, peak_rss_bytes,
-                       reset_peak_rss, tensor_bytes)
+from ..measure import optimizer_state_bytes, tensor_bytes
 from . import checkpoint as ckpt
 from .baselines import StochasticDepth, checkpoint_blocks
 from .builders import Task, build_task
 from .config import RESUMABLE_CHANGES, Config, ConfigError, from_dict, phase_steps
+from .evaluation import evaluate, inference_flops, make_eval_models
+from .parallelism import Parallelism, level_kwargs, parallelize
+from .runtime import PeakMemory, autocast, choose_device, machine_info, percentiles
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,25 +65,47 @@ class Context:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def processes(self) -> int:
+        """Processes of the run: the world size, or the one that plays every virtual worker."""
+        return 1 if self.simulate else self.world_size
+
+    def barrier(self) -> None:
+        if not self.simulate:
+            dist.barrier()
+
+    def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` summed over every process (collective), on CPU."""
+        if self.simulate:
+            return values
+        values = values.to(self.device if self.backend == "nccl" else "cpu")  # NCCL reduces GPU tensors only
+        dist.all_reduce(values)
+        return values.cpu()
+
+    def gather(self, local: list[Any]) -> list[Any]:
+        """Every worker's value in rank order, from this process's values of its local workers:
+        a simulation holds them all; a real rank contributes its one (collective)."""
+        if self.simulate:
+            return local
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, local[0])
+        return gathered
+
 
 def setup_context(config: Config, simulate: int | None) -> Context:
     run = config.section("run")
     torch.set_num_threads(run["threads"])
-    cuda = run["device"] == "cuda" or (run["device"] == "auto" and torch.cuda.is_available())
     if run["device"] == "cuda" and not torch.cuda.is_available():
         raise ConfigError("[run] device = 'cuda' but torch sees no CUDA device")
     if simulate is not None:
-        device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-        return Context(0, simulate, 0, device, simulate=True)
+        return Context(0, simulate, 0, choose_device(run["device"]), simulate=True)
     if "RANK" not in os.environ:
         raise ConfigError("not started by torchrun: use `subnetdp train CONFIG --nproc N` (it calls "
                           "torchrun), `torchrun ... -m subnetdp.app.cli train CONFIG`, or --simulate N")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    device = torch.device("cpu")
-    if cuda:
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
+    device = choose_device(run["device"], local_rank)
+    cuda = device.type == "cuda"
     backend = run["backend"]
     if backend == "auto":  # NCCL refuses several ranks on one GPU ("Duplicate GPU detected")
         backend = "nccl" if cuda and local_world <= torch.cuda.device_count() else "gloo"
@@ -121,11 +143,12 @@ def make_optimizer(config: Config, params: list[nn.Parameter], steps: int, first
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _sdp_kwargs(config: Config, task: Task, device: torch.device) -> dict[str, Any]:
+def sdp_kwargs(config: Config, task: Task, device: torch.device) -> dict[str, Any]:
+    """The engine's SDP keywords from [strategy]."""
     s = config.section("strategy")
-    return {("blocks" if s["level"] == "block" else "neurons"): task.blocks,
-            "coverage": s["coverage"], "masking": s["masking"], "seed": s["plan_seed"], "scale": s["scale"],
-            "neuron_groups": s["neuron_groups"] or None, "example_input": task.example_input.to(device)}
+    return {**level_kwargs(s["level"], task.blocks), "coverage": s["coverage"], "masking": s["masking"],
+            "seed": s["plan_seed"], "scale": s["scale"], "neuron_groups": s["neuron_groups"] or None,
+            "example_input": task.example_input.to(device)}
 
 
 def strategy_label(config: Config) -> str:
@@ -143,51 +166,28 @@ def strategy_label(config: Config) -> str:
 
 @dataclass
 class Trainer:
-    """The models this process trains (one, or N virtual workers), their optimizers and schedulers."""
+    """What this process trains, as its parallelism lays it out, with one optimizer and schedule
+    per local model."""
 
     config: Config
     task: Task
     ctx: Context
-    models: list[nn.Module]                      # one per local worker (DDP-simulated: one model)
+    par: Parallelism
     optimizers: list[torch.optim.Optimizer]
     schedulers: list[torch.optim.lr_scheduler.LambdaLR]
-    sdp: SubnetworkDataParallel | None = None
-    simulator: SubnetworkSimulator | None = None
-    ddp_bytes: ByteCounter = field(default_factory=ByteCounter)
     stochastic_depth: StochasticDepth | None = None
     full_phase: bool = False                     # the assembled full model, trained as DDP
     peak_grad_bytes: int = 0
 
-    @property
-    def strategy(self) -> str:
-        return "ddp" if self.full_phase else self.config["strategy.name"]
-
-    def comm_bytes(self) -> int:
-        if self.sdp is not None:
-            return self.sdp.comm_bytes
-        if self.simulator is not None:
-            return sum(w.comm_bytes for w in self.simulator.workers)
-        return self.ddp_bytes.bytes
-
     def state(self) -> list[dict[str, Any]]:
         return [{"model": m.state_dict(), "optimizer": o.state_dict(), "scheduler": s.state_dict()}
-                for m, o, s in zip(self.models, self.optimizers, self.schedulers)]
+                for m, o, s in zip(self.par.models, self.optimizers, self.schedulers)]
 
     def load_state(self, states: list[dict[str, Any]]) -> None:
-        for m, o, s, state in zip(self.models, self.optimizers, self.schedulers, states):
+        for m, o, s, state in zip(self.par.models, self.optimizers, self.schedulers, states):
             m.load_state_dict(state["model"])
             o.load_state_dict(state["optimizer"])
             s.load_state_dict(state["scheduler"])
-
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The assembled full model (collective under real SDP)."""
-        if self.sdp is not None:
-            return self.sdp.full_state_dict()
-        if self.simulator is not None:
-            return self.simulator.full_state_dict()
-        model = self.models[0]
-        model = model.module if isinstance(model, DistributedDataParallel) else model
-        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 def build_trainer(config: Config, task: Task, ctx: Context, steps: int,
@@ -197,260 +197,77 @@ def build_trainer(config: Config, task: Task, ctx: Context, steps: int,
     schedule continuing at ``first_step``."""
     torch.manual_seed(config["run.seed"])  # the same initial model on every rank
     model = task.make_model().to(ctx.device)
-    strategy = config["strategy.name"]
-    if full_phase_from is not None:
+    full_phase = full_phase_from is not None
+    if full_phase:
         model.load_state_dict(full_phase_from, strict=True)
         if config["strategy.full_phase_checkpointing"]:
             checkpoint_blocks(model, resolve_block_paths(model, task.blocks))
-        strategy = "ddp"
     drop = config["strategy.stochastic_depth"]
     depth = StochasticDepth(model, resolve_block_paths(model, task.blocks), drop, config["run.seed"]) if drop else None
-    if ctx.simulate and strategy == "sdp":
-        sim = SubnetworkSimulator(model, ctx.world_size, **_sdp_kwargs(config, task, ctx.device))
-        models: list[nn.Module] = list(sim.workers)
-        trainer_kwargs: dict[str, Any] = {"simulator": sim}
-    elif ctx.simulate:  # DDP with N virtual workers: one model, gradients averaged over N batches
-        models, trainer_kwargs = [model], {}
-    elif strategy == "sdp":
-        sdp = SubnetworkDataParallel(model, timeout=config["run.timeout"], **_sdp_kwargs(config, task, ctx.device))
-        models, trainer_kwargs = [sdp], {"sdp": sdp}
-    else:
-        ddp = DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
-        counter = ByteCounter()
-        ddp.register_comm_hook(counter, counting_allreduce_hook)
-        models, trainer_kwargs = [ddp], {"ddp_bytes": counter}
-    pairs = [make_optimizer(config, list(m.parameters()), steps, first_step) for m in models]
-    return Trainer(config, task, ctx, models, [p[0] for p in pairs], [p[1] for p in pairs],
-                   stochastic_depth=depth, full_phase=full_phase_from is not None, **trainer_kwargs)
-
-
-# ---------------------------------------------------------------------------------------------
-# one step
-
-
-def _autocast(config: Config, device: torch.device) -> contextlib.AbstractContextManager:
-    dtype = config["run.autocast"]
-    if dtype == "none":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=getattr(torch, dtype))
+    sdp = config["strategy.name"] == "sdp" and not full_phase
+    par = parallelize(model, sdp=sdp, device=ctx.device, virtual_workers=ctx.world_size if ctx.simulate else None,
+                      timeout=config["run.timeout"], **(sdp_kwargs(config, task, ctx.device) if sdp else {}))
+    pairs = [make_optimizer(config, list(m.parameters()), steps, first_step) for m in par.models]
+    return Trainer(config, task, ctx, par, [p[0] for p in pairs], [p[1] for p in pairs],
+                   stochastic_depth=depth, full_phase=full_phase)
 
 
 def train_step(tr: Trainer, step: int) -> float:
     """One optimizer step of every local worker; returns the mean loss over this process's workers."""
-    cfg, ctx, task = tr.config, tr.ctx, tr.task
+    cfg, ctx, task, par = tr.config, tr.ctx, tr.task, tr.par
     batch_size, seed = cfg["data.batch_size"], cfg["run.seed"]
-    workers = range(ctx.world_size) if ctx.simulate else [ctx.rank]
     losses = []
-    for i, rank in enumerate(workers):
-        model = tr.models[i] if tr.simulator is not None else tr.models[0]
+    for rank, model in par.local_workers:
         x, y = task.data.train_batch(step, rank, ctx.world_size, batch_size, seed)
         x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
         if tr.stochastic_depth is not None:
             tr.stochastic_depth.draw(step, rank)
-        with _autocast(cfg, ctx.device):
+        with autocast(cfg["run.autocast"], ctx.device):
             loss = task.loss(model(x), y)
-        # DDP simulated on one model: the mean over N batches is what N workers' all-reduce gives
-        (loss / ctx.world_size if ctx.simulate and tr.simulator is None else loss).backward()
+        par.backward(loss)
         losses.append(loss.item())
-    if tr.simulator is not None:
-        tr.simulator.sync_gradients()
-    clip = cfg["optim.grad_clip"]
-    if clip > 0:
-        if tr.sdp is not None:
-            tr.sdp.clip_grad_norm_(clip)
-        elif tr.simulator is not None:
-            tr.simulator.clip_grad_norm_(clip)
-        else:  # DDP gradients are already averaged and identical on every rank
-            torch.nn.utils.clip_grad_norm_(tr.models[0].parameters(), clip)
+    par.after_backward()
+    if cfg["optim.grad_clip"] > 0:
+        par.clip_grad_norm_(cfg["optim.grad_clip"])
     # gradients are freed at zero_grad: their size is read here, while they exist
-    tr.peak_grad_bytes = max(tr.peak_grad_bytes, tensor_bytes(p.grad for m in tr.models for p in m.parameters()))
+    tr.peak_grad_bytes = max(tr.peak_grad_bytes, tensor_bytes(p.grad for m in par.models for p in m.parameters()))
     for optimizer, scheduler in zip(tr.optimizers, tr.schedulers):
         optimizer.step()  # backward-masked SDP broadcasts updated units from an optimizer hook
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-    if tr.simulator is not None:
-        tr.simulator.sync_weights()
+    par.after_step()
     return sum(losses) / len(losses)
-
-
-# ---------------------------------------------------------------------------------------------
-# evaluation of the assembled full model
-
-
-@torch.no_grad()
-def _evaluate_model(model: nn.Module, tr: Trainer, rank: int, world: int) -> dict[str, float]:
-    cfg, task = tr.config, tr.task
-    model.eval()
-    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count (samples or tokens)
-    for x, y in task.eval_batches(cfg["eval.batch_size"], rank, world, cfg["eval.max_batches"] or None):
-        x, y = x.to(tr.ctx.device), y.to(tr.ctx.device)
-        with _autocast(cfg, tr.ctx.device):
-            out = model(x)
-        totals += torch.tensor(task.eval_sums(out.float(), y), dtype=torch.float64)
-    if not tr.ctx.simulate:
-        totals = totals.to(tr.ctx.device if tr.ctx.backend == "nccl" else "cpu")
-        dist.all_reduce(totals)
-        totals = totals.cpu()
-    return task.eval_metrics(*totals.tolist())
-
-
-def _branch_scale(config: Config, plan: Any) -> float | None:
-    """The factor of each residual branch in the evaluated model: k/N for B-SDP trained unscaled,
-    the survival probability for stochastic depth, None when nothing is scaled."""
-    if plan is not None:
-        s = config.section("strategy")
-        if s["level"] != "block" or s["scale"] != "none" or s["masking"] != "forward":
-            if config["eval.residual_scale"] == "coverage":
-                raise ConfigError("[eval] residual_scale = 'coverage' needs [strategy] level = 'block', masking = "
-                                  "'forward' and scale = 'none' (the branches were trained unscaled in part of "
-                                  "the workers' forward passes)")
-            return None
-        return plan.k / plan.world_size
-    drop = config["strategy.stochastic_depth"]
-    return 1 - drop if drop else None
-
-
-def make_eval_models(config: Config, task: Task, plan: Any, device: torch.device) -> dict[str, nn.Module]:
-    """The plain models the assembled weights are loaded into, by metric prefix: "" is the model
-    evaluated under the configured residual_scale; with residual_scale = "both" it is unscaled and
-    "scaled_" is the one with branches scaled (k/N, or the survival probability)."""
-    mode = config["eval.residual_scale"]
-    factor = _branch_scale(config, plan) if mode != "none" else None
-    models = {"": task.make_model().to(device)}
-    if factor is not None:
-        scaled = scale_residual_branches(task.make_model().to(device), task.blocks, factor)
-        if mode == "coverage":
-            models[""] = scaled
-        else:
-            models["scaled_"] = scaled
-    return models
-
-
-def evaluate(tr: Trainer, eval_models: dict[str, nn.Module]) -> dict[str, float]:
-    """Assemble the full model, evaluate it on the test/validation split (sharded over ranks), and
-    again after re-estimating norm statistics when [eval] recalibrate_norm_batches > 0; then the
-    subnetwork and ensemble views when [eval] views asks for them."""
-    state = tr.full_state_dict()
-    rank, world = (0, 1) if tr.ctx.simulate else (tr.ctx.rank, tr.ctx.world_size)
-    batches = tr.config["eval.recalibrate_norm_batches"]
-    metrics: dict[str, float] = {}
-    for prefix, eval_model in eval_models.items():
-        eval_model.load_state_dict(state, strict=True)
-        metrics.update({prefix + k: v for k, v in _evaluate_model(eval_model, tr, rank, world).items()})
-        has_norm_stats = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in eval_model.modules())
-        if batches and has_norm_stats:
-            data, size, seed = tr.task.data, tr.config["data.batch_size"], tr.config["run.seed"]
-            # the same training batches on every rank, so every rank ends with the same statistics
-            recalibrate_norm_statistics(eval_model, (x.to(tr.ctx.device) for x in data.calibration_batches(batches, size, seed)))
-            metrics.update({f"{prefix}{k}_recalibrated": v
-                            for k, v in _evaluate_model(eval_model, tr, rank, world).items()})
-    views = tr.config["eval.views"]
-    if views and tr.strategy == "sdp":
-        metrics.update(evaluate_subnetworks(tr, views))
-    return metrics
-
-
-@torch.no_grad()
-def evaluate_subnetworks(tr: Trainer, views: list[str]) -> dict[str, float]:
-    """Each worker's own subnetwork (as trained, its own norm statistics) and the ensemble of the
-    N subnetworks (mean of their probabilities), on the whole test/validation split: every worker
-    evaluates every batch. Keys: subnet_<metric>_{mean,min,max} and ensemble_<metric>."""
-    cfg, task, ctx = tr.config, tr.task, tr.ctx
-    workers = tr.models  # one SubnetworkDataParallel per local (virtual) worker
-    sums = torch.zeros(len(workers) + 1, 3, dtype=torch.float64)  # per worker, then the ensemble
-    for m in workers:
-        m.eval()
-    try:
-        for x, y in task.eval_batches(cfg["eval.batch_size"], 0, 1, cfg["eval.max_batches"] or None):
-            x, y = x.to(ctx.device), y.to(ctx.device)
-            with _autocast(cfg, ctx.device):
-                outs = [m(x).float() for m in workers]
-            for i, out in enumerate(outs):
-                sums[i] += torch.tensor(task.eval_sums(out, y), dtype=torch.float64)
-            if "ensemble" in views:
-                mixed = (tr.simulator.ensemble_log_probs(outs) if tr.simulator is not None
-                         else tr.sdp.ensemble_log_probs(outs[0]))
-                sums[-1] += torch.tensor(task.eval_sums(mixed, y), dtype=torch.float64)
-    finally:
-        for m in workers:
-            m.train()
-    per_worker = [task.eval_metrics(*row.tolist()) for row in sums[:-1]]
-    if not ctx.simulate:
-        gathered: list[Any] = [None] * ctx.world_size
-        dist.all_gather_object(gathered, per_worker[0])
-        per_worker = gathered
-    metrics: dict[str, float] = {}
-    if "subnetworks" in views:
-        for key in per_worker[0]:
-            values = [w[key] for w in per_worker]
-            metrics.update({f"subnet_{key}_mean": statistics.fmean(values), f"subnet_{key}_min": min(values),
-                            f"subnet_{key}_max": max(values)})
-    if "ensemble" in views:
-        metrics.update({f"ensemble_{k}": v for k, v in task.eval_metrics(*sums[-1].tolist()).items()})
-    return metrics
-
-
-def inference_flops(tr: Trainer, eval_model: nn.Module) -> dict[str, float]:
-    """Forward FLOPs per sample of each evaluated view, counted on the example input: the
-    assembled model, one subnetwork (mean over workers) and the ensemble (all N subnetworks)."""
-    def count(model: nn.Module) -> float:
-        was_training = model.training
-        model.eval()
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(tr.task.example_input.to(tr.ctx.device))
-        model.train(was_training)
-        return float(counter.get_total_flops()) / tr.task.example_input.shape[0]
-
-    result = {"assembled": count(eval_model)}
-    if tr.strategy == "sdp":
-        local = [count(m.module) for m in tr.models]
-        if not tr.ctx.simulate:
-            gathered: list[Any] = [None] * tr.ctx.world_size
-            dist.all_gather_object(gathered, local[0])
-            local = gathered
-        result.update(subnetwork=statistics.fmean(local), ensemble=float(sum(local)))
-    return result
 
 
 # ---------------------------------------------------------------------------------------------
 # measurement
 
 
-class PeakMemory:
-    """Peak memory over the training steps only (evaluation and checkpoints excluded)."""
+@dataclass
+class StepStats:
+    """What the step loop measures, over the training steps only (both phases)."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.rss, self.cuda_allocated, self.cuda_reserved = device, 0, 0, 0
-
-    def start(self) -> None:
-        reset_peak_rss()
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-
-    def stop(self) -> None:
-        self.rss = max(self.rss, peak_rss_bytes() or 0)
-        if self.device.type == "cuda":
-            self.cuda_allocated = max(self.cuda_allocated, torch.cuda.max_memory_allocated(self.device))
-            self.cuda_reserved = max(self.cuda_reserved, torch.cuda.max_memory_reserved(self.device))
+    peak: PeakMemory
+    step_times: list[float] = field(default_factory=list)
+    comm_bytes: int = 0
+    steps_timed: int = 0
+    phase_flops: dict[str, float] = field(default_factory=lambda: {"own": 0.0, "full": 0.0})
 
 
-def rank_figures(tr: Trainer, peak: PeakMemory, step_times: list[float], comm_bytes: int,
-                 steps_timed: int) -> dict[str, Any]:
-    models = tr.models
-    params = [p for m in models for p in m.parameters()]
+def rank_figures(tr: Trainer, stats: StepStats) -> dict[str, Any]:
+    par, times = tr.par, stats.step_times
     figures = {
-        "trainable_param_bytes": tensor_bytes(params),
-        "all_param_bytes": tensor_bytes(p for m in models for p in (m.module if hasattr(m, "module") else m).parameters()),
+        "trainable_param_bytes": tensor_bytes(p for m in par.models for p in m.parameters()),
+        "all_param_bytes": tensor_bytes(p for m in par.unwrapped_models for p in m.parameters()),
         "grad_bytes": tr.peak_grad_bytes,
         "optimizer_state_bytes": sum(optimizer_state_bytes(o) for o in tr.optimizers),
-        "peak_rss_bytes_training": peak.rss,
+        "peak_rss_bytes_training": stats.peak.rss,
         # virtual workers exchange nothing: there is no communication to count
-        "comm_bytes_per_step": None if tr.ctx.simulate else comm_bytes / max(1, steps_timed),
-        "median_step_s": statistics.median(step_times[1:] or step_times) if step_times else None,
-        "step_s_p10_p90": (list(np.percentile(step_times, [10, 90])) if step_times else None),
+        "comm_bytes_per_step": None if par.comm_bytes() is None else stats.comm_bytes / max(1, stats.steps_timed),
+        "median_step_s": statistics.median(times[1:] or times) if times else None,
+        "step_s_p10_p90": percentiles(times, [10, 90]),
+        **stats.peak.cuda_figures(),
     }
-    if peak.device.type == "cuda":
-        figures.update(cuda_max_allocated_bytes=peak.cuda_allocated, cuda_max_reserved_bytes=peak.cuda_reserved)
     if tr.ctx.simulate:
         figures["note"] = f"{tr.ctx.world_size} virtual workers in one process: memory is their sum"
     return figures
@@ -460,13 +277,11 @@ def _gather_figures(tr: Trainer, figures: dict[str, Any]) -> list[dict[str, Any]
     """Every rank's figures (collective), or the simulation's one."""
     if tr.ctx.simulate:
         return [figures]
-    per_rank: list[Any] = [None] * tr.ctx.world_size
-    dist.all_gather_object(per_rank, {"rank": tr.ctx.rank, "host": socket.gethostname(), **figures})
-    return per_rank
+    return tr.ctx.gather([{"rank": tr.ctx.rank, "host": socket.gethostname(), **figures}])
 
 
 # ---------------------------------------------------------------------------------------------
-# the run
+# the run folder and resuming
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
@@ -484,9 +299,29 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _barrier(ctx: Context) -> None:
-    if not ctx.simulate:
-        dist.barrier()
+def prepare_run_folder(out: Path, ctx: Context, resume: bool) -> tuple[Path, dict[str, Any]] | None:
+    """Create ``out``; with ``resume`` return the newest complete checkpoint (folder, manifest),
+    else remove what an earlier run left there (metrics, summary, checkpoints) and return None."""
+    out.mkdir(parents=True, exist_ok=True)
+    root = out / "checkpoints"
+    if resume:
+        found = ckpt.latest(root)
+        if found is None:
+            raise ckpt.CheckpointError(f"--resume: no complete checkpoint under {root}")
+        return found
+    if ctx.is_main and (out / "metrics.jsonl").exists():
+        for stale in ("metrics.jsonl", "summary.json"):
+            (out / stale).unlink(missing_ok=True)
+        if root.exists():
+            shutil.rmtree(root)
+    return None
+
+
+def build_task_once(config: Config, out: Path, ctx: Context) -> Task:
+    """Rank 0 first: it downloads data or trains a tokenizer once, the others then read its files."""
+    task = build_task(config, out) if ctx.is_main else None
+    ctx.barrier()
+    return task if task is not None else build_task(config, out)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -510,198 +345,231 @@ def _check_resume(config: Config, manifest: dict[str, Any], ctx: Context, folder
                                    f"{ctx.world_size} (simulated: {ctx.simulate})")
 
 
+# ---------------------------------------------------------------------------------------------
+# the run
+
+
 def run_training(config: Config, out: Path, simulate: int | None = None, resume: bool = False,
                  progress: bool = True) -> dict[str, Any] | None:
     """Train as configured; returns the summary on rank 0 (None on other ranks)."""
     ctx = setup_context(config, simulate)
     try:
-        return _run(config, out, ctx, resume, progress)
+        started = time.perf_counter()
+        found = prepare_run_folder(out, ctx, resume)
+        run = TrainingRun(config, out, ctx, build_task_once(config, out, ctx), started)
+        if found is not None:
+            run.resume(*found)
+        run.write_run_config()
+        run.train(progress)
+        return run.summary()
     finally:
         if not ctx.simulate and dist.is_initialized():
             dist.barrier()  # leave together: tearing gloo down under a busy peer was seen to abort
             dist.destroy_process_group()
 
 
-def _run(config: Config, out: Path, ctx: Context, resume: bool, progress: bool) -> dict[str, Any] | None:
-    started = time.perf_counter()
-    run = config.section("run")
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_root = out / "checkpoints"
-    found = ckpt.latest(ckpt_root) if resume else None
-    if resume and found is None:
-        raise ckpt.CheckpointError(f"--resume: no complete checkpoint under {ckpt_root}")
-    if not resume and ctx.is_main and (out / "metrics.jsonl").exists():
-        for stale in ("metrics.jsonl", "summary.json"):
-            (out / stale).unlink(missing_ok=True)
-        if ckpt_root.exists():
-            shutil.rmtree(ckpt_root)
+class TrainingRun:
+    """One run from its first (or resumed) step to its summary: the step loop, its log records,
+    evaluations and checkpoints, and the switch to the full-model phase."""
 
-    # rank 0 first: it downloads data or trains a tokenizer once, the others then read its files
-    task = build_task(config, out) if ctx.is_main else None
-    _barrier(ctx)
-    if task is None:
-        task = build_task(config, out)
-    own_steps, full_steps = phase_steps(config)
-    steps = own_steps + full_steps
-    tr = build_trainer(config, task, ctx, steps)
-    plan = tr.sdp.plan if tr.sdp is not None else tr.simulator.plan if tr.simulator is not None else None
-    eval_models = make_eval_models(config, task, plan, ctx.device)
-    sdp_phase_figures: list[dict[str, Any]] | None = None
+    # made by train(): the progress bar, metrics.jsonl (rank 0 only), the throughput window
+    bar: tqdm
+    metrics_file: TextIO | None
+    window_start: float
+    window_steps: int
 
-    def begin_full_phase() -> Trainer:
+    def __init__(self, config: Config, out: Path, ctx: Context, task: Task, started: float) -> None:
+        self.config, self.out, self.ctx, self.task, self.started = config, out, ctx, task, started
+        self.ckpt_root = out / "checkpoints"
+        self.own_steps, self.full_steps = phase_steps(config)
+        self.steps = self.own_steps + self.full_steps
+        self.tr = build_trainer(config, task, ctx, self.steps)
+        self.plan = self.tr.par.plan  # of the SDP phase; kept through the full phase
+        self.eval_models = make_eval_models(config, task, self.plan, ctx.device)
+        self.start_step = 0
+        self.log_acc: list[float] = [0.0, 0]  # loss sum and steps since the last log record
+        self.stats = StepStats(PeakMemory(ctx.device))
+        self.evals: list[dict[str, Any]] = []
+        self.sdp_phase_per_rank: list[dict[str, Any]] | None = None
+
+    def begin_full_phase(self) -> None:
         """SDP ends here: every worker continues with the assembled full model, as DDP."""
-        return build_trainer(config, task, ctx, steps, full_phase_from=tr.full_state_dict(), first_step=own_steps)
+        self.tr = build_trainer(self.config, self.task, self.ctx, self.steps,
+                                full_phase_from=self.tr.par.full_state_dict(), first_step=self.own_steps)
 
-    start_step, log_acc = 0, [0.0, 0]
-    if found is not None:
-        folder, manifest = found
-        _check_resume(config, manifest, ctx, folder)
-        if plan is not None and manifest.get("plan_fingerprint") != plan.fingerprint():
+    def resume(self, folder: Path, manifest: dict[str, Any]) -> None:
+        """Continue from a checkpoint: its phase, weights, optimizers, RNG states and log window."""
+        ctx = self.ctx
+        _check_resume(self.config, manifest, ctx, folder)
+        if self.plan is not None and manifest.get("plan_fingerprint") != self.plan.fingerprint():
             raise ckpt.CheckpointError(f"--resume: {folder} was written under a different SDP plan")
         if manifest.get("phase") == "full":
-            tr = begin_full_phase()  # its weights and optimizer come from the checkpoint below
-        own = ckpt.load_rank_state(folder, 0 if ctx.simulate else ctx.rank)
+            self.begin_full_phase()  # its weights and optimizer come from the checkpoint below
+        own = ckpt.load_rank_state(folder, ctx.rank)
         # DDP replicas are identical: rank 0's file holds the model and optimizer for all of them
         holder = own if "workers" in own else ckpt.load_rank_state(folder, 0)
-        tr.load_state(holder["workers"])
+        self.tr.load_state(holder["workers"])
         _set_rng_state(own["rng"], ctx.device)
-        start_step, log_acc = manifest["step"], own["log_accumulator"]
+        self.start_step, self.log_acc = manifest["step"], own["log_accumulator"]
         if ctx.is_main:
-            _truncate_metrics(out / "metrics.jsonl", start_step)
-    if ctx.is_main:
-        (out / "config.json").write_text(json.dumps({"config": config.to_dict(), "source": config.source,
-                                                     "world_size": ctx.world_size, "simulate": ctx.simulate,
-                                                     "strategy": strategy_label(config)}, indent=1))
-        if plan is not None:
-            print(plan.table())
+            _truncate_metrics(self.out / "metrics.jsonl", self.start_step)
 
-    metrics_file = open(out / "metrics.jsonl", "a") if ctx.is_main else None
-    bar = tqdm(total=steps, initial=start_step, disable=not (progress and ctx.is_main), unit="step",
-               desc=strategy_label(config), dynamic_ncols=True)
-    peak = PeakMemory(ctx.device)
-    step_times: list[float] = []
-    comm_bytes, steps_timed = 0, 0
-    evals: list[dict[str, Any]] = []
-    samples_per_step = config["data.batch_size"] * ctx.world_size
-    window_start, window_steps = time.perf_counter(), 0
+    def write_run_config(self) -> None:
+        if not self.ctx.is_main:
+            return
+        (self.out / "config.json").write_text(json.dumps(
+            {"config": self.config.to_dict(), "source": self.config.source, "world_size": self.ctx.world_size,
+             "simulate": self.ctx.simulate, "strategy": strategy_label(self.config)}, indent=1))
+        if self.plan is not None:
+            print(self.plan.table())
 
-    def write(record: dict[str, Any]) -> None:
-        if metrics_file is not None:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
+    # -- the step loop ---------------------------------------------------------------------
 
-    def checkpoint(done: int) -> None:
-        per_rank = {"rng": _rng_state(ctx.device), "log_accumulator": log_acc, "step": done}
-        if ctx.simulate:
-            per_rank["workers"] = tr.state()
-            ckpt.write_rank_state(ckpt_root, done, 0, per_rank)
-        else:
-            if ctx.rank == 0 or tr.strategy == "sdp":  # what this rank holds (DDP: rank 0 speaks for all)
-                per_rank["workers"] = tr.state()
-            ckpt.write_rank_state(ckpt_root, done, ctx.rank, per_rank)
-        _barrier(ctx)
-        if ctx.is_main:
-            ckpt.finalize(ckpt_root, done, 1 if ctx.simulate else ctx.world_size,
-                          {"config": config.to_dict(), "simulate": ctx.simulate, "strategy": strategy_label(config),
-                           "model_kwargs": task.model_kwargs, "model": config["model.name"],
-                           "example_input_shape": list(task.example_input.shape),
-                           "plan_fingerprint": plan.fingerprint() if plan is not None else None,
-                           "phase": "full" if tr.full_phase else "own",
-                           "virtual_world_size": ctx.world_size},
-                          run["keep_checkpoints"])
-        _barrier(ctx)
+    def train(self, progress: bool) -> None:
+        """Every remaining step, metrics.jsonl open for appending on rank 0 meanwhile."""
+        main = self.ctx.is_main
+        self.bar = tqdm(total=self.steps, initial=self.start_step, disable=not (progress and main),
+                        unit="step", desc=strategy_label(self.config), dynamic_ncols=True)
+        with open(self.out / "metrics.jsonl", "a") if main else contextlib.nullcontext() as self.metrics_file:
+            self._step_loop()
+        self.bar.close()
 
-    phase_flops = {"own": 0.0, "full": 0.0}  # per step, counted on each phase's first step run here
-    peak.start()
-    for step in range(start_step, steps):
-        if step == own_steps and not tr.full_phase:
-            peak.stop()
-            sdp_phase_figures = _gather_figures(tr, rank_figures(tr, peak, step_times, comm_bytes, steps_timed))
-            tr = begin_full_phase()
-            peak.start()
-            if ctx.is_main:
-                bar.write(f"step {step}: SDP phase done; the assembled full model trains for {full_steps} steps")
-        comm_before = tr.comm_bytes()
+    def _step_loop(self) -> None:
+        run, peak = self.config.section("run"), self.stats.peak
+        self.window_start, self.window_steps = time.perf_counter(), 0
+        peak.start()
+        for step in range(self.start_step, self.steps):
+            if step == self.own_steps and not self.tr.full_phase:
+                self._switch_to_full_phase(step)
+            self._timed_step(step)
+            done = step + 1
+            self.window_steps += 1
+            self.bar.update(1)
+            is_last = done == self.steps
+            if done % run["log_interval"] == 0 or is_last:
+                self._log(done)
+            needs_eval = is_last or (run["eval_interval"] and done % run["eval_interval"] == 0)
+            needs_ckpt = is_last or (run["checkpoint_interval"] and done % run["checkpoint_interval"] == 0)
+            if needs_eval or needs_ckpt:
+                peak.stop()
+                if needs_ckpt:  # first: an evaluation that fails must never cost the training
+                    self._checkpoint(done)
+                if needs_eval:
+                    self._evaluate(done)
+                peak.start()
+                self.window_start = time.perf_counter()
+        peak.stop()
+
+    def _switch_to_full_phase(self, step: int) -> None:
+        peak = self.stats.peak
+        peak.stop()
+        self.sdp_phase_per_rank = _gather_figures(self.tr, rank_figures(self.tr, self.stats))
+        self.begin_full_phase()
+        peak.start()
+        if self.ctx.is_main:
+            self.bar.write(f"step {step}: SDP phase done; the assembled full model trains for {self.full_steps} steps")
+
+    def _timed_step(self, step: int) -> None:
+        """One training step, timed (CUDA synchronised around it), its bytes communicated counted,
+        and its FLOPs counted on the first step of each phase (all its steps do the same work)."""
+        ctx, stats = self.ctx, self.stats
+        comm_before = self.tr.par.comm_bytes()
         if ctx.device.type == "cuda":
             torch.cuda.synchronize(ctx.device)
         t0 = time.perf_counter()
-        if step in (start_step, own_steps):  # counted once per phase: its steps all do the same work
+        if step in (self.start_step, self.own_steps):
             with FlopCounterMode(display=False) as flop_counter:
-                loss = train_step(tr, step)
-            phase_flops["full" if tr.full_phase else "own"] = float(flop_counter.get_total_flops())
+                loss = train_step(self.tr, step)
+            stats.phase_flops["full" if self.tr.full_phase else "own"] = float(flop_counter.get_total_flops())
         else:
-            loss = train_step(tr, step)
+            loss = train_step(self.tr, step)
         if ctx.device.type == "cuda":
             torch.cuda.synchronize(ctx.device)
-        step_times.append(time.perf_counter() - t0)
-        comm_bytes += tr.comm_bytes() - comm_before
-        steps_timed += 1
-        log_acc = [log_acc[0] + loss, log_acc[1] + 1]
-        done = step + 1
-        window_steps += 1
-        bar.update(1)
-        is_last = done == steps
-        if done % run["log_interval"] == 0 or is_last:
-            mean = torch.tensor(log_acc, dtype=torch.float64)
-            if not ctx.simulate:  # the mean loss over all workers (NCCL reduces GPU tensors only)
-                mean = mean.to(ctx.device if ctx.backend == "nccl" else "cpu")
-                dist.all_reduce(mean)
-                mean = mean.cpu()
-            loss_mean = (mean[0] / mean[1]).item()
-            elapsed = time.perf_counter() - window_start
-            record = {"step": done, "loss": loss_mean, "lr": tr.schedulers[0].get_last_lr()[0],
-                      "samples_per_s": samples_per_step * window_steps / elapsed,
-                      "time_s": time.perf_counter() - started}
-            if task.tokens_per_sample:
-                record["tokens_per_s"] = record["samples_per_s"] * task.tokens_per_sample
-            write(record)
-            bar.set_postfix(loss=f"{loss_mean:.4f}", samples_s=f"{record['samples_per_s']:.0f}")
-            log_acc, window_start, window_steps = [0.0, 0], time.perf_counter(), 0
-        needs_eval = is_last or (run["eval_interval"] and done % run["eval_interval"] == 0)
-        needs_ckpt = is_last or (run["checkpoint_interval"] and done % run["checkpoint_interval"] == 0)
-        if needs_eval or needs_ckpt:
-            peak.stop()
-            if needs_ckpt:  # first: an evaluation that fails must never cost the training
-                checkpoint(done)
-            if needs_eval:
-                metrics = evaluate(tr, eval_models)
-                evals.append({"step": done, **metrics})
-                write({"step": done, "eval": metrics})
-                if ctx.is_main:
-                    bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-            peak.start()
-            window_start = time.perf_counter()
-    bar.close()
-    peak.stop()
-    if metrics_file is not None:
-        metrics_file.close()
+        stats.step_times.append(time.perf_counter() - t0)
+        comm_after = self.tr.par.comm_bytes()
+        if comm_after is not None and comm_before is not None:
+            stats.comm_bytes += comm_after - comm_before
+        stats.steps_timed += 1
+        self.log_acc = [self.log_acc[0] + loss, self.log_acc[1] + 1]
 
-    figures = rank_figures(tr, peak, step_times, comm_bytes, steps_timed)
-    figures.update({f"{phase}_flops_per_step": v for phase, v in phase_flops.items()})
-    inference = inference_flops(tr, eval_models[""])
-    per_rank = _gather_figures(tr, figures)
-    if not ctx.is_main:
-        return None
-    summary = {
-        "name": run["name"], "strategy": strategy_label(config), "workers": ctx.world_size,
-        "simulated": ctx.simulate, "steps": steps, "resumed_from": start_step or None,
-        "final_eval": evals[-1] if evals else None, "evals": evals,
-        "median_step_s": statistics.median(times) if (times := [r["median_step_s"] for r in per_rank
-                                                                 if r["median_step_s"]]) else None,
-        "samples_per_step": samples_per_step,
-        # measured (FlopCounterMode) on one step: forward + backward of every worker
-        "train_flops_per_step": (own := sum(r["own_flops_per_step"] for r in per_rank)),
-        "train_flops": own * own_steps + (full := sum(r["full_flops_per_step"] for r in per_rank)) * full_steps,
-        "full_phase": ({"from_step": own_steps, "steps": full_steps, "flops_per_step": full,
-                        "sdp_phase_per_rank": sdp_phase_figures} if full_steps else None),
-        "inference_flops_per_sample": inference,
-        "per_rank": per_rank,
-        "plan": plan.to_dict() if plan is not None else None,
-        "config": config.to_dict(),
-        "machine": {"host": socket.gethostname(), "platform": platform.platform(), "cpus": os.cpu_count(),
-                    "device": str(ctx.device) if ctx.device.type == "cpu" else torch.cuda.get_device_name(ctx.device),
-                    "backend": ctx.backend, "torch": torch.__version__},
-        "wall_s": time.perf_counter() - started,
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    return summary
+    def _write(self, record: dict[str, Any]) -> None:
+        if self.metrics_file is not None:
+            self.metrics_file.write(json.dumps(record) + "\n")
+            self.metrics_file.flush()
+
+    def _log(self, done: int) -> None:
+        """A metrics.jsonl record: the mean loss over all workers since the last one, and throughput."""
+        totals = self.ctx.all_reduce_sum(torch.tensor(self.log_acc, dtype=torch.float64))
+        loss_mean = (totals[0] / totals[1]).item()
+        elapsed = time.perf_counter() - self.window_start
+        samples_per_step = self.config["data.batch_size"] * self.ctx.world_size
+        record = {"step": done, "loss": loss_mean, "lr": self.tr.schedulers[0].get_last_lr()[0],
+                  "samples_per_s": samples_per_step * self.window_steps / elapsed,
+                  "time_s": time.perf_counter() - self.started}
+        if self.task.tokens_per_sample:
+            record["tokens_per_s"] = record["samples_per_s"] * self.task.tokens_per_sample
+        self._write(record)
+        self.bar.set_postfix(loss=f"{loss_mean:.4f}", samples_s=f"{record['samples_per_s']:.0f}")
+        self.log_acc, self.window_start, self.window_steps = [0.0, 0], time.perf_counter(), 0
+
+    def _evaluate(self, done: int) -> None:
+        metrics = evaluate(self.tr, self.eval_models)
+        self.evals.append({"step": done, **metrics})
+        self._write({"step": done, "eval": metrics})
+        if self.ctx.is_main:
+            self.bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+    def _checkpoint(self, done: int) -> None:
+        """Every rank writes what it holds (DDP: rank 0 speaks for all), then rank 0 the manifest."""
+        ctx, tr, root = self.ctx, self.tr, self.ckpt_root
+        per_rank: dict[str, Any] = {"rng": _rng_state(ctx.device), "log_accumulator": self.log_acc, "step": done}
+        if ctx.rank == 0 or not tr.par.replicated:
+            per_rank["workers"] = tr.state()
+        ckpt.write_rank_state(root, done, ctx.rank, per_rank)
+        ctx.barrier()
+        if ctx.is_main:
+            ckpt.finalize(root, done, ctx.processes,
+                          {"config": self.config.to_dict(), "simulate": ctx.simulate,
+                           "strategy": strategy_label(self.config),
+                           "model_kwargs": self.task.model_kwargs, "model": self.config["model.name"],
+                           "example_input_shape": list(self.task.example_input.shape),
+                           "plan_fingerprint": self.plan.fingerprint() if self.plan is not None else None,
+                           "phase": "full" if tr.full_phase else "own",
+                           "virtual_world_size": ctx.world_size},
+                          self.config["run.keep_checkpoints"])
+        ctx.barrier()
+
+    # -- the summary -----------------------------------------------------------------------
+
+    def summary(self) -> dict[str, Any] | None:
+        """Gather every rank's figures (collective) and, on rank 0, write summary.json."""
+        config, ctx, tr = self.config, self.ctx, self.tr
+        figures = rank_figures(tr, self.stats)
+        figures.update({f"{phase}_flops_per_step": v for phase, v in self.stats.phase_flops.items()})
+        inference = inference_flops(tr, self.eval_models[""])
+        per_rank = _gather_figures(tr, figures)
+        if not ctx.is_main:
+            return None
+        step_medians = [r["median_step_s"] for r in per_rank if r["median_step_s"]]
+        own = sum(r["own_flops_per_step"] for r in per_rank)
+        full = sum(r["full_flops_per_step"] for r in per_rank)
+        summary = {
+            "name": config["run.name"], "strategy": strategy_label(config), "workers": ctx.world_size,
+            "simulated": ctx.simulate, "steps": self.steps, "resumed_from": self.start_step or None,
+            "final_eval": self.evals[-1] if self.evals else None, "evals": self.evals,
+            "median_step_s": statistics.median(step_medians) if step_medians else None,
+            "samples_per_step": config["data.batch_size"] * ctx.world_size,
+            # measured (FlopCounterMode) on one step: forward + backward of every worker
+            "train_flops_per_step": own,
+            "train_flops": own * self.own_steps + full * self.full_steps,
+            "full_phase": ({"from_step": self.own_steps, "steps": self.full_steps, "flops_per_step": full,
+                            "sdp_phase_per_rank": self.sdp_phase_per_rank} if self.full_steps else None),
+            "inference_flops_per_sample": inference,
+            "per_rank": per_rank,
+            "plan": self.plan.to_dict() if self.plan is not None else None,
+            "config": config.to_dict(),
+            "machine": machine_info(ctx.device, backend=ctx.backend),
+            "wall_s": time.perf_counter() - self.started,
+        }
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        return summary

@@ -10,8 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed as dist
 
-from subnetdp.app.bench import main, parse_strategy
+from _models import batch_for, make
+from subnetdp.app.bench import _blocks_run_forward, main, parse_strategy
+from subnetdp.app.parallelism import RealSDP
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -55,3 +59,21 @@ def test_real_gloo_ranks_through_torchrun(tmp_path: Path) -> None:
     rows = {r["strategy"]: r for r in bench["summary"]}
     assert rows["sdp-block-fwd@0.5"]["param_mib"] < rows["ddp"]["param_mib"]
     assert rows["ddp"]["peak_rss_mib"] > 100 and rows["ddp"]["tokens_per_s"] > 0
+
+
+def test_checkpointed_blocks_are_the_ones_the_plan_runs_forward() -> None:
+    """sdp-*-ckpt checkpoints the blocks whose forward this rank runs: under block-level forward
+    masking the plan's held blocks, otherwise every block."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    paths = [f"blocks.{i}" for i in range(4)]
+    for rank in range(4):
+        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=4)
+        try:
+            torch.manual_seed(0)
+            par = RealSDP(make("mlp"), blocks="blocks", coverage=0.25, example_input=batch_for("mlp", 0)[0])
+            held = _blocks_run_forward(parse_strategy("sdp-block-fwd-ckpt@0.25"), par, paths)
+            assert held and held == sorted(par.plan.held_units(rank)) and len(held) < len(paths)
+            assert _blocks_run_forward(parse_strategy("sdp-block-bwd-ckpt@0.25"), par, paths) == paths
+            assert _blocks_run_forward(parse_strategy("sdp-neuron-fwd-ckpt@0.25"), par, paths) == paths
+        finally:
+            dist.destroy_process_group()

@@ -16,6 +16,7 @@ from subnetdp import SubnetworkSimulator
 from subnetdp.app import train as train_module
 from subnetdp.app.baselines import StochasticDepth
 from subnetdp.app.config import ConfigError, load_config
+from subnetdp.app.evaluation import branch_scale
 from subnetdp.models import resnet18
 
 from _runs import SYNTHETIC, _config, _train
@@ -172,7 +173,7 @@ def test_branches_are_scaled_only_where_they_were_trained_in_part_of_the_forward
         k, world_size = 1, 4
 
     def scale(*sets: str) -> float | None:
-        return train_module._branch_scale(load_config(None, list(sets)), Plan())
+        return branch_scale(load_config(None, list(sets)), Plan())
 
     assert scale() == 0.25  # block level, forward masking, unscaled at train time: k / N
     assert scale("strategy.masking=backward") is None  # the full model ran every forward pass
@@ -180,5 +181,5 @@ def test_branches_are_scaled_only_where_they_were_trained_in_part_of_the_forward
     assert scale("strategy.scale=inverse-coverage") is None
     with pytest.raises(ConfigError, match="masking = 'forward'"):
         scale("strategy.masking=backward", "eval.residual_scale=coverage")
-    assert train_module._branch_scale(load_config(None, ["strategy.name=ddp", "strategy.stochastic_depth=0.2"]),
+    assert branch_scale(load_config(None, ["strategy.name=ddp", "strategy.stochastic_depth=0.2"]),
                                       None) == pytest.approx(0.8)
