@@ -84,3 +84,57 @@ def assert_dropped_blocks_are_identity(model: nn.Module, container: str, x: torc
                 blocks[i] = nn.Identity()
         assert len(held) < len(blocks)
         torch.testing.assert_close(worker(x), ref(x), msg=f"worker {r}")
+
+
+def kept_columns(full: torch.Tensor, part: torch.Tensor) -> list[int]:
+    """The indices of ``full``'s columns that ``part``'s columns are, in ``part``'s order (each
+    column of ``part`` must be bitwise equal to one of ``full``'s)."""
+    if part.shape[1] == 0:
+        return []
+    same = (full.detach().T[None, :, :] == part.detach().T[:, None, :]).all(-1)  # [part cols, full cols]
+    assert bool(same.any(1).all()), "a held column is none of the full model's columns"
+    return same.int().argmax(1).tolist()
+
+
+def zero_missing_columns(model: nn.Module, worker: nn.Module) -> tuple[nn.Module, dict[str, list[int]]]:
+    """The reference for a forward-masked neuron-level worker (scale 'none'), from public API only:
+    a copy of the full ``model`` in which every 2-D weight that the worker holds with fewer input
+    columns (an output projection whose hidden neurons were sliced out) has the columns it does not
+    hold set to zero. Which columns a worker holds is read from its own weights (``worker.module``,
+    same parameter names), matched to the full model's columns by value. Returns the reference and
+    the held column indices per sliced weight."""
+    import copy
+
+    ref = copy.deepcopy(model)
+    held = dict(worker.module.named_parameters())
+    kept: dict[str, list[int]] = {}
+    for name, weight in ref.named_parameters():
+        part = held.get(name)
+        if weight.dim() != 2 or part is None or part.shape[1] == weight.shape[1]:
+            continue
+        assert part.shape[0] == weight.shape[0], f"{name}: both dimensions sliced"
+        kept[name] = kept_columns(weight, part)
+        drop = torch.ones(weight.shape[1], dtype=torch.bool)
+        drop[kept[name]] = False
+        with torch.no_grad():
+            weight[:, drop] = 0
+    return ref, kept
+
+
+def assert_each_neuron_has_k_holders(sim, model: nn.Module) -> None:
+    """Forward-masked neuron level, public API only: every hidden neuron of every sliced output
+    projection (one of its columns) is held by exactly ``sim.plan.k`` workers, and each worker
+    trains the parameter count its plan says."""
+    kept_by_worker = [zero_missing_columns(model, worker)[1] for worker in sim.workers]
+    names = set().union(*kept_by_worker)
+    assert names, "no weight was sliced"
+    for name in sorted(names):
+        width = model.get_parameter(name).shape[1]
+        count = torch.zeros(width, dtype=torch.long)
+        for worker, kept in zip(sim.workers, kept_by_worker):
+            part = dict(worker.module.named_parameters()).get(name)
+            held = kept.get(name, list(range(width)) if part is not None and part.shape[1] == width else [])
+            count[held] += 1
+        assert (count == sim.plan.k).all(), (name, count.tolist())
+    for r, worker in enumerate(sim.workers):
+        assert sum(p.numel() for p in worker.parameters()) == sim.plan.worker_params[r], f"worker {r}"

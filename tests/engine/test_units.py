@@ -6,10 +6,9 @@ import copy
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from _models import make, tiny_llama
+from _models import assert_each_neuron_has_k_holders, make, tiny_llama, zero_missing_columns
 from subnetdp import SDPConfigError, SubnetworkSimulator, plan_for
 from subnetdp.engine.units import SkippedBlock, analyse_block, find_neuron_sites
 from subnetdp.models.resnet import BasicBlock
@@ -85,32 +84,19 @@ def test_block_without_pattern_is_an_error_naming_it() -> None:
         find_neuron_sites(model, "1.0")
 
 
-def _zero_columns(model: nn.Module, sdp_worker) -> nn.Module:
-    """The full model with the non-held hidden groups' output columns zeroed (the reference for a
-    forward-masked worker at scale 'none')."""
-    ref = copy.deepcopy(model)
-    for piece in sdp_worker._pieces:
-        if piece.spec is not None and piece.spec.dim == 1 and sdp_worker.rank not in piece.holders:
-            module_path, name = piece.key.rsplit(".", 1)
-            weight = getattr(ref.get_submodule(module_path), name)
-            with torch.no_grad():
-                for a, b in piece.full_ranges:
-                    weight[:, a:b] = 0
-    return ref
-
-
 @pytest.mark.parametrize("kind,blocks", [("llama", "model.layers"), ("mlp", "blocks")])
 def test_sliced_worker_computes_the_subnetwork(kind: str, blocks: str) -> None:
     model = make(kind)
     sim = SubnetworkSimulator(model, 4, neurons=blocks, coverage=0.5, seed=1)
     x = torch.randint(0, 64, (2, 8)) if kind == "llama" else torch.randn(3, 5)
     for worker in sim.workers:
-        ref = _zero_columns(model, worker)
+        ref, _ = zero_missing_columns(model, worker)
         out, expected = worker(x), ref(x)
         if kind == "llama":
             out, expected = out.logits, expected.logits
         torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
         assert sum(p.numel() for p in worker.parameters()) < sum(p.numel() for p in model.parameters())
+    assert_each_neuron_has_k_holders(sim, model)
 
 
 def test_fused_qkv_attention_is_sliced_by_heads() -> None:
@@ -140,85 +126,12 @@ def test_fused_qkv_attention_is_sliced_by_heads() -> None:
     x = torch.randn(2, 5, 16)
     for worker in sim.workers:
         assert worker.module[1][0].attn.num_heads == 2
-        torch.testing.assert_close(worker(x), _zero_columns(model, worker)(x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(worker(x), zero_missing_columns(model, worker)[0](x), rtol=1e-4, atol=1e-5)
+    assert_each_neuron_has_k_holders(sim, model)
 
 
 # ---------------------------------------------------------------------------------------------
-# bad input: a clear error before the first step
-
-
-def _virtual(model: nn.Module, world: int = 4, **kwargs):
-    from subnetdp import SubnetworkDataParallel
-    return SubnetworkDataParallel(model, _virtual_rank=0, _virtual_world_size=world, **kwargs)
-
-
-@pytest.mark.parametrize("coverage", [0, -0.1, 1.01, 2])
-def test_coverage_outside_unit_interval(coverage: float) -> None:
-    with pytest.raises(SDPConfigError, match=r"coverage must be in \(0, 1\]"):
-        _virtual(make("mlp"), blocks="blocks", coverage=coverage)
-
-
-def test_path_that_names_nothing_lists_what_is_there() -> None:
-    with pytest.raises(SDPConfigError, match=r"'layers' names nothing.*\['inp', 'blocks', 'head'\]"):
-        _virtual(make("mlp"), blocks="layers", coverage=0.5)
-    with pytest.raises(SDPConfigError, match="names nothing"):
-        _virtual(make("llama"), blocks=["model.layers.0", "model.layers.9"], coverage=0.5)
-
-
-def test_blocks_and_neurons_are_exclusive() -> None:
-    with pytest.raises(SDPConfigError, match="exactly one"):
-        _virtual(make("mlp"), blocks="blocks", neurons="blocks")
-
-
-def test_non_residual_block_is_an_error() -> None:
-    model = nn.Sequential(nn.ModuleList([nn.Linear(5, 8), nn.Linear(8, 8)]))
-    with pytest.raises(SDPConfigError, match="not residual"):
-        _virtual(model, blocks="0", coverage=0.5, world=2)
-
-
-def test_untraceable_block_that_changes_shape_is_an_error() -> None:
-    class Widen(nn.Module):  # untraceable (data-dependent branch), output wider than input
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc = nn.Linear(4, 6)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.fc(x) if x.sum() > -1e9 else x
-
-    class Net(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.blocks = nn.ModuleList([Widen(), Widen()])
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.blocks[0](x)
-
-    with pytest.raises(SDPConfigError, match="no traceable shortcut"):
-        _virtual(Net(), blocks="blocks", coverage=0.5, world=2, example_input=torch.randn(2, 4))
-
-
-def test_coverage_that_rounds_to_zero_holders() -> None:
-    with pytest.raises(SDPConfigError, match=r"round\(C\*N\) = 0"):
-        _virtual(make("mlp"), blocks="blocks", coverage=0.1, world=4)
-
-
-def test_model_on_meta_device_is_an_error() -> None:
-    with torch.device("meta"):
-        model = make("mlp")
-    with pytest.raises(SDPConfigError, match="meta device"):
-        _virtual(model, blocks="blocks", coverage=0.5)
-
-
-def test_nccl_backend_with_cpu_model_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    # No GPU here: pretend an NCCL group exists, and check the device test that runs first.
-    monkeypatch.setattr(dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
-    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
-    monkeypatch.setattr(dist, "get_process_group_ranks", lambda group: [0, 1])
-    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
-    from subnetdp import SubnetworkDataParallel
-    with pytest.raises(SDPConfigError, match="NCCL but the model is on 'cpu'"):
-        SubnetworkDataParallel(make("mlp"), blocks="blocks", coverage=0.5, process_group=object())
+# plans and scaling (the wrapper's argument checks are in test_wrapper.py)
 
 
 def test_plan_for_does_not_change_the_model() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import time
 import warnings
 
@@ -15,7 +16,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from _dist import run_distributed
 from _models import batch_for, loss_of, make
-from subnetdp import CollectiveError, PlanMismatchError, SubnetworkDataParallel, SubnetworkSimulator
+from subnetdp import (CollectiveError, PlanMismatchError, SDPConfigError, SubnetworkDataParallel,
+                      SubnetworkSimulator, plan_for)
 
 STEPS = 3
 
@@ -295,6 +297,162 @@ def test_no_sync_accumulates_like_ddp() -> None:
     assert max(run_distributed(_no_sync_accumulates, 2)) < 1e-6
 
 
+# no_sync below C = 1: the first micro-batch's gradient stays local, the second backward averages
+# the accumulated sum
+NO_SYNC = {"block-forward": dict(blocks="blocks", coverage=0.5),
+           "neuron-backward": dict(neurons="blocks", coverage=0.5, masking="backward")}
+
+
+def _grads(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+def _no_sync_below_one(rank: int, world: int, name: str) -> dict:
+    (x1, y1), (x2, y2) = batch_for("mlp", rank), batch_for("mlp", 100 + rank)
+    sdp = SubnetworkDataParallel(make("mlp"), seed=2, **NO_SYNC[name])
+    with sdp.no_sync():
+        loss_of("mlp", sdp, x1, y1).backward()
+    out = {"local": _grads(sdp), "bytes_inside": sdp.comm_bytes}
+    loss_of("mlp", sdp, x2, y2).backward()
+    out.update(accumulated=_grads(sdp), bytes_after=sdp.comm_bytes)
+    one = SubnetworkDataParallel(make("mlp"), seed=2, **NO_SYNC[name])
+    (loss_of("mlp", one, x1, y1) + loss_of("mlp", one, x2, y2)).backward()
+    out["summed"] = _grads(one)
+    return out
+
+
+@pytest.mark.parametrize("name", list(NO_SYNC))
+def test_no_sync_below_coverage_one_accumulates_then_averages(name: str) -> None:
+    results = run_distributed(_no_sync_below_one, 4, name)
+    sim = SubnetworkSimulator(make("mlp"), 4, seed=2, **NO_SYNC[name])
+    for rank, worker in enumerate(sim.workers):  # the simulator averages only when told to
+        loss_of("mlp", worker, *batch_for("mlp", rank)).backward()
+    local = [_grads(w) for w in sim.workers]
+    for rank, worker in enumerate(sim.workers):
+        loss_of("mlp", worker, *batch_for("mlp", 100 + rank)).backward()
+    sim.sync_gradients()
+    for rank, r in enumerate(results):
+        assert r["bytes_inside"] == 0 and r["bytes_after"] > 0, rank
+        expected = _grads(sim.workers[rank])
+        assert r["local"].keys() == local[rank].keys() == r["accumulated"].keys() == expected.keys()
+        for key in expected:
+            torch.testing.assert_close(r["local"][key], local[rank][key], msg=f"rank {rank} {key}")
+            torch.testing.assert_close(r["accumulated"][key], r["summed"][key], rtol=1e-5, atol=1e-6,
+                                       msg=f"rank {rank} {key}")
+            torch.testing.assert_close(r["accumulated"][key], expected[key], rtol=1e-5, atol=1e-6,
+                                       msg=f"rank {rank} {key}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixed parameter dtypes under autocast: float32 and bfloat16 gradients in one set of buckets
+
+
+def _mixed_mlp() -> nn.Module:
+    model = make("mlp")
+    model.inp.to(torch.bfloat16)            # shared parameters of both dtypes (the head stays float32)
+    model.blocks[1].mlp.to(torch.bfloat16)  # one unit with both dtypes (its norm stays float32)
+    return model
+
+
+MIXED = {"block-forward": dict(blocks="blocks", coverage=0.5, bucket_cap_mb=TINY),
+         "neuron-backward": dict(neurons="blocks", coverage=0.5, masking="backward", bucket_cap_mb=TINY)}
+
+
+def _mixed_backward(worker: nn.Module, rank: int) -> None:
+    x, y = batch_for("mlp", rank)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = loss_of("mlp", worker, x, y)
+    loss.backward()
+
+
+def _mixed_grads(rank: int, world: int, name: str) -> dict:
+    sdp = SubnetworkDataParallel(_mixed_mlp(), seed=4, **MIXED[name])
+    _mixed_backward(sdp, rank)
+    return {n: (p.dtype, p.grad.clone()) for n, p in sdp.named_parameters()}
+
+
+@pytest.mark.parametrize("name", list(MIXED))
+def test_mixed_dtypes_under_autocast_equal_the_simulator(name: str) -> None:
+    results = run_distributed(_mixed_grads, 4, name)
+    sim = SubnetworkSimulator(_mixed_mlp(), 4, seed=4, **MIXED[name])
+    for rank, worker in enumerate(sim.workers):
+        _mixed_backward(worker, rank)
+    sim.sync_gradients()
+    dtypes = set()
+    # parameters that a worker holds whole, under the plain model's name (under backward masking a
+    # worker's slice of a neuron-level weight has a name of its own, and differs between workers)
+    whole = {n for n, _ in _mixed_mlp().named_parameters()}
+    for rank, grads in enumerate(results):
+        expected = dict(sim.workers[rank].named_parameters())
+        assert grads.keys() == expected.keys()
+        for key, (dtype, grad) in grads.items():
+            assert grad.dtype == dtype == expected[key].dtype, (rank, key, grad.dtype, dtype)
+            dtypes.add(dtype)
+            # bfloat16: the all-reduce sums in another order than the simulator; allow one bf16
+            # epsilon (2^-7) of the tensor's largest entry
+            atol = 2 ** -7 * expected[key].grad.abs().max().item() if dtype == torch.bfloat16 else 1e-6
+            torch.testing.assert_close(grad, expected[key].grad, rtol=1.6e-2 if dtype == torch.bfloat16 else 1e-5,
+                                       atol=atol, msg=f"rank {rank} {key}")
+            for other in results[:rank]:  # every worker that trains it got the same average
+                if key in other and key in whole:
+                    assert torch.equal(other[key][1], grad), (rank, key)
+    assert dtypes == {torch.float32, torch.bfloat16}
+    assert any(dt == torch.bfloat16 for dt, _ in results[0].values())  # shared bf16 parameters on every rank
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward masking with two optimizers and sync_weights_after_step=False
+
+
+def _two_optimizers(rank: int, world: int, steps: int) -> dict:
+    sdp = SubnetworkDataParallel(make("mlp"), blocks="blocks", coverage=0.5, masking="backward", seed=5,
+                                 sync_weights_after_step=False)
+    params = list(sdp.parameters())
+    opts = [torch.optim.SGD(params[:len(params) // 2], lr=0.1, momentum=0.9),
+            torch.optim.AdamW(params[len(params) // 2:], lr=1e-2)]
+    for step in range(steps):
+        loss_of("mlp", sdp, *batch_for("mlp", 100 * step + rank)).backward()
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+        if step == steps - 1:
+            before = sdp.local_full_state_dict()
+        sdp.sync_weights()
+    return {"before": before, "after": sdp.local_full_state_dict(),
+            "keys": [k for k, _ in make("mlp").named_parameters()]}
+
+
+def test_two_optimizers_without_the_step_hook_need_one_sync_weights_call() -> None:
+    steps = 2
+    results = run_distributed(_two_optimizers, 4, steps)
+    keys = results[0]["keys"]
+    for rank in range(1, 4):  # replicas are bitwise identical after the explicit call
+        for key in keys:
+            assert torch.equal(results[rank]["after"][key], results[0]["after"][key]), (rank, key)
+    # ... and not before it: the automatic broadcast after step() is off
+    stale = [(rank, key) for rank in range(1, 4) for key in keys
+             if not torch.equal(results[rank]["before"][key], results[0]["before"][key])]
+    assert stale
+    # the values are those of the simulator with the same two optimizers
+    sim = SubnetworkSimulator(make("mlp"), 4, blocks="blocks", coverage=0.5, masking="backward", seed=5)
+    opts = []
+    for worker in sim.workers:
+        params = list(worker.parameters())
+        opts += [torch.optim.SGD(params[:len(params) // 2], lr=0.1, momentum=0.9),
+                 torch.optim.AdamW(params[len(params) // 2:], lr=1e-2)]
+    for step in range(steps):
+        for rank, worker in enumerate(sim.workers):
+            loss_of("mlp", worker, *batch_for("mlp", 100 * step + rank)).backward()
+        sim.sync_gradients()
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+        sim.sync_weights()
+    full = sim.full_state_dict()
+    for key in keys:
+        torch.testing.assert_close(results[0]["after"][key], full[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
 def test_requires_initialised_process_group() -> None:
     assert not dist.is_initialized()
     with pytest.raises(Exception, match="not initialised"):
@@ -302,35 +460,156 @@ def test_requires_initialised_process_group() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Bad arguments: a clear SDPConfigError before the first step, from every public entry point
+
+
+class _Widen(nn.Module):  # untraceable (data-dependent branch), output wider than input
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) if x.sum() > -1e9 else x
+
+
+class _WideningNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([_Widen(), _Widen()])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks[0](x)
+
+
+def _bad_model(kind: str) -> nn.Module:
+    if kind == "non-residual":
+        return nn.Sequential(nn.ModuleList([nn.Linear(5, 8), nn.Linear(8, 8)]))
+    if kind == "widening":
+        torch.manual_seed(0)
+        return _WideningNet()
+    if kind == "meta":
+        with torch.device("meta"):
+            return make("mlp")
+    return make(kind)
+
+
+# name: (model, keyword arguments, message); coverage 0.1 rounds to 0 holders for N = 2 and N = 4
+BAD_ARGUMENTS = {
+    "coverage-zero": ("mlp", dict(blocks="blocks", coverage=0), r"coverage must be in \(0, 1\]"),
+    "coverage-negative": ("mlp", dict(blocks="blocks", coverage=-0.1), r"coverage must be in \(0, 1\]"),
+    "coverage-above-one": ("mlp", dict(blocks="blocks", coverage=1.01), r"coverage must be in \(0, 1\]"),
+    "coverage-two": ("mlp", dict(blocks="blocks", coverage=2), r"coverage must be in \(0, 1\]"),
+    "coverage-rounds-to-zero-holders": ("mlp", dict(blocks="blocks", coverage=0.1), r"round\(C\*N\) = 0"),
+    "path-names-nothing": ("mlp", dict(blocks="layers", coverage=0.5),
+                           r"'layers' names nothing.*\['inp', 'blocks', 'head'\]"),
+    "path-in-list-names-nothing": ("mlp", dict(blocks=["blocks.0", "blocks.9"], coverage=0.5), "names nothing"),
+    "blocks-and-neurons": ("mlp", dict(blocks="blocks", neurons="blocks"), "exactly one"),
+    "neither-blocks-nor-neurons": ("mlp", dict(coverage=0.5), "exactly one"),
+    "unknown-masking": ("mlp", dict(blocks="blocks", masking="sideways"), "masking must be"),
+    "unknown-scale": ("mlp", dict(blocks="blocks", scale="double"), "scale must be"),
+    "non-residual-block": ("non-residual", dict(blocks="0", coverage=0.5), "not residual"),
+    "untraceable-block-changes-shape": ("widening", dict(blocks="blocks", coverage=0.5,
+                                                         example_input=torch.randn(2, 4)), "no traceable shortcut"),
+    "timeout-not-positive": ("mlp", dict(blocks="blocks", timeout=0), "timeout must be positive"),
+    "model-on-meta-device": ("meta", dict(blocks="blocks", coverage=0.5), "meta device"),
+}
+# plan_for only plans: a model on the meta device or a timeout are none of its business
+PLAN_ERRORS = [n for n in BAD_ARGUMENTS if n not in ("model-on-meta-device", "timeout-not-positive")]
+
+
+@pytest.mark.parametrize("case", list(BAD_ARGUMENTS))
+def test_bad_arguments_are_config_errors_in_the_simulator(case: str) -> None:
+    kind, kwargs, message = BAD_ARGUMENTS[case]
+    with pytest.raises(SDPConfigError, match=message):
+        SubnetworkSimulator(_bad_model(kind), 4, **kwargs)
+
+
+@pytest.mark.parametrize("case", PLAN_ERRORS)
+def test_bad_arguments_are_config_errors_in_plan_for(case: str) -> None:
+    kind, kwargs, message = BAD_ARGUMENTS[case]
+    with pytest.raises(SDPConfigError, match=message):
+        plan_for(_bad_model(kind), 4, **kwargs)
+
+
+def _bad_arguments(rank: int, world: int) -> dict[str, str]:
+    out = {}
+    for case, (kind, kwargs, _) in BAD_ARGUMENTS.items():
+        try:
+            SubnetworkDataParallel(_bad_model(kind), **kwargs)
+        except SDPConfigError as exc:
+            out[case] = f"SDPConfigError: {exc}"
+        else:
+            out[case] = "no error"
+    return out
+
+
+@pytest.fixture(scope="module")
+def bad_arguments_with_a_process_group() -> list[dict[str, str]]:
+    return run_distributed(_bad_arguments, 2, timeout=120)
+
+
+@pytest.mark.parametrize("case", list(BAD_ARGUMENTS))
+def test_bad_arguments_are_config_errors_with_a_process_group(
+        bad_arguments_with_a_process_group: list[dict[str, str]], case: str) -> None:
+    message = BAD_ARGUMENTS[case][2]
+    for rank, errors in enumerate(bad_arguments_with_a_process_group):
+        assert errors[case].startswith("SDPConfigError: "), (rank, errors[case])
+        assert re.search(message, errors[case], flags=re.DOTALL), (rank, errors[case])
+
+
+def test_nccl_backend_with_cpu_model_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    # No GPU here: pretend an NCCL group exists, and check the device test that runs first.
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "get_process_group_ranks", lambda group: [0, 1])
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    with pytest.raises(SDPConfigError, match="NCCL but the model is on 'cpu'"):
+        SubnetworkDataParallel(make("mlp"), blocks="blocks", coverage=0.5, process_group=object())
+
+
+# ---------------------------------------------------------------------------------------------
 # Gradient clipping by the full model's norm, the same on every worker
 
 
-def _clipped_norms(rank: int, world: int) -> tuple[float, dict]:
-    model = make("resnet")
-    sdp = SubnetworkDataParallel(model, blocks="blocks", coverage=0.5, seed=1)
+MAX_NORM = 1e-3
+
+
+def _clipped_gradients(rank: int, world: int) -> tuple[float, dict]:
+    sdp = SubnetworkDataParallel(make("resnet"), blocks="blocks", coverage=0.5, seed=1)
     x, y = batch_for("resnet", rank)
     loss_of("resnet", sdp, x, y).backward()
-    norm = sdp.clip_grad_norm_(1e-3).item()
-    return norm, {n: p.grad.norm().item() for n, p in sdp.named_parameters()}
+    norm = sdp.clip_grad_norm_(MAX_NORM).item()
+    return norm, {n: p.grad.clone() for n, p in sdp.named_parameters()}
 
 
 def test_clip_grad_norm_uses_the_full_models_norm_on_every_worker() -> None:
-    results = run_distributed(_clipped_norms, 4)
+    results = run_distributed(_clipped_gradients, 4)
     sim = SubnetworkSimulator(make("resnet"), 4, blocks="blocks", coverage=0.5, seed=1)
     for rank, worker in enumerate(sim.workers):
         x, y = batch_for("resnet", rank)
         loss_of("resnet", worker, x, y).backward()
     sim.sync_gradients()
-    # the full model's averaged gradient: each unit once (from its owner), shared parameters once
-    full = sum(flat.double().pow(2).sum() for w in sim.workers for key, flat in w.grad_buckets().items()
-               if key[0][0] == w.rank).sqrt().item()
-    assert sim.clip_grad_norm_(1e-3).item() == pytest.approx(full)
-    assert [r[0] for r in results] == pytest.approx([full] * 4, rel=1e-5)
-    # holders of the same unit scaled their (identical) gradients by the same factor
-    for rank, (_, grads) in enumerate(results):
-        for name, value in grads.items():
-            assert value == pytest.approx(dict(sim.workers[rank].named_parameters())[name].grad.norm().item(),
-                                          rel=1e-4, abs=1e-9)
+    # the full model's averaged gradient in a plain, unwrapped model: each parameter once, a unit's
+    # from one of its holders (block level: a worker's parameter names are the plain model's)
+    plain = make("resnet")
+    worker_params = [dict(w.module.named_parameters()) for w in sim.workers]
+    for name, p in plain.named_parameters():
+        unit = next((u for u in sim.plan.holders if name.startswith(u + ".")), None)
+        source = sim.plan.holders[unit][0] if unit else 0
+        p.grad = worker_params[source][name].grad.clone()
+    expected = torch.nn.utils.clip_grad_norm_(plain.parameters(), MAX_NORM).item()
+    assert expected > 100 * MAX_NORM  # the gradients are clipped
+    clipped = {n: p.grad for n, p in plain.named_parameters()}
+    for rank, (norm, grads) in enumerate(results):
+        assert norm == pytest.approx(expected, rel=1e-5), rank
+        # held units, shared parameters and the shortcuts that dropped blocks keep
+        held = {n for n in clipped if ".downsample." in n or not any(
+            n.startswith(u + ".") for u in sim.plan.holders if rank not in sim.plan.holders[u])}
+        assert set(grads) == held, rank
+        for name, grad in grads.items():  # scaled by the same factor as torch's own clipping
+            torch.testing.assert_close(grad, clipped[name], rtol=1e-4, atol=1e-9, msg=f"rank {rank} {name}")
+    assert sim.clip_grad_norm_(MAX_NORM).item() == pytest.approx(expected, rel=1e-5)
 
 
 def _comm_bytes_with_single_holders(rank: int, world: int) -> tuple[int, int]:

@@ -10,7 +10,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from _models import assert_dropped_blocks_are_identity
+from _models import assert_dropped_blocks_are_identity, assert_each_neuron_has_k_holders, zero_missing_columns
 from subnetdp.engine.simulator import SubnetworkSimulator
 from subnetdp.models import Llama, LlamaConfig, llama, num_parameters
 from subnetdp.models.llama import PRESETS, apply_rope
@@ -127,26 +127,60 @@ def test_presets() -> None:
         LlamaConfig(n_heads=4, n_kv_heads=3)
 
 
-def _train_one_step_and_assemble(model: Llama, **sdp) -> None:
+def _loss(model: torch.nn.Module, t: torch.Tensor) -> torch.Tensor:
+    logits = model(t[:, :-1])
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), t[:, 1:].reshape(-1))
+
+
+def _train_and_assemble(model: Llama, steps: int = 4, **sdp) -> None:
+    """Four workers train a few Adam steps on fixed batches: each worker's loss on its batch goes
+    down, every parameter of the assembled model changed, and the assembled model, cut back to a
+    worker's subnetwork, computes what that worker computes (the units' trained values are in it)."""
+    initial = copy.deepcopy(model)
     sim = SubnetworkSimulator(model, world_size=4, coverage=0.5, **sdp)
-    for r, worker in enumerate(sim.workers):
-        t = tokens(t=9, seed=r)
-        logits = worker(t[:, :-1])
-        F.cross_entropy(logits.reshape(-1, logits.shape[-1]), t[:, 1:].reshape(-1)).backward()
-    sim.sync_gradients()
+    opts = [torch.optim.Adam(w.parameters(), lr=1e-2) for w in sim.workers]
+    batches = [tokens(t=9, seed=r) for r in range(4)]
+    with torch.no_grad():
+        before = [_loss(w, t).item() for w, t in zip(sim.workers, batches)]
+    for _ in range(steps):
+        for worker, t in zip(sim.workers, batches):
+            _loss(worker, t).backward()
+        sim.sync_gradients()
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+    with torch.no_grad():
+        after = [_loss(w, t).item() for w, t in zip(sim.workers, batches)]
+    assert all(a < b - 0.5 for a, b in zip(after, before)), (before, after)
+    full = sim.full_state_dict()
     fresh = llama("debug", n_layers=4, tie_embeddings=model.config.tie_embeddings)
-    fresh.load_state_dict(sim.full_state_dict(), strict=True)
-    assert fresh(tokens()).shape == (2, 12, 256)
+    fresh.load_state_dict(full, strict=True)
+    for name, p in initial.named_parameters():
+        assert not torch.equal(full[name], p), f"{name} was not trained"
+    if model.config.tie_embeddings:
+        assert torch.equal(full["lm_head.weight"], full["tok_embeddings.weight"])
+        assert fresh.lm_head.weight.data_ptr() == fresh.tok_embeddings.weight.data_ptr()
+    x = tokens()
+    for r, worker in enumerate(sim.workers):
+        if "neurons" in sdp:
+            ref, _ = zero_missing_columns(fresh, worker)
+        else:
+            ref, held = copy.deepcopy(fresh), set(sim.plan.held_units(r))
+            for i in range(len(ref.layers)):
+                if f"layers.{i}" not in held:
+                    ref.layers[i] = torch.nn.Identity()
+        with torch.no_grad():
+            torch.testing.assert_close(worker(x), ref(x), msg=f"worker {r}")
 
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_engine_block_level(tie: bool) -> None:
-    _train_one_step_and_assemble(debug(tie_embeddings=tie), blocks="layers")
+    _train_and_assemble(debug(tie_embeddings=tie), blocks="layers")
 
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_engine_neuron_level(tie: bool) -> None:
-    _train_one_step_and_assemble(debug(tie_embeddings=tie), neurons="layers")
+    _train_and_assemble(debug(tie_embeddings=tie), neurons="layers")
 
 
 def test_engine_dropped_block_is_identity() -> None:
@@ -162,13 +196,6 @@ def test_engine_neuron_worker_is_full_model_without_its_missing_neurons(world_si
     sim = SubnetworkSimulator(model, world_size=world_size, neurons="layers", coverage=coverage)
     x = tokens()
     for r, worker in enumerate(sim.workers):
-        ref = copy.deepcopy(model)
-        for site in worker._sites:
-            keep = torch.zeros(site.hidden, dtype=torch.bool)
-            for g, (a, b) in enumerate(site.groups):
-                keep[a:b] = r in sim.plan.holders[site.unit_name(g)]
-            out = ref.get_submodule(site.output)
-            unit = out.in_features // site.hidden
-            with torch.no_grad():
-                out.weight[:, ~keep.repeat_interleave(unit)] = 0
+        ref, _ = zero_missing_columns(model, worker)
         torch.testing.assert_close(worker(x), ref(x), msg=f"worker {r}")
+    assert_each_neuron_has_k_holders(sim, model)

@@ -9,7 +9,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from _models import assert_dropped_blocks_are_identity
+from _models import assert_dropped_blocks_are_identity, assert_each_neuron_has_k_holders, zero_missing_columns
 from subnetdp.engine.simulator import SubnetworkSimulator
 from subnetdp.models import ViT, vit
 from subnetdp.models.vit import PRESETS
@@ -64,22 +64,53 @@ def test_attention_runs_with_heads_sliced_out() -> None:
     torch.testing.assert_close(cut(x), ref(x))
 
 
-def _train_one_step_and_assemble(model: ViT, **sdp) -> None:
+LABELS = torch.tensor([1, 2])
+
+
+def _train_and_assemble(model: ViT, steps: int = 4, **sdp) -> None:
+    """Four workers train a few Adam steps on fixed batches: each worker's loss on its batch goes
+    down, every parameter of the assembled model changed, and the assembled model, cut back to a
+    worker's subnetwork, computes what that worker computes (the units' trained values are in it)."""
+    initial = copy.deepcopy(model)
     sim = SubnetworkSimulator(model, world_size=4, coverage=0.5, **sdp)
-    for r, worker in enumerate(sim.workers):
-        nn.functional.cross_entropy(worker(images(seed=r)), torch.tensor([1, 2])).backward()
-    sim.sync_gradients()
+    opts = [torch.optim.Adam(w.parameters(), lr=1e-2) for w in sim.workers]
+    batches = [images(seed=r) for r in range(4)]
+    with torch.no_grad():
+        before = [nn.functional.cross_entropy(w(x), LABELS).item() for w, x in zip(sim.workers, batches)]
+    for _ in range(steps):
+        for worker, x in zip(sim.workers, batches):
+            nn.functional.cross_entropy(worker(x), LABELS).backward()
+        sim.sync_gradients()
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+    with torch.no_grad():
+        after = [nn.functional.cross_entropy(w(x), LABELS).item() for w, x in zip(sim.workers, batches)]
+    assert all(a < b - 0.5 for a, b in zip(after, before)), (before, after)
+    full = sim.full_state_dict()
     fresh = small()
-    fresh.load_state_dict(sim.full_state_dict(), strict=True)
-    assert fresh(images()).shape == (2, 10)
+    fresh.load_state_dict(full, strict=True)
+    for name, p in initial.named_parameters():
+        assert not torch.equal(full[name], p), f"{name} was not trained"
+    x = images(seed=9)
+    for r, worker in enumerate(sim.workers):
+        if "neurons" in sdp:
+            ref, _ = zero_missing_columns(fresh, worker)
+        else:
+            ref, held = copy.deepcopy(fresh), set(sim.plan.held_units(r))
+            for i in range(len(ref.blocks)):
+                if f"blocks.{i}" not in held:
+                    ref.blocks[i] = nn.Identity()
+        with torch.no_grad():
+            torch.testing.assert_close(worker(x), ref(x), msg=f"worker {r}")
 
 
 def test_engine_block_level() -> None:
-    _train_one_step_and_assemble(small(), blocks="blocks")
+    _train_and_assemble(small(), blocks="blocks")
 
 
 def test_engine_neuron_level() -> None:
-    _train_one_step_and_assemble(small(), neurons="blocks")
+    _train_and_assemble(small(), neurons="blocks")
 
 
 def test_engine_dropped_block_is_identity() -> None:
@@ -93,13 +124,6 @@ def test_engine_neuron_worker_is_full_model_without_its_missing_neurons() -> Non
     sim = SubnetworkSimulator(model, world_size=4, neurons="blocks", coverage=0.5)
     x = images()
     for r, worker in enumerate(sim.workers):
-        ref = copy.deepcopy(model)
-        for site in worker._sites:
-            keep = torch.zeros(site.hidden, dtype=torch.bool)
-            for g, (a, b) in enumerate(site.groups):
-                keep[a:b] = r in sim.plan.holders[site.unit_name(g)]
-            out = ref.get_submodule(site.output)
-            unit = out.in_features // site.hidden
-            with torch.no_grad():
-                out.weight[:, ~keep.repeat_interleave(unit)] = 0
+        ref, _ = zero_missing_columns(model, worker)
         torch.testing.assert_close(worker(x), ref(x), msg=f"worker {r}")
+    assert_each_neuron_has_k_holders(sim, model)
