@@ -1,4 +1,4 @@
-"""Evaluating the assembled full model.
+"""Evaluating the assembled full model, and the ensemble of the subnetworks.
 
 Each block's norm running statistics were gathered inside its holders' subnetworks, where its input
 came through a different set of blocks than in the full model; averaging them over holders (what
@@ -8,40 +8,43 @@ full model (as slimmable networks and HeteroFL's static BN do) does.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import update_bn
 
+from .exchange import Exchange
 from .units import analyse_block, get_module, resolve_block_paths
 
 
-@torch.no_grad()
 def recalibrate_norm_statistics(model: nn.Module, batches: Iterable[Any]) -> int:
     """Reset every BatchNorm's running statistics and re-estimate them as the plain average over
-    ``batches`` (inputs only: tensors, tuples of positional args, or dicts of keyword args) in one
-    forward pass each. Returns the number of batches used; the model is left in eval mode."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = {m: m.momentum for m in norms}
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative moving average: every batch weighs the same
-    model.train()
+    ``batches`` (model inputs: tensors, or lists/tuples whose first element is the input) with
+    ``torch.optim.swa_utils.update_bn``. Returns the number of batches used; the model is left in
+    eval mode."""
     count = 0
-    try:
+
+    def counted() -> Iterator[Any]:
+        nonlocal count
         for batch in batches:
-            if isinstance(batch, Mapping):
-                model(**batch)
-            elif isinstance(batch, tuple):
-                model(*batch)
-            else:
-                model(batch)
             count += 1
-    finally:
-        for m, momentum in saved.items():
-            m.momentum = momentum
-        model.eval()
+            yield batch
+
+    update_bn(counted(), model)
+    model.eval()
     return count
+
+
+@torch.no_grad()
+def ensemble_log_probs(logits: Mapping[int, torch.Tensor], exchange: Exchange, world_size: int) -> torch.Tensor:
+    """The log of the mean over the N workers of their predicted probabilities (softmax over the
+    last dimension), from the local workers' ``logits`` on the same batch (collective)."""
+    probs = {r: torch.softmax(x.float(), dim=-1) for r, x in logits.items()}
+    exchange.all_reduce(tuple(range(world_size)), probs, "all_reduce of ensemble probabilities").wait()
+    mean = next(iter(probs.values())) / world_size
+    # a probability that underflowed to 0 on every worker must not become -inf
+    return mean.clamp_min_(torch.finfo(mean.dtype).tiny).log_()
 
 
 def scale_residual_branches(model: nn.Module, blocks: str | Sequence[str], factor: float) -> nn.Module:

@@ -1,5 +1,6 @@
-"""N virtual SDP workers in one process: the same plan and the same averaging as the multi-process
-wrapper, without torch.distributed. One GPU (or CPU) reproduces an N-worker experiment.
+"""N virtual SDP workers in one process: the same plan, cut, buckets and sync code as the
+multi-process wrapper, with the exchange a sum over the virtual workers' buffers instead of a
+collective. One GPU (or CPU) reproduces an N-worker experiment.
 
     sim = SubnetworkSimulator(model, world_size=8, blocks="layers", coverage=0.5)
     opts = [torch.optim.AdamW(w.parameters(), lr=3e-4) for w in sim.workers]
@@ -16,106 +17,87 @@ wrapper, without torch.distributed. One GPU (or CPU) reproduces an N-worker expe
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from .layout import Piece, flatten
+from . import assembly, evaluation, reducer, weights
+from .exchange import LocalExchange
 from .plan import Plan
-from .wrapper import SubnetworkDataParallel, _apply_clip, _dtypes, assemble_full_state
+from .planning import check_arguments, plan_model
+from .subnetwork import Subnetwork, check_device
 
 
 class SubnetworkSimulator:
-    """Holds one :class:`SubnetworkDataParallel` per virtual worker (each a cut copy of ``model``).
+    """One :class:`Subnetwork` per virtual worker, each a cut copy of ``model``. Keyword arguments
+    are those of :class:`SubnetworkDataParallel`, so a script switches between the two by its
+    constructor (``timeout`` and ``sync_weights_after_step`` are checked, then unused: nothing
+    waits on a peer, and ``sync_weights()`` is always called explicitly)."""
 
-    Keyword arguments are those of :class:`SubnetworkDataParallel` (``blocks``/``neurons``,
-    ``coverage``, ``masking``, ``seed``, ``scale``, ``neuron_groups``, ``example_input``).
-    """
-
-    def __init__(self, model: nn.Module, world_size: int, **kwargs: Any) -> None:
+    def __init__(self, model: nn.Module, world_size: int, *, blocks: str | Sequence[str] | None = None,
+                 neurons: str | Sequence[str] | None = None, coverage: float = 0.5, masking: str = "forward",
+                 seed: int = 0, scale: str = "none", neuron_groups: int | None = None,
+                 example_input: Any = None, bucket_cap_mb: float = 25.0, timeout: float = 600.0,
+                 sync_weights_after_step: bool = True) -> None:
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
-        self.world_size = world_size
-        self.workers: list[SubnetworkDataParallel] = [
-            SubnetworkDataParallel(copy.deepcopy(model), _virtual_rank=r, _virtual_world_size=world_size,
-                                   **kwargs) for r in range(world_size)]
+        check_arguments(blocks=blocks, neurons=neurons, coverage=coverage, masking=masking, scale=scale,
+                        timeout=timeout)
+        check_device(model, None)
+        units, plan = plan_model(model, world_size, blocks=blocks, neurons=neurons, coverage=coverage, seed=seed,
+                                 neuron_groups=neuron_groups, example_input=example_input)
+        self.world_size, self.masking = world_size, masking
+        self.workers: list[Subnetwork] = [
+            Subnetwork(copy.deepcopy(model), units, plan, r, masking=masking, scale=scale, bucket_cap_mb=bucket_cap_mb)
+            for r in range(world_size)]
+        self.exchange = LocalExchange()
 
     @property
     def plan(self) -> Plan:
         return self.workers[0].plan
 
-    @torch.no_grad()
+    @property
+    def _layouts(self) -> dict[int, Any]:
+        return {w.rank: w.layout for w in self.workers}
+
     def sync_gradients(self) -> None:
-        """Average every gradient over its unit's holders, as the multi-process all-reduce does."""
-        buckets = [w.grad_buckets() for w in self.workers]
-        for key in sorted({k for b in buckets for k in b}, key=lambda k: (k[0], str(k[1]))):
-            members = key[0]
-            total = torch.zeros_like(buckets[members[0]][key])
-            for r in members:
-                total += buckets[r][key]
-            averaged = total / len(members)
-            for r in members:
-                self.workers[r].set_grad_buckets({key: averaged.clone()})
+        """Average every gradient over its unit's holders, as the multi-process buckets do."""
+        with torch.no_grad():
+            reducer.sync_all({w.rank: w.buckets for w in self.workers}, self.exchange)
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """As :meth:`SubnetworkDataParallel.clip_grad_norm_`, after :meth:`sync_gradients`."""
-        squared = torch.zeros((), dtype=torch.float64)
-        for worker in self.workers:
-            for key, flat in worker.grad_buckets().items():
-                if key[0][0] == worker.rank:
-                    squared += flat.double().pow(2).sum().cpu()
-        norm = squared.sqrt().item()
-        for worker in self.workers:
-            _apply_clip(worker.parameters(), norm, max_norm)
-        return torch.tensor(norm)
+        return reducer.clip_grad_norm_({w.rank: w.buckets for w in self.workers},
+                                       {w.rank: w.parameters() for w in self.workers}, self.exchange,
+                                       self.world_size, max_norm, self.workers[0].device)
 
-    @torch.no_grad()
     def sync_weights(self) -> None:
         """Backward masking: every worker takes each unit's values from the unit's first holder."""
-        if self.workers[0].masking != "backward":
-            return
-        for source in range(self.world_size):
-            flat = self.workers[source].owned_weights(source)
-            if flat.numel() == 0:
-                continue
-            for r, worker in enumerate(self.workers):
-                if r != source:
-                    worker.receive_weights(source, flat.clone())
+        if self.masking == "backward":
+            weights.sync_weights(self._layouts, self.exchange, self.world_size)
 
-    @staticmethod
-    @torch.no_grad()
-    def ensemble_log_probs(logits: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The ensemble view: the log of the mean over workers of their predicted probabilities,
-        from each virtual worker's subnetwork output on the same batch (as
+    def ensemble_log_probs(self, logits: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The ensemble view from each virtual worker's subnetwork output on the same batch (as
         :meth:`SubnetworkDataParallel.ensemble_log_probs` over real ranks)."""
-        stacked = torch.stack([torch.log_softmax(x.float(), dim=-1) for x in logits])
-        return torch.logsumexp(stacked, dim=0) - math.log(len(logits))
+        return evaluation.ensemble_log_probs(dict(enumerate(logits)), self.exchange, len(logits))
 
-    @torch.no_grad()
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The assembled full model: units from their first holder, float buffers averaged over
         the holders (shared ones over all workers)."""
-        averaged: dict[tuple[str, int], torch.Tensor] = {}
-        first = self.workers[0]
-        for piece in first._pieces:
-            dtype = first._full_meta[piece.key][1]
-            if not piece.is_param and dtype.is_floating_point:
-                values = [flatten(self.workers[r]._local_views(piece)) for r in piece.holders]  # type: ignore[arg-type]
-                averaged[(piece.key, piece.group)] = (torch.stack(values).sum(0) / len(values)).cpu()
-
-        def fetch(source: int, pieces: list[Piece]) -> list[torch.Tensor]:
-            worker = self.workers[source]
-            parts = [averaged.get((p.key, p.group), None) for p in pieces]
-            parts = [v if v is not None else flatten(worker._local_views(p)).cpu()  # type: ignore[arg-type]
-                     for p, v in zip(pieces, parts)]
-            return [flatten([x for x, p in zip(parts, pieces) if first._full_meta[p.key][1] == dt])
-                    for dt in _dtypes(first, pieces)]
-
-        return assemble_full_state(first, fetch)
+        return assembly.full_state_dict(self._layouts, self.exchange, self.world_size)
 
     def load_full_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         for worker in self.workers:
             worker.load_full_state_dict(state)
+
+    def full_optimizer_state(self, optimizers: Sequence[torch.optim.Optimizer]) -> assembly.OptimizerState:
+        """The full model's optimizer state from each virtual worker's optimizer."""
+        return assembly.full_optimizer_state(self._layouts, dict(enumerate(optimizers)), self.exchange,
+                                             self.world_size)
+
+    def load_full_optimizer_state(self, optimizers: Sequence[torch.optim.Optimizer],
+                                  state: assembly.OptimizerState) -> None:
+        for worker, optimizer in zip(self.workers, optimizers):
+            worker.load_full_optimizer_state(optimizer, state)

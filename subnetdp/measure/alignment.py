@@ -28,7 +28,7 @@ Under neuron-level backward masking a sliced weight is a trainable held slice pl
 frozen weights never enter the "gradient" (tests/measure/test_alignment.py checks all four
 variants against gradients computed by hand, without the engine's masking).
 
-Shared versus unit parameters: from the engine's layout pieces (``owned_pieces``), each entry of
+Shared versus unit parameters: from the engine's layout pieces (``worker.layout.pieces``), each entry of
 the full parameter space belongs to a piece that is either shared (``piece.unit is None``: stem,
 embeddings, shortcuts, norms outside the neuron sites, head; averaged over all N workers) or part
 of a unit (a block's parameters, or a neuron group's rows/columns). The split is structural, so at
@@ -55,7 +55,6 @@ import torch
 from torch import Tensor, nn
 
 from ..engine import SubnetworkSimulator
-from ..engine.layout import narrow_ranges
 
 Batch = tuple[Any, Tensor]
 LossFn = Callable[[Any, Tensor], Tensor]
@@ -167,21 +166,14 @@ def sdp_gradient(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn, *, l
     names = [name for name, p in model.named_parameters() if p.requires_grad]
     held = {name: torch.zeros(assembled[name].shape, dtype=torch.bool) for name in names}
     unit = {name: torch.zeros(assembled[name].shape, dtype=torch.bool) for name in names}
-    first = sim.workers[0]
-    for source in range(n):
-        for piece in first.owned_pieces(source):
-            if piece.key not in held or not piece.holders:
-                continue
-            h, u = held[piece.key], unit[piece.key]
-            if piece.spec is None:
-                parts = [(h, u)]
-            else:  # a neuron group's rows/columns of the tensor
-                parts = list(zip(narrow_ranges(h, piece.spec.dim, piece.full_ranges),
-                                 narrow_ranges(u, piece.spec.dim, piece.full_ranges)))
-            for h_part, u_part in parts:
-                h_part.fill_(True)
-                if piece.unit is not None:
-                    u_part.fill_(True)
+    for piece in sim.workers[0].layout.pieces:
+        if piece.key not in held or not piece.holders:
+            continue
+        # a whole tensor, or a neuron group's rows/columns of it
+        for h_part, u_part in zip(piece.of_full(held[piece.key]), piece.of_full(unit[piece.key])):
+            h_part.fill_(True)
+            if piece.unit is not None:
+                u_part.fill_(True)
     grad = {name: torch.where(held[name], assembled[name], torch.zeros((), dtype=assembled[name].dtype))
             for name in names}
     return {"grad": grad, "held": held, "unit": unit, "loss": sum(losses) / n, "k": sim.plan.k}

@@ -16,7 +16,6 @@ from torch import nn
 
 from _models import batch_for, make
 from subnetdp import SubnetworkSimulator
-from subnetdp.engine.layout import narrow_ranges
 from subnetdp.measure.alignment import ddp_gradient, gradient_alignment, sdp_gradient
 
 VARIANTS = [("block", "forward"), ("block", "backward"), ("neuron", "forward"), ("neuron", "backward")]
@@ -49,15 +48,12 @@ def _brute_force(model: nn.Module, batches: list, level: str, masking: str, cove
     names = [name for name, _ in model.named_parameters()]
     shapes = dict(model.named_parameters())
     holds = [{k: torch.zeros(shapes[k].shape, dtype=torch.bool) for k in names} for _ in range(n)]
-    for source in range(n):
-        for piece in sim.workers[0].owned_pieces(source):
-            if piece.key not in shapes:
-                continue
-            for r in piece.holders:
-                mask = holds[r][piece.key]
-                parts = [mask] if piece.spec is None else narrow_ranges(mask, piece.spec.dim, piece.full_ranges)
-                for part in parts:
-                    part.fill_(True)
+    for piece in sim.workers[0].layout.pieces:
+        if piece.key not in shapes:
+            continue
+        for r in piece.holders:
+            for part in piece.of_full(holds[r][piece.key]):
+                part.fill_(True)
     total = {k: torch.zeros(shapes[k].shape) for k in names}
     count = {k: torch.zeros(shapes[k].shape) for k in names}
     for r, (x, y) in enumerate(batches):

@@ -1,0 +1,127 @@
+"""How workers combine flat buffers: the one thing the multi-process wrapper and the simulator do
+differently. Every sync in the engine (gradients, gradient norm, weights, norm statistics, the
+full model, the ensemble) is "pack by holder set, exchange, unpack", written once over the local
+workers' buffers ``{rank: tensor}`` with the exchange injected:
+
+- ``ProcessGroupExchange``: this rank's buffer only; torch.distributed collectives over one
+  process group per holder set, with a timeout that names a dead or stuck peer.
+- ``LocalExchange``: every virtual worker's buffer; a sum (or copy) in this process.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any, Mapping, Protocol, Sequence
+
+import torch
+import torch.distributed as dist
+
+from .errors import CollectiveError, PlanMismatchError
+from .plan import Plan
+
+Buffers = Mapping[int, torch.Tensor]  # worker rank -> its flat buffer (only the local workers')
+
+
+class Pending(Protocol):
+    def wait(self) -> None: ...
+
+
+class Exchange(Protocol):
+    def all_reduce(self, holders: tuple[int, ...], buffers: Buffers, what: str) -> Pending:
+        """Sum the holders' buffers, in place in each (asynchronous: ``wait()`` before reading)."""
+
+    def broadcast(self, source: int, buffers: Buffers, what: str) -> Pending:
+        """Copy worker ``source``'s buffer into every worker's, in place."""
+
+
+class _Done:
+    def wait(self) -> None:
+        return None
+
+
+class LocalExchange:
+    """Virtual workers in one process: an all-reduce is a sum over their buffers."""
+
+    def all_reduce(self, holders: tuple[int, ...], buffers: Buffers, what: str) -> Pending:
+        if len(holders) > 1:
+            total = torch.stack([buffers[r] for r in holders]).sum(0)
+            for r in holders:
+                buffers[r].copy_(total)
+        return _Done()
+
+    def broadcast(self, source: int, buffers: Buffers, what: str) -> Pending:
+        for r, buffer in buffers.items():
+            if r != source:
+                buffer.copy_(buffers[source])
+        return _Done()
+
+
+class ProcessGroupExchange:
+    """This rank's side of collectives over one process group per holder set."""
+
+    def __init__(self, process_group: dist.ProcessGroup | None, timeout: float) -> None:
+        self.parent = process_group or dist.group.WORLD
+        self.rank, self.world_size = dist.get_rank(self.parent), dist.get_world_size(self.parent)
+        self.global_ranks = dist.get_process_group_ranks(self.parent)
+        self.backend = dist.get_backend(self.parent)
+        self.timeout = datetime.timedelta(seconds=timeout)
+        self.world = tuple(range(self.world_size))
+        self.groups: dict[tuple[int, ...], Any] = {}
+        self.bytes_sent = 0  # bytes this rank handed to collectives
+
+    def check_same_plan(self, plan: Plan, device: torch.device) -> None:
+        """Every rank computed the same plan (an all-gather of fingerprints), before anything else
+        is created: a mismatch is a PlanMismatchError on every rank, never a hang."""
+        digest = torch.tensor(list(bytes.fromhex(plan.fingerprint())), dtype=torch.uint8, device=device)
+        gathered = [torch.empty_like(digest) for _ in range(self.world_size)]
+        work = dist.all_gather(gathered, digest, group=self.parent, async_op=True)
+        _Work(work, self, "all_gather of plan fingerprints", self.world, digest).wait()
+        differing = [r for r, d in enumerate(gathered) if not torch.equal(d, digest)]
+        if differing:
+            raise PlanMismatchError(
+                f"rank {self.rank}: ranks {differing} computed a different SDP plan; every rank must wrap "
+                "the same model structure with the same coverage, level, neuron_groups, example input and seed")
+
+    def create_groups(self, holder_sets: Sequence[tuple[int, ...]]) -> None:
+        """One process group per distinct holder set, plus one for all workers, created on every
+        rank in the same order (new_group is collective over the whole world)."""
+        for members in sorted(set(holder_sets) | {self.world}):
+            group = dist.new_group(ranks=[self.global_ranks[r] for r in members], timeout=self.timeout,
+                                   backend=self.backend)
+            if self.rank in members:
+                self.groups[members] = group
+
+    def all_reduce(self, holders: tuple[int, ...], buffers: Buffers, what: str) -> Pending:
+        if len(holders) == 1:
+            return _Done()  # one holder: its buffer is already the sum
+        tensor = buffers[self.rank]
+        self.bytes_sent += tensor.numel() * tensor.element_size()
+        return _Work(dist.all_reduce(tensor, group=self.groups[holders], async_op=True), self, what, holders, tensor)
+
+    def broadcast(self, source: int, buffers: Buffers, what: str) -> Pending:
+        tensor = buffers[self.rank]
+        self.bytes_sent += tensor.numel() * tensor.element_size()
+        work = dist.broadcast(tensor, src=self.global_ranks[source], group=self.groups[self.world], async_op=True)
+        return _Work(work, self, what, self.world, tensor)
+
+
+class _Work:
+    """An in-flight collective whose failure or timeout becomes one CollectiveError naming it."""
+
+    def __init__(self, work: Any, exchange: ProcessGroupExchange, what: str, ranks: tuple[int, ...],
+                 tensor: torch.Tensor) -> None:
+        self.work, self.exchange, self.what, self.ranks, self.tensor = work, exchange, what, ranks, tensor
+
+    def wait(self) -> None:
+        ex = self.exchange
+        size = self.tensor.numel() * self.tensor.element_size()
+        try:
+            completed = self.work.wait(timeout=ex.timeout)
+        except Exception as exc:  # noqa: BLE001 - every backend failure becomes one clear error
+            raise CollectiveError(
+                f"rank {ex.rank}: {self.what} over workers {list(self.ranks)} ({size:,} bytes) failed or did not "
+                f"complete within {ex.timeout.total_seconds():g}s; a peer has probably died or is stuck. "
+                f"Backend said: {exc}") from exc
+        if completed is False:
+            raise CollectiveError(f"rank {ex.rank}: {self.what} over workers {list(self.ranks)} timed out after "
+                                  f"{ex.timeout.total_seconds():g}s")

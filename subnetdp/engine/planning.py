@@ -1,0 +1,215 @@
+"""From a model to its plan: find the units, measure them on an example input, place them.
+
+    units, plan = plan_model(model, world_size=8, blocks="model.layers", coverage=0.5,
+                             example_input=batch)
+    plan = plan_for(model, 8, neurons="model.layers", coverage=0.5)   # the plan only
+
+A pure function of (model structure, N, C, seed, example input): every rank computes the same
+plan locally, and the model is left unchanged (the example forward runs in eval mode, so norm
+running statistics are untouched).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .errors import SDPConfigError
+from .plan import Plan, UnitCost, make_plan
+from .units import BlockInfo, NeuronSite, analyse_block, find_neuron_sites, get_module, resolve_block_paths
+
+MASKINGS = ("forward", "backward")
+SCALES = ("none", "inverse-coverage")
+
+
+@dataclass
+class Units:
+    """The units of a model: whole blocks (block level) or neuron groups inside blocks."""
+
+    level: str                                               # "block" | "neuron"
+    blocks: dict[str, BlockInfo] = field(default_factory=dict)
+    sites: list[NeuronSite] = field(default_factory=list)
+
+
+def check_arguments(*, blocks: Any, neurons: Any, coverage: Any, masking: str = "forward",
+                    scale: str = "none", timeout: float = 600.0) -> None:
+    """The argument errors every entry point (wrapper, simulator, plan_for) reports the same way."""
+    if (blocks is None) == (neurons is None):
+        raise SDPConfigError("pass exactly one of blocks= (block level) or neurons= (neuron level)")
+    if masking not in MASKINGS:
+        raise SDPConfigError(f"masking must be 'forward' or 'backward', got {masking!r}")
+    if scale not in SCALES:
+        raise SDPConfigError(f"scale must be 'none' or 'inverse-coverage', got {scale!r}")
+    if isinstance(coverage, bool) or not isinstance(coverage, (int, float)) or not 0 < coverage <= 1:
+        raise SDPConfigError(f"coverage must be in (0, 1], got {coverage!r}")
+    if timeout <= 0:
+        raise SDPConfigError(f"timeout must be positive seconds, got {timeout}")
+
+
+def find_units(model: nn.Module, world_size: int, *, blocks: str | Sequence[str] | None = None,
+               neurons: str | Sequence[str] | None = None, neuron_groups: int | None = None) -> Units:
+    """Analyse each named block (its shortcut, or its neuron sites split into groups)."""
+    paths = resolve_block_paths(model, blocks if blocks is not None else neurons)  # type: ignore[arg-type]
+    if blocks is not None:
+        return Units("block", blocks={p: analyse_block(get_module(model, p), p) for p in paths})
+    sites = [site for p in paths for site in find_neuron_sites(model, p)]
+    for site in sites:
+        site.split(neuron_groups or world_size)
+    return Units("neuron", sites=sites)
+
+
+def plan_model(model: nn.Module, world_size: int, *, blocks: str | Sequence[str] | None = None,
+               neurons: str | Sequence[str] | None = None, coverage: float = 0.5, seed: int = 0,
+               neuron_groups: int | None = None, example_input: Any = None) -> tuple[Units, Plan]:
+    """The units of ``model`` and the plan that places them on ``world_size`` workers."""
+    check_arguments(blocks=blocks, neurons=neurons, coverage=coverage)
+    if math.floor(coverage * world_size + 0.5) == 0:
+        raise SDPConfigError(
+            f"coverage {coverage} with {world_size} workers gives round(C*N) = 0 holders per unit; the "
+            f"smallest coverage for N={world_size} is 1/N = {1 / world_size:.4g}")
+    units = find_units(model, world_size, blocks=blocks, neurons=neurons, neuron_groups=neuron_groups)
+    flops, activations = (None, {})
+    if example_input is not None:
+        check_untraced_shapes(model, units, example_input)
+        flops = count_flops(model, example_input)
+        if units.level == "block":
+            activations = count_saved_activations(model, units, example_input)
+    costs = unit_costs(model, units, flops, activations)
+    total_params = sum(p.numel() for p in model.parameters())
+    total_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    shared_flops = None if flops is None else max(0.0, flops.get("", 0.0) - sum(u.flops or 0.0 for u in costs))
+    plan = make_plan(costs, world_size, float(coverage), seed, level=units.level,
+                     shared_params=total_params - sum(u.params for u in costs),
+                     shared_bytes=total_bytes - sum(u.bytes for u in costs), shared_flops=shared_flops)
+    return units, plan
+
+
+def plan_for(model: nn.Module, world_size: int, **kwargs: Any) -> Plan:
+    """The plan SubnetworkDataParallel would use for ``model`` on ``world_size`` workers, computed
+    without torch.distributed and without changing ``model``. Keyword arguments as the wrapper's
+    (those that do not affect the plan, such as ``masking``, are checked and ignored)."""
+    check_arguments(blocks=kwargs.get("blocks"), neurons=kwargs.get("neurons"),
+                    coverage=kwargs.get("coverage", 0.5), masking=kwargs.pop("masking", "forward"),
+                    scale=kwargs.pop("scale", "none"))
+    for ignored in ("timeout", "sync_weights_after_step", "bucket_cap_mb", "process_group"):
+        kwargs.pop(ignored, None)
+    return plan_model(model, world_size, **kwargs)[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# measuring units on the example input
+
+
+def unit_costs(model: nn.Module, units: Units, flops: dict[str, float] | None,
+               activations: Mapping[str, float]) -> list[UnitCost]:
+    """Each unit's parameters, bytes, forward FLOPs and saved activations, as the planner sees them."""
+    costs: list[UnitCost] = []
+    for path, info in units.blocks.items():
+        params = [p for n, p in get_module(model, path).named_parameters() if not info.is_shortcut_key(n)]
+        unit_flops = None
+        if flops is not None:  # the shortcut's FLOPs stay with every worker: they are shared
+            unit_flops = flops.get(path, 0.0) - sum(flops.get(f"{path}.{m}", 0.0) for m in info.shortcut_modules)
+        costs.append(UnitCost(path, sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params),
+                              unit_flops, activations=activations.get(path)))
+    for site in units.sites:
+        per_hidden_params = per_hidden_bytes = 0
+        for spec in site.slices:
+            tensor = getattr(get_module(model, spec.module), spec.tensor)
+            if isinstance(tensor, nn.Parameter):
+                n = tensor.numel() // tensor.shape[spec.dim] * spec.unit_width * spec.segments
+                per_hidden_params += n
+                per_hidden_bytes += n * tensor.element_size()
+        for g, (a, b) in enumerate(site.groups):
+            width = b - a
+            f = None if flops is None else flops.get(site.path, 0.0) * width / site.hidden
+            costs.append(UnitCost(site.unit_name(g), per_hidden_params * width, per_hidden_bytes * width, f,
+                                  site=site.path, group=g, num_groups=len(site.groups)))
+    return costs
+
+
+def run_example(model: nn.Module, example_input: Any, grad: bool = False) -> Any:
+    """One forward of ``model`` on the example input (a tensor, a tuple of positional arguments or
+    a dict of keyword arguments) in eval mode, so norm running statistics are untouched; each
+    module's mode is restored after."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.set_grad_enabled(grad):
+            if isinstance(example_input, Mapping):
+                return model(**example_input)
+            if isinstance(example_input, tuple):
+                return model(*example_input)
+            return model(example_input)
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+def count_flops(model: nn.Module, example_input: Any) -> dict[str, float]:
+    """Forward FLOPs per module path ("" is the whole model) on the example input."""
+    with FlopCounterMode(display=False) as counter:
+        run_example(model, example_input)
+    root = type(model).__name__
+    return {name[len(root) + 1:] if name != root else "": float(sum(v.values()))
+            for name, v in counter.get_flop_counts().items() if name.startswith(root)}
+
+
+def check_untraced_shapes(model: nn.Module, units: Units, example_input: Any) -> None:
+    """A block fx cannot trace is dropped by passing its input through: it must keep its shape."""
+    untraced = [path for path, info in units.blocks.items() if not info.traced]
+    if not untraced:
+        return
+    shapes: dict[str, tuple] = {}
+
+    def record(path: str) -> Any:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+            x = args[0] if args else next(iter(kwargs.values()), None)
+            shapes[path] = (getattr(x, "shape", None), getattr(out, "shape", None))
+        return hook
+
+    handles = [get_module(model, p).register_forward_hook(record(p), with_kwargs=True) for p in untraced]
+    try:
+        run_example(model, example_input)
+    finally:
+        for h in handles:
+            h.remove()
+    for path, (shape_in, shape_out) in shapes.items():
+        if shape_in is None or shape_out is None or shape_in != shape_out:
+            raise SDPConfigError(
+                f"block {path!r} maps input shape {tuple(shape_in or ())} to output shape "
+                f"{tuple(shape_out) if shape_out is not None else type(shape_out)} and has no traceable "
+                "shortcut: a dropped block must be able to pass its input through")
+
+
+def count_saved_activations(model: nn.Module, units: Units, example_input: Any) -> dict[str, float]:
+    """Bytes that autograd saves for backward inside each block on the example input (parameters
+    are not counted; a storage saved twice counts once)."""
+    saved = {path: 0.0 for path in units.blocks}
+    seen: set[int] = set()
+    params = {p.data_ptr() for p in model.parameters()}
+    inside: list[str] = []  # the stack of blocks the forward is in
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if inside and ptr not in params and ptr not in seen:
+            seen.add(ptr)
+            saved[inside[-1]] += t.untyped_storage().nbytes()
+        return t
+
+    handles = []
+    for path in units.blocks:
+        block = get_module(model, path)
+        handles.append(block.register_forward_pre_hook(lambda m, a, path=path: inside.append(path)))
+        handles.append(block.register_forward_hook(lambda m, a, o: inside.pop() and None))
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            run_example(model, example_input, grad=True)
+    finally:
+        for h in handles:
+            h.remove()
+    return saved

@@ -1,0 +1,95 @@
+"""One worker's subnetwork: the model cut for that worker, where each piece of the full model
+lives there, and its gradient buckets. No communication: ``SubnetworkDataParallel`` adds the
+process-group side, ``SubnetworkSimulator`` holds N of these in one process."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from . import assembly
+from .cut import cut_model
+from .errors import SDPConfigError
+from .plan import Plan
+from .planning import Units
+from .reducer import make_buckets
+
+
+def check_device(model: nn.Module, backend: str | None) -> torch.device:
+    """The one device the model's parameters are on, checked against the backend."""
+    devices = {t.device.type for t in model.parameters()}
+    if "meta" in devices:
+        raise SDPConfigError("the model has parameters on the meta device; materialise it (to_empty + init) "
+                             "before wrapping")
+    if len(devices) > 1:
+        raise SDPConfigError(f"the model's parameters are on several device kinds: {sorted(devices)}")
+    kind = devices.pop() if devices else "cpu"
+    if backend == "nccl" and kind != "cuda":
+        raise SDPConfigError(f"the process group uses NCCL but the model is on {kind!r}; move the model to "
+                             "its GPU first, or use the gloo backend on CPU")
+    if backend == "gloo" and kind not in ("cpu", "cuda"):
+        raise SDPConfigError(f"the gloo backend cannot move tensors on {kind!r}")
+    return next(model.parameters()).device if kind == "cuda" else torch.device(kind)
+
+
+class Subnetwork(nn.Module):
+    """Worker ``rank``'s subnetwork of ``model`` under ``plan`` (the model is cut in place)."""
+
+    def __init__(self, model: nn.Module, units: Units, plan: Plan, rank: int, *, masking: str = "forward",
+                 scale: str = "none", bucket_cap_mb: float = 25.0) -> None:
+        super().__init__()
+        self.device = check_device(model, None)
+        self.module = model
+        self.plan, self.rank, self.world_size = plan, rank, plan.world_size
+        self.level, self.coverage, self.masking, self.scale = units.level, plan.coverage, masking, scale
+        self.layout = cut_model(model, units, plan, rank, masking, scale)
+        self.buckets = make_buckets(self.layout, bucket_cap_mb)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
+        """The parameters this worker trains (held units and shared parameters); frozen copies that
+        backward masking keeps for the forward pass are left out, so the optimizer never sees them."""
+        return (p for p in self.module.parameters(recurse) if p.requires_grad)
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True,
+                         remove_duplicate: bool = True) -> Iterator[tuple[str, nn.Parameter]]:
+        return ((n, p) for n, p in self.module.named_parameters(prefix, recurse, remove_duplicate)
+                if p.requires_grad)
+
+    @property
+    def held_units(self) -> list[str]:
+        return self.plan.held_units(self.rank)
+
+    def load_full_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load a full-model state dict (original keys) into this subnetwork; local, no communication."""
+        assembly.load_full_state_dict(self.layout, state)
+
+    def load_full_optimizer_state(self, optimizer: torch.optim.Optimizer, state: assembly.OptimizerState) -> None:
+        """Give ``optimizer`` (over this worker's parameters) the state of what this worker trains,
+        from a full optimizer state (``full_optimizer_state()``), possibly under another plan."""
+        assembly.load_full_optimizer_state(self.layout, optimizer, state)
+
+    def local_full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Backward masking: this worker's own copy of the full model (no communication). After
+        ``sync_weights()`` the parameters are bitwise identical on every worker; norm running
+        statistics are this worker's own."""
+        return assembly.local_full_state_dict(self.layout)
+
+    def held_bytes(self) -> dict[str, int]:
+        """Bytes of this worker's trainable parameters, their gradients, all parameters (including
+        frozen copies under backward masking) and buffers, counted from the live tensors."""
+        trainable = list(self.parameters())
+        return {
+            "trainable_params": sum(p.numel() * p.element_size() for p in trainable),
+            "grads": sum(p.grad.numel() * p.grad.element_size() for p in trainable if p.grad is not None),
+            "all_params": sum(p.numel() * p.element_size() for p in self.module.parameters()),
+            "buffers": sum(b.numel() * b.element_size() for b in self.buffers()),
+        }
+
+    def extra_repr(self) -> str:
+        return (f"level={self.level}, masking={self.masking}, coverage={self.coverage:g}, "
+                f"rank={self.rank}/{self.world_size}, units held={len(self.held_units)}/{len(self.plan.holders)}")
