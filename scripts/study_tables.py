@@ -35,7 +35,8 @@ def _label(cond: dict[str, Any]) -> str:
         label = "DDP" + (f" + stochastic depth {s['stochastic_depth']:g}" if s.get("stochastic_depth") else "")
         label += f" + dropout {cond['config']['model']['dropout']:g}" if cond["config"]["model"].get("dropout") else ""
         return label + f", {run['steps']} steps"
-    label = f"{'B' if s['level'] == 'block' else 'N'}-SDP {'fwd' if s['masking'] == 'forward' else 'bwd'} C={s['coverage']:g}"
+    level, masking = ("B" if s["level"] == "block" else "N"), ("fwd" if s["masking"] == "forward" else "bwd")
+    label = f"{level}-SDP {masking} C={s['coverage']:g}"
     extras = [f"{run['schedule']}-matched"]
     if s.get("scale") != "none":
         extras.append(f"scale {s['scale']}")
@@ -92,7 +93,8 @@ def views_table(results: dict[str, Any], metric: str, scale: float, digits: int,
                      _fmt(m.get(metric), scale, digits), _fmt(m.get(f"{metric}_recalibrated"), scale, digits),
                      _fmt(m.get(f"scaled_{metric}"), scale, digits),
                      _fmt(m.get(f"scaled_{metric}_recalibrated"), scale, digits),
-                     _fmt(m.get(f"subnet_{metric}_mean"), scale, digits), _fmt(m.get(f"ensemble_{metric}"), scale, digits),
+                     _fmt(m.get(f"subnet_{metric}_mean"), scale, digits),
+                     _fmt(m.get(f"ensemble_{metric}"), scale, digits),
                      _flops(m.get("train_flops", {}).get("mean"))])
     header = ["run", "N", "assembled", "assembled, BN re-est.", "assembled x k/N", "x k/N, BN re-est.",
               "subnetwork (mean of N)", "ensemble of N", "train TFLOP"]

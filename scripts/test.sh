@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up (scripts/setup.sh, scripts/get_data.sh) and run the test suite: real multi-process gloo
+# Set up (scripts/setup.sh, scripts/get_data.sh), lint (ruff) and run the test suite: real multi-process gloo
 # groups on CPU. Tests that read the real Fashion-MNIST files are skipped where they are absent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -7,4 +7,5 @@ bash scripts/setup.sh
 bash scripts/get_data.sh || echo "Fashion-MNIST not installed: its tests will be skipped"
 . .venv/bin/activate
 export OMP_NUM_THREADS=1
+python -m ruff check .  # style: line length, import order, unused names (pyproject.toml)
 python -m pytest tests "$@"

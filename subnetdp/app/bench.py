@@ -372,9 +372,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--width", type=int, default=32, help="resnet18 base width (default 32)")
     parser.add_argument("--batch-size", type=int, default=32, help="per worker (default 32)")
     parser.add_argument("--seq-len", type=int, default=256, help="llama: tokens per sequence (default 256)")
-    parser.add_argument("--vocab", type=int, default=256, help="llama: vocabulary of the synthetic tokens (default 256)")
+    parser.add_argument("--vocab", type=int, default=256,
+                        help="llama: vocabulary of the synthetic tokens (default 256)")
     parser.add_argument("--workers", type=int, default=4, help="ranks per strategy (default 4)")
-    parser.add_argument("--strategies", default=DEFAULT_STRATEGIES, help=f"comma-separated (default {DEFAULT_STRATEGIES})")
+    parser.add_argument("--strategies", default=DEFAULT_STRATEGIES,
+                        help=f"comma-separated (default {DEFAULT_STRATEGIES})")
     parser.add_argument("--steps", type=int, default=8, help="timed steps, and as many without sync (default 8)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     parser.add_argument("--seed", type=int, default=0)

@@ -73,10 +73,12 @@ def markdown(rows: list[dict[str, Any]], failed: list[str], args: dict[str, Any]
     for r in rows:
         kinds = r.get("kinds_mib", {})
         lines.append(
-            f"| {r['strategy']} | {r.get('peak_tensor_mib', 0):.1f} | {_ratio(r.get('peak_tensor_mib', 0), base('peak_tensor_mib'))} "
+            f"| {r['strategy']} | {r.get('peak_tensor_mib', 0):.1f} "
+            f"| {_ratio(r.get('peak_tensor_mib', 0), base('peak_tensor_mib'))} "
             f"| {r['param_mib']:.2f} | {r['grad_mib']:.2f} | {r['optimizer_mib']:.2f} "
             f"| {kinds.get('saved_activations', float('nan')):.1f} | {kinds.get('other', float('nan')):.1f} "
-            f"| {r['peak_rss_mib']:.0f} | {r['comm_mib_per_step']:.2f} | {_ratio(r['comm_mib_per_step'], base('comm_mib_per_step'))} "
+            f"| {r['peak_rss_mib']:.0f} | {r['comm_mib_per_step']:.2f} "
+            f"| {_ratio(r['comm_mib_per_step'], base('comm_mib_per_step'))} "
             f"| {r['step_ms']:.1f} | {_ratio(r['step_ms'], base('step_ms'))} | {r['forward_ms']:.1f} "
             f"| {r['backward_ms']:.1f} | {r['optimizer_ms']:.1f} | {r['exposed_sync_ms']:.1f} |")
     for name in failed:

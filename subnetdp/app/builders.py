@@ -18,11 +18,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import (ImageClassification, SyntheticImageData, SyntheticTokenData, TokenData, TokenStream,
-                    load_cifar, load_fashion_mnist, load_text, load_tokenizer, make_tokenizer)
+from ..data import (
+    ImageClassification,
+    SyntheticImageData,
+    SyntheticTokenData,
+    TokenData,
+    TokenStream,
+    load_cifar,
+    load_fashion_mnist,
+    load_text,
+    load_tokenizer,
+    make_tokenizer,
+)
 from ..models import llama, resnet18, vit
 from .config import Config, ConfigError
-
 
 # ---------------------------------------------------------------------------------------------
 # datasets: every builder takes batch_size (per worker; used by the trainer) and returns the data
@@ -171,7 +180,8 @@ class Task:
     def eval_metrics(self, loss_sum: float, correct: float, count: float) -> dict[str, float]:
         loss = loss_sum / max(count, 1)
         if self.kind == "lm":
-            return {"val_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "token_accuracy": correct / max(count, 1)}
+            return {"val_loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+                    "token_accuracy": correct / max(count, 1)}
         return {"test_loss": loss, "accuracy": correct / max(count, 1)}
 
 

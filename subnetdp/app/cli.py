@@ -34,7 +34,8 @@ def _build(args: argparse.Namespace) -> tuple[nn.Module, str, object]:
         from transformers import LlamaConfig, LlamaForCausalLM
     except ImportError:
         raise SystemExit("--model hf-llama needs Hugging Face transformers: pip install transformers")
-    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate or 4 * args.hidden,
+    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
+                         intermediate_size=args.intermediate or 4 * args.hidden,
                          num_hidden_layers=args.layers, num_attention_heads=args.heads,
                          num_key_value_heads=args.kv_heads or args.heads)
     with torch.device("cpu"):
@@ -84,8 +85,9 @@ def _train_command(args: argparse.Namespace) -> int:
     from .config import ConfigError, describe_schema, load_config
     from .runtime import torchrun_command, worker_env
     if args.list_keys:
-        from .builders import DATASETS, MODELS
         import inspect
+
+        from .builders import DATASETS, MODELS
         print(describe_schema())
         for title, table in (("[model] keys by name", {k: v[0] for k, v in MODELS.items()}),
                              ("[data] keys by name", DATASETS)):
@@ -187,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
                            "[strategy] says, on N workers.", epilog=TRAIN_EPILOG,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("config", nargs="?", help="a TOML config, e.g. configs/resnet18_fashion_mnist.toml")
-    train.add_argument("--nproc", type=int, default=1, help="local worker processes started through torchrun (default 1)")
+    train.add_argument("--nproc", type=int, default=1,
+                       help="local worker processes started through torchrun (default 1)")
     train.add_argument("--simulate", type=int, metavar="N", default=None,
                        help="run N virtual workers in this one process instead of N processes")
     train.add_argument("--out", help="output folder (default runs/<run.name>)")

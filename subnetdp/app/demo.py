@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, default=4, help="gloo worker processes (default 4)")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the config's, 470)")
-    parser.add_argument("--config", default=str(CONFIG), help=f"the config (default {CONFIG.relative_to(CONFIG.parents[1])})")
+    parser.add_argument("--config", default=str(CONFIG),
+                        help=f"the config (default {CONFIG.relative_to(CONFIG.parents[1])})")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="config overrides for the SDP run (and, except [strategy], the DDP run)")
     parser.add_argument("--out", default="runs/demo", help="where both runs are written (default runs/demo)")

@@ -70,7 +70,8 @@ def evaluate(tr: Trainer, eval_models: dict[str, nn.Module]) -> dict[str, float]
         if batches and has_norm_stats:
             data, size, seed = tr.task.data, tr.config["data.batch_size"], tr.config["run.seed"]
             # the same training batches on every rank, so every rank ends with the same statistics
-            recalibrate_norm_statistics(eval_model, (x.to(tr.ctx.device) for x in data.calibration_batches(batches, size, seed)))
+            calibration = (x.to(tr.ctx.device) for x in data.calibration_batches(batches, size, seed))
+            recalibrate_norm_statistics(eval_model, calibration)
             metrics.update({f"{prefix}{k}_recalibrated": v for k, v in evaluate_model(tr, eval_model).items()})
     views = tr.config["eval.views"]
     if views and tr.par.is_sdp:

@@ -19,7 +19,6 @@ import torch
 
 from ..measure import peak_rss_bytes, reset_peak_rss
 
-
 # ---------------------------------------------------------------------------------------------
 # the device
 

@@ -288,7 +288,8 @@ def cell_state(cell: Cell, out: Path, launch: str) -> str:
         return "restart"  # `train --resume` from the final checkpoint would not evaluate again
     changed = [d for d in from_dict(cell.config).differences(from_dict(manifest["config"]))
                if (d[0], d[1]) not in RESUMABLE_CHANGES]
-    same_world = manifest.get("virtual_world_size") == cell.workers and manifest.get("simulate") == (launch == "simulate")
+    same_world = (manifest.get("virtual_world_size") == cell.workers
+                  and manifest.get("simulate") == (launch == "simulate"))
     return "resume" if not changed and same_world else "restart"
 
 
@@ -371,7 +372,8 @@ def run_sweep(sweep_path: str | Path, out: str | Path, extra_sets: Iterable[str]
                 if rc == 0:
                     ran.append(cell.id)
                     final = json.loads((folder / "summary.json").read_text()).get("final_eval") or {}
-                    bar.write(f"done   {cell.id} ({seconds:.0f} s{', resumed' if states[cell.id] == 'resume' else ''}): "
+                    resumed = ", resumed" if states[cell.id] == "resume" else ""
+                    bar.write(f"done   {cell.id} ({seconds:.0f} s{resumed}): "
                               + ", ".join(f"{k} {v:.4f}" for k, v in final.items() if k != "step"))
                     if not keep_checkpoints:
                         shutil.rmtree(folder / "checkpoints", ignore_errors=True)
@@ -464,7 +466,8 @@ def aggregate(out_dir: str | Path) -> dict[str, Any]:
     rows.sort(key=lambda c: (c["workers"], s(c)["name"] != "ddp", s(c)["level"], s(c)["masking"],
                              c["config"]["run"]["schedule"], s(c)["coverage"], c["id"]))
     main_metric = next((m for m in ("accuracy", "val_loss") if any(m in c["metrics"] for c in rows)),
-                       next((m for c in rows for m in c["metrics"] if m not in ("steps", "train_flops", "wall_s")), None))
+                       next((m for c in rows for m in c["metrics"]
+                             if m not in ("steps", "train_flops", "wall_s")), None))
     for cond in rows:
         ddp = _matching_ddp(cond, rows)
         ours, theirs = cond["metrics"].get(main_metric), ddp and ddp["metrics"].get(main_metric)

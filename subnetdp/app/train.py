@@ -45,7 +45,6 @@ from .evaluation import evaluate, inference_flops, make_eval_models
 from .parallelism import Parallelism, level_kwargs, parallelize
 from .runtime import PeakMemory, autocast, choose_device, machine_info, percentiles
 
-
 # ---------------------------------------------------------------------------------------------
 # set-up
 
@@ -337,8 +336,9 @@ def _check_resume(config: Config, manifest: dict[str, Any], ctx: Context, folder
     changed = [d for d in config.differences(saved) if (d[0], d[1]) not in RESUMABLE_CHANGES]
     if changed:
         lines = "\n".join(f"  {s}.{k}: checkpoint {b!r}, now {a!r}" for s, k, a, b in changed)
+        may_change = sorted(".".join(x) for x in RESUMABLE_CHANGES)
         raise ckpt.CheckpointError(f"--resume: the config differs from the one {folder} was written with:\n"
-                                   f"{lines}\nresume with the same config (only {sorted('.'.join(x) for x in RESUMABLE_CHANGES)} may change)")
+                                   f"{lines}\nresume with the same config (only {may_change} may change)")
     if manifest["virtual_world_size"] != ctx.world_size or manifest["simulate"] != ctx.simulate:
         raise ckpt.CheckpointError(f"--resume: {folder} was written by {manifest['virtual_world_size']} workers "
                                    f"(simulated: {manifest.get('simulate', False)}), this run has "

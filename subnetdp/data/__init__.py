@@ -14,8 +14,7 @@ from .cifar import load_cifar, write_fake_cifar
 from .download import download
 from .fashion_mnist import load_fashion_mnist, read_idx
 from .synthetic import SyntheticImages
-from .text import (BPETokenizer, ByteTokenizer, CharTokenizer, TokenData, load_text, load_tokenizer,
-                   make_tokenizer)
+from .text import BPETokenizer, ByteTokenizer, CharTokenizer, TokenData, load_text, load_tokenizer, make_tokenizer
 
 __all__ = [
     "SyntheticImages", "download", "load_fashion_mnist", "read_idx", "load_cifar", "write_fake_cifar",

@@ -15,7 +15,8 @@ class SyntheticImages:
         self.templates = torch.randn(num_classes, channels, size, size, generator=g)
         self.num_classes, self.noise, self.seed = num_classes, noise, seed
 
-    def batch(self, batch_size: int, step: int, shard: int = 0, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, batch_size: int, step: int, shard: int = 0,
+              split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
         offset = 0 if split == "train" else 1 << 40
         g = torch.Generator().manual_seed(offset + self.seed * 1_000_003 + step * 1_009 + shard)
         labels = torch.randint(0, self.num_classes, (batch_size,), generator=g)

@@ -2,8 +2,8 @@
 single-process simulator (see docs/architecture.md). It knows nothing of models, data or the
 training application."""
 
-from .evaluation import recalibrate_norm_statistics, scale_residual_branches
 from .errors import CollectiveError, PlanError, PlanMismatchError, SDPConfigError
+from .evaluation import recalibrate_norm_statistics, scale_residual_branches
 from .plan import Plan, UnitCost, holders_needed, make_plan
 from .planning import plan_for
 from .simulator import SubnetworkSimulator

@@ -139,7 +139,8 @@ def full_optimizer_state(layouts: Mapping[int, LocalLayout], optimizers: Mapping
                 flat = next(iter(buffers.values())).cpu()
                 offset = 0
                 for p in group:
-                    full = out.setdefault(p.key, {}).setdefault(name, torch.zeros(first.full_shapes[p.key], dtype=dtype))
+                    states = out.setdefault(p.key, {})
+                    full = states.setdefault(name, torch.zeros(first.full_shapes[p.key], dtype=dtype))
                     unflatten_into(flat[offset:offset + p.numel], p.of_full(full))
                     offset += p.numel
     return {"state": out, "scalars": scalars}

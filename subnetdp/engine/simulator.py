@@ -78,10 +78,11 @@ class SubnetworkSimulator:
         if self.masking == "backward":
             weights.sync_weights(self._layouts, self.exchange, self.world_size)
 
-    def ensemble_log_probs(self, logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    @staticmethod
+    def ensemble_log_probs(logits: Sequence[torch.Tensor]) -> torch.Tensor:
         """The ensemble view from each virtual worker's subnetwork output on the same batch (as
         :meth:`SubnetworkDataParallel.ensemble_log_probs` over real ranks)."""
-        return evaluation.ensemble_log_probs(dict(enumerate(logits)), self.exchange, len(logits))
+        return evaluation.ensemble_log_probs(dict(enumerate(logits)), LocalExchange(), len(logits))
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The assembled full model: units from their first holder, float buffers averaged over

@@ -3,4 +3,5 @@
 from .comm import ByteCounter, counting_allreduce_hook
 from .memory import optimizer_state_bytes, peak_rss_bytes, reset_peak_rss, tensor_bytes
 
-__all__ = ["ByteCounter", "counting_allreduce_hook", "optimizer_state_bytes", "peak_rss_bytes", "reset_peak_rss", "tensor_bytes"]
+__all__ = ["ByteCounter", "counting_allreduce_hook", "optimizer_state_bytes", "peak_rss_bytes", "reset_peak_rss",
+           "tensor_bytes"]

@@ -10,11 +10,12 @@ How: a TorchDispatchMode sees the output of every aten op run on this thread (on
 engine runs backward on the calling thread too) and keeps a weak reference to each new storage; a
 finalizer drops it when the storage dies (torch keeps one Python object per storage, so it fires
 when the memory is released). After every op the live storages' current sizes are summed (sizes
-are read then, since FSDP2 frees unsharded parameters by resizing their storage to zero). Storages that existed before (parameters,
-buffers, optimizer state, the batch) are the baseline. Saved-tensor hooks mark what autograd keeps
-for backward. At the peak, live storages are classed as parameters, gradients (a parameter's
-``.grad``), optimizer state, saved activations, and other (temporaries, communication buffers,
-recomputation). On CUDA the backward runs on another thread: use the allocator's own peak there.
+are read then, since FSDP2 frees unsharded parameters by resizing their storage to zero).
+Storages that existed before (parameters, buffers, optimizer state, the batch) are the baseline.
+Saved-tensor hooks mark what autograd keeps for backward. At the peak, live storages are classed
+as parameters, gradients (a parameter's ``.grad``), optimizer state, saved activations, and other
+(temporaries, communication buffers, recomputation). On CUDA the backward runs on another thread:
+use the allocator's own peak there.
 """
 
 from __future__ import annotations

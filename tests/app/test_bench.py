@@ -13,9 +13,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from _models import batch_for, make
 from subnetdp.app.bench import _blocks_run_forward, main, parse_strategy
 from subnetdp.app.parallelism import RealSDP
+
+from _models import batch_for, make
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 

@@ -13,10 +13,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from _models import batch_for, make
-from subnetdp.app.parallelism import (Parallelism, RealDDP, RealSDP, SimulatedDDP, SimulatedSDP, level_kwargs,
-                                      parallelize)
+from subnetdp.app.parallelism import (
+    Parallelism,
+    RealDDP,
+    RealSDP,
+    SimulatedDDP,
+    SimulatedSDP,
+    level_kwargs,
+    parallelize,
+)
 from subnetdp.app.runtime import percentiles, torchrun_command, worker_env
+
+from _models import batch_for, make
 
 WORKERS = 2
 

@@ -14,9 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from _runs import TINY_TASK
 
 from subnetdp.app.sweep import SweepError, expand, main
+
+from _runs import TINY_TASK
 
 BASE = """
 [run]
@@ -119,7 +120,8 @@ def _sweep(path: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def _mtimes(out: Path) -> dict[str, int]:
-    return {str(p.parent.relative_to(out / "cells")): p.stat().st_mtime_ns for p in (out / "cells").rglob("summary.json")}
+    cells = out / "cells"
+    return {str(p.parent.relative_to(cells)): p.stat().st_mtime_ns for p in cells.rglob("summary.json")}
 
 
 def test_sweep_runs_aggregates_skips_restarts_resumes_and_reports(tmp_path: Path, capsys) -> None:

@@ -67,7 +67,8 @@ def test_ensemble_is_the_mean_of_probabilities() -> None:
     assert torch.allclose(mixed, expected, atol=1e-5)
     # its softmax is the mean probability, so cross-entropy on it is the ensemble's log loss
     assert torch.allclose(torch.log_softmax(mixed, -1), expected, atol=1e-5)
-    assert torch.allclose(SubnetworkSimulator.ensemble_log_probs(logits[:1]), torch.log_softmax(logits[0], -1), atol=1e-6)
+    single = SubnetworkSimulator.ensemble_log_probs(logits[:1])
+    assert torch.allclose(single, torch.log_softmax(logits[0], -1), atol=1e-6)
 
 
 def test_final_checkpoint_survives_a_failing_evaluation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -130,7 +131,8 @@ def test_stochastic_depth_rejects_dropping_every_block_always() -> None:
 
 
 def test_full_phase_ends_sdp_with_the_full_model_and_resumes_exactly_across_the_switch(tmp_path: Path) -> None:
-    text = VIEWS.replace("steps = 6", "steps = 8").replace("checkpoint_interval = 0", "checkpoint_interval = 3\nkeep_checkpoints = 5")
+    text = VIEWS.replace("steps = 6", "steps = 8")
+    text = text.replace("checkpoint_interval = 0", "checkpoint_interval = 3\nkeep_checkpoints = 5")
     sets = ["--simulate", "2", "--set", "strategy.full_phase=0.5", "--set", "run.schedule=flops"]
     reference = tmp_path / "reference"
     _train(_config(tmp_path, text), reference, *sets)

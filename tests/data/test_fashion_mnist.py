@@ -5,10 +5,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _idx import write_fake_fashion, write_idx
 
 from subnetdp.data import fashion_mnist
 from subnetdp.data.fashion_mnist import load_fashion_mnist, read_idx
+
+from _idx import write_fake_fashion, write_idx
 
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 

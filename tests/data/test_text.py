@@ -3,8 +3,15 @@ import importlib.util
 import pytest
 import torch
 
-from subnetdp.data.text import (BPETokenizer, ByteTokenizer, CharTokenizer, TokenData, load_text,
-                                load_tokenizer, make_tokenizer)
+from subnetdp.data.text import (
+    BPETokenizer,
+    ByteTokenizer,
+    CharTokenizer,
+    TokenData,
+    load_text,
+    load_tokenizer,
+    make_tokenizer,
+)
 
 SAMPLE = "To be, or not to be: that is the question.\nWhether 'tis nobler in the mind — to suffer ü\n" * 20
 

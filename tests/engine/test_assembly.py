@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _models import batch_for, loss_of, make
 from subnetdp import SubnetworkSimulator
+
+from _models import batch_for, loss_of, make
 
 
 def _train(sim: SubnetworkSimulator, opts: list[torch.optim.Optimizer], steps: range) -> None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _models import make
 from subnetdp import SubnetworkSimulator
 from subnetdp.engine.layout import Piece, flatten, narrow_ranges, unflatten_into
+
+from _models import make
 
 
 @pytest.mark.parametrize("kind,level", [("mlp", "block"), ("mlp", "neuron"), ("resnet", "block"),

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from subnetdp import SubnetworkDataParallel, SubnetworkSimulator
+
 from _dist import run_distributed
 from _models import batch_for, loss_of, make
-from subnetdp import SubnetworkDataParallel, SubnetworkSimulator
 
 
 def test_buckets_respect_the_cap_and_never_split_a_parameter() -> None:

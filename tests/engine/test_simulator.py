@@ -7,8 +7,9 @@ import copy
 import pytest
 import torch
 
-from _models import batch_for, loss_of, make
 from subnetdp import SubnetworkSimulator
+
+from _models import batch_for, loss_of, make
 
 
 @pytest.mark.parametrize("kind,level,masking", [("resnet", "blocks", "forward"), ("llama", "neurons", "forward"),

@@ -8,10 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from _models import assert_each_neuron_has_k_holders, make, tiny_llama, zero_missing_columns
 from subnetdp import SDPConfigError, SubnetworkSimulator, plan_for
 from subnetdp.engine.units import SkippedBlock, analyse_block, find_neuron_sites
 from subnetdp.models.resnet import BasicBlock
+
+from _models import assert_each_neuron_has_k_holders, make, tiny_llama, zero_missing_columns
 
 
 def test_downsampling_block_keeps_its_shortcut_when_dropped() -> None:

@@ -14,10 +14,17 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from subnetdp import (
+    CollectiveError,
+    PlanMismatchError,
+    SDPConfigError,
+    SubnetworkDataParallel,
+    SubnetworkSimulator,
+    plan_for,
+)
+
 from _dist import run_distributed
 from _models import batch_for, loss_of, make
-from subnetdp import (CollectiveError, PlanMismatchError, SDPConfigError, SubnetworkDataParallel,
-                      SubnetworkSimulator, plan_for)
 
 STEPS = 3
 

@@ -9,14 +9,15 @@ import subprocess
 import sys
 
 import pytest
-from _runs import TINY_TASK
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _models import batch_for, make
 from subnetdp import SubnetworkSimulator
 from subnetdp.measure.alignment import ddp_gradient, gradient_alignment, sdp_gradient
+
+from _models import batch_for, make
+from _runs import TINY_TASK
 
 VARIANTS = [("block", "forward"), ("block", "backward"), ("neuron", "forward"), ("neuron", "backward")]
 

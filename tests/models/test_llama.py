@@ -10,10 +10,11 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from _models import assert_dropped_blocks_are_identity, assert_each_neuron_has_k_holders, zero_missing_columns
 from subnetdp.engine.simulator import SubnetworkSimulator
 from subnetdp.models import Llama, LlamaConfig, llama, num_parameters
 from subnetdp.models.llama import PRESETS, apply_rope
+
+from _models import assert_dropped_blocks_are_identity, assert_each_neuron_has_k_holders, zero_missing_columns
 
 
 def debug(**kw) -> Llama:

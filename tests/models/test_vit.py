@@ -9,10 +9,11 @@ import torch
 import torch.fx
 from torch import nn
 
-from _models import assert_dropped_blocks_are_identity, assert_each_neuron_has_k_holders, zero_missing_columns
 from subnetdp.engine.simulator import SubnetworkSimulator
 from subnetdp.models import ViT, vit
 from subnetdp.models.vit import PRESETS
+
+from _models import assert_dropped_blocks_are_identity, assert_each_neuron_has_k_holders, zero_missing_columns
 
 
 def small(**kw) -> ViT:
