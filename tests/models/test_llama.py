@@ -3,8 +3,6 @@ engine wrapping it at block and neuron level."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.fx
@@ -14,7 +12,12 @@ from subnetdp.engine.simulator import SubnetworkSimulator
 from subnetdp.models import Llama, LlamaConfig, llama, num_parameters
 from subnetdp.models.llama import PRESETS, apply_rope
 
-from _models import assert_dropped_blocks_are_identity, assert_each_neuron_has_k_holders, zero_missing_columns
+from _models import (
+    assert_dropped_blocks_are_identity,
+    assert_each_neuron_has_k_holders,
+    train_and_check_assembly,
+    zero_missing_columns,
+)
 
 
 def debug(**kw) -> Llama:
@@ -133,45 +136,14 @@ def _loss(model: torch.nn.Module, t: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), t[:, 1:].reshape(-1))
 
 
-def _train_and_assemble(model: Llama, steps: int = 4, **sdp) -> None:
-    """Four workers train a few Adam steps on fixed batches: each worker's loss on its batch goes
-    down, every parameter of the assembled model changed, and the assembled model, cut back to a
-    worker's subnetwork, computes what that worker computes (the units' trained values are in it)."""
-    initial = copy.deepcopy(model)
-    sim = SubnetworkSimulator(model, world_size=4, coverage=0.5, **sdp)
-    opts = [torch.optim.Adam(w.parameters(), lr=1e-2) for w in sim.workers]
-    batches = [tokens(t=9, seed=r) for r in range(4)]
-    with torch.no_grad():
-        before = [_loss(w, t).item() for w, t in zip(sim.workers, batches)]
-    for _ in range(steps):
-        for worker, t in zip(sim.workers, batches):
-            _loss(worker, t).backward()
-        sim.sync_gradients()
-        for opt in opts:
-            opt.step()
-            opt.zero_grad()
-    with torch.no_grad():
-        after = [_loss(w, t).item() for w, t in zip(sim.workers, batches)]
-    assert all(a < b - 0.5 for a, b in zip(after, before)), (before, after)
-    full = sim.full_state_dict()
-    fresh = llama("debug", n_layers=4, tie_embeddings=model.config.tie_embeddings)
-    fresh.load_state_dict(full, strict=True)
-    for name, p in initial.named_parameters():
-        assert not torch.equal(full[name], p), f"{name} was not trained"
-    if model.config.tie_embeddings:
+def _train_and_assemble(model: Llama, **sdp) -> None:
+    tie = model.config.tie_embeddings
+    fresh = llama("debug", n_layers=4, tie_embeddings=tie)
+    full = train_and_check_assembly(model, fresh, "layers", _loss, [tokens(t=9, seed=r) for r in range(4)],
+                                    tokens(), **sdp)
+    if tie:
         assert torch.equal(full["lm_head.weight"], full["tok_embeddings.weight"])
         assert fresh.lm_head.weight.data_ptr() == fresh.tok_embeddings.weight.data_ptr()
-    x = tokens()
-    for r, worker in enumerate(sim.workers):
-        if "neurons" in sdp:
-            ref, _ = zero_missing_columns(fresh, worker)
-        else:
-            ref, held = copy.deepcopy(fresh), set(sim.plan.held_units(r))
-            for i in range(len(ref.layers)):
-                if f"layers.{i}" not in held:
-                    ref.layers[i] = torch.nn.Identity()
-        with torch.no_grad():
-            torch.testing.assert_close(worker(x), ref(x), msg=f"worker {r}")
 
 
 @pytest.mark.parametrize("tie", [False, True])

@@ -13,7 +13,12 @@ from subnetdp.engine.simulator import SubnetworkSimulator
 from subnetdp.models import ViT, vit
 from subnetdp.models.vit import PRESETS
 
-from _models import assert_dropped_blocks_are_identity, assert_each_neuron_has_k_holders, zero_missing_columns
+from _models import (
+    assert_dropped_blocks_are_identity,
+    assert_each_neuron_has_k_holders,
+    train_and_check_assembly,
+    zero_missing_columns,
+)
 
 
 def small(**kw) -> ViT:
@@ -68,42 +73,11 @@ def test_attention_runs_with_heads_sliced_out() -> None:
 LABELS = torch.tensor([1, 2])
 
 
-def _train_and_assemble(model: ViT, steps: int = 4, **sdp) -> None:
-    """Four workers train a few Adam steps on fixed batches: each worker's loss on its batch goes
-    down, every parameter of the assembled model changed, and the assembled model, cut back to a
-    worker's subnetwork, computes what that worker computes (the units' trained values are in it)."""
-    initial = copy.deepcopy(model)
-    sim = SubnetworkSimulator(model, world_size=4, coverage=0.5, **sdp)
-    opts = [torch.optim.Adam(w.parameters(), lr=1e-2) for w in sim.workers]
-    batches = [images(seed=r) for r in range(4)]
-    with torch.no_grad():
-        before = [nn.functional.cross_entropy(w(x), LABELS).item() for w, x in zip(sim.workers, batches)]
-    for _ in range(steps):
-        for worker, x in zip(sim.workers, batches):
-            nn.functional.cross_entropy(worker(x), LABELS).backward()
-        sim.sync_gradients()
-        for opt in opts:
-            opt.step()
-            opt.zero_grad()
-    with torch.no_grad():
-        after = [nn.functional.cross_entropy(w(x), LABELS).item() for w, x in zip(sim.workers, batches)]
-    assert all(a < b - 0.5 for a, b in zip(after, before)), (before, after)
-    full = sim.full_state_dict()
-    fresh = small()
-    fresh.load_state_dict(full, strict=True)
-    for name, p in initial.named_parameters():
-        assert not torch.equal(full[name], p), f"{name} was not trained"
-    x = images(seed=9)
-    for r, worker in enumerate(sim.workers):
-        if "neurons" in sdp:
-            ref, _ = zero_missing_columns(fresh, worker)
-        else:
-            ref, held = copy.deepcopy(fresh), set(sim.plan.held_units(r))
-            for i in range(len(ref.blocks)):
-                if f"blocks.{i}" not in held:
-                    ref.blocks[i] = nn.Identity()
-        with torch.no_grad():
-            torch.testing.assert_close(worker(x), ref(x), msg=f"worker {r}")
+def _train_and_assemble(model: ViT, **sdp) -> None:
+    def loss(worker: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(worker(x), LABELS)
+
+    train_and_check_assembly(model, small(), "blocks", loss, [images(seed=r) for r in range(4)], images(seed=9), **sdp)
 
 
 def test_engine_block_level() -> None:
