@@ -37,9 +37,9 @@ batch_size = 8
 max_batches = 4
 TOML
 T() { timeout "$1" python3 -m subnetdp.app.cli train "$OUT/llama134m.toml" --no-progress "${@:2}"; echo "exit $?"; }
-T 120 --nproc 1 --out "$OUT/ddp1" --set strategy.name=ddp 2>&1 | tail -4 | tee "$OUT/ddp1.log"
-T 150 --simulate 4 --out "$OUT/sim4" 2>&1 | tail -3 | tee "$OUT/sim4.log"
-T 150 --nproc 2 --out "$OUT/sdp2" --set run.steps=20 --set run.checkpoint_interval=10 2>&1 | tail -3 | tee "$OUT/sdp2.log"
+T 120 --nproc 1 --out "$OUT/ddp1" --overwrite --set strategy.name=ddp 2>&1 | tail -4 | tee "$OUT/ddp1.log"
+T 150 --simulate 4 --out "$OUT/sim4" --overwrite 2>&1 | tail -3 | tee "$OUT/sim4.log"
+T 150 --nproc 2 --out "$OUT/sdp2" --overwrite --set run.steps=20 --set run.checkpoint_interval=10 2>&1 | tail -3 | tee "$OUT/sdp2.log"
 rm -rf "$OUT/sdp2/checkpoints/step-00000020"
 T 150 --nproc 2 --out "$OUT/sdp2" --set run.steps=20 --set run.checkpoint_interval=10 --resume 2>&1 | tail -2 | tee -a "$OUT/sdp2.log"
 python3 -m subnetdp.app.cli export "$OUT/sdp2" --out /tmp/sdp2.safetensors 2>&1 | tail -1 | tee -a "$OUT/sdp2.log"

@@ -22,6 +22,9 @@ forward+backward with and without sync. Memory: on CPU one more step under LiveT
 the allocator's max_memory_allocated/reserved over the timed steps. Communication: bytes handed to
 collectives during the timed steps, counted where they are issued (DDP comm hook, SDP's buckets,
 FSDP2's all-gather/reduce-scatter calls).
+
+Exit code: 2 (one line, nothing run) for bad arguments; 1 when every strategy failed (the report is
+still written, bench.log says why); 0 otherwise, also when only some failed (marked in the report).
 """
 
 from __future__ import annotations
@@ -364,7 +367,43 @@ def collect(out: Path, strategies: list[str]) -> list[dict[str, Any]]:
     return results
 
 
-def main(argv: list[str] | None = None) -> None:
+def check_args(args: argparse.Namespace, strategies: list[str]) -> str | None:
+    """What is wrong with the arguments, before anything is launched (one line), or None."""
+    import math
+    for flag, value, least in (("--workers", args.workers, 1), ("--batch-size", args.batch_size, 1),
+                               ("--seq-len", args.seq_len, 1), ("--vocab", args.vocab, 1), ("--width", args.width, 1),
+                               ("--steps", args.steps, 1), ("--warmup", args.warmup, 0)):
+        if value < least:
+            return f"{flag} must be >= {least}, got {value}"
+    if not args.lr > 0:
+        return f"--lr must be positive, got {args.lr}"
+    if not strategies:
+        return "--strategies is empty; e.g. --strategies ddp,sdp-block-fwd@0.5"
+    for name in strategies:
+        try:
+            strategy = parse_strategy(name)
+        except ValueError as exc:
+            return f"--strategies: {exc}"
+        if strategy.kind == "sdp" and not 0 < strategy.coverage <= 1:
+            return f"--strategies {name}: the coverage must be in (0, 1]"
+        if strategy.kind == "sdp" and math.floor(strategy.coverage * args.workers + 0.5) == 0:
+            return (f"--strategies {name}: coverage {strategy.coverage:g} is below 1/N for N = {args.workers} "
+                    f"workers; the smallest valid coverage for {args.workers} workers is {1 / args.workers:.4g}")
+        if strategy.stochastic_depth is not None and not 0 < strategy.stochastic_depth <= 1:
+            return f"--strategies {name}: the survival probability must be in (0, 1]"
+    out = Path(args.out)
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"--out {out}: {existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"--out {out}: {existing} is not writable"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit code: 0; 2 for bad arguments (one line, nothing run); 1 when every strategy failed."""
     parser = argparse.ArgumentParser(prog="subnetdp bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["resnet18", "llama", "vit"], default="resnet18")
@@ -395,10 +434,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.worker:
         run_worker(args)
-        return
+        return 0
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    for s in strategies:
-        parse_strategy(s)  # fail before launching anything
+    problem = check_args(args, strategies)  # fail before launching anything
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.report_only:
@@ -412,7 +453,11 @@ def main(argv: list[str] | None = None) -> None:
     command = "subnetdp bench " + " ".join(a for a in (argv if argv is not None else sys.argv[2:]))
     machine = {**machine_info(torch.device(args.device)), "python": platform.python_version()}
     write_report(out, results, vars(args), command, machine)
+    if results and all(r["failed"] for r in results):
+        print(f"error: every strategy failed ({', '.join(strategies)}); see {out / 'bench.log'}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

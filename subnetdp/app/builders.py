@@ -216,22 +216,56 @@ def _call_checked(fn: Callable, section: str, name: str, kwargs: dict[str, Any],
         raise ConfigError(f"[{section}] {name}: {exc}") from exc
 
 
+# numeric builder keys with a range of their own; other int keys must be >= 1 where their default is
+# positive, >= 0 where it is 0 (0: "take it from the preset / the data"), other float keys >= 0
+_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "val_fraction": (lambda v: 0 < v < 1, "must be in (0, 1)"),
+    "dropout": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "rope_theta": (lambda v: v > 0, "must be positive"),
+}
+
+
+def _value_problem(key: str, value: Any, default: Any) -> str | None:
+    """Why ``value`` does not fit a builder parameter with this ``default`` (type or range), or None."""
+    if default is inspect.Parameter.empty or not isinstance(default, (int, float, str, bool)):
+        return None
+    if not (isinstance(value, type(default)) or (isinstance(default, float) and isinstance(value, int)
+                                                 and not isinstance(value, bool))):
+        return f"expected a {type(default).__name__} like {default!r}"
+    if isinstance(default, bool) or not isinstance(default, (int, float)):
+        return None
+    if key in _RANGES:
+        ok, rule = _RANGES[key]
+        return None if ok(value) else rule
+    if isinstance(default, int) and default > 0 and value < 1:
+        return "must be >= 1"
+    if value < 0:
+        return "must be >= 0" + (" (0: the preset's or the data's)" if default == 0 else "")
+    return None
+
+
 def check_builder_keys(config: Config) -> None:
-    """Check [model] and [data] keys without building anything (fast, for config validation)."""
+    """Check [model] and [data] keys (names, types and ranges) without building anything (fast,
+    for config validation before any worker starts)."""
     for section, table in (("model", MODELS), ("data", DATASETS)):
         values = dict(config.section(section))
         name = values.pop("name")
         fn = table[name][0] if section == "model" else table[name]
         valid = _user_keys(fn)
-        for key in values:
+        params = inspect.signature(fn).parameters
+        for key, value in values.items():
             if key not in valid:
-                raise ConfigError(f"unknown key in [{section}] for {name!r}: {key!r}; valid: {', '.join(valid)}")
+                raise config.error(section, key, f"unknown key in [{section}] for {name!r}: {key!r}; "
+                                   f"valid: {', '.join(valid)}")
+            problem = _value_problem(key, value, params[key].default)
+            if problem is not None:
+                raise config.error(section, key, f"[{section}] {key} = {value!r} for {name!r}: {problem}")
     model = config["model.name"]
     kind = MODELS[model][2]
     data_kind = "lm" if config["data.name"] in ("text", "synthetic-text") else "classification"
     if kind != data_kind:
-        raise ConfigError(f"model {model!r} does not fit data {config['data.name']!r} "
-                          f"({kind} model, {data_kind} data)")
+        raise config.error("model", "name", f"model {model!r} does not fit data {config['data.name']!r} "
+                           f"({kind} model, {data_kind} data)", ("data", "name"))
 
 
 def build_task(config: Config, out: Path | None = None) -> Task:

@@ -99,6 +99,8 @@ def read_manifest(folder: Path, verify: bool = True) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{folder}: no readable manifest.json ({exc})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or "step" not in manifest:
+        raise CheckpointError(f"{folder}: manifest.json is not a checkpoint manifest")
     for rank, entry in manifest["files"].items():
         file = folder / entry["name"]
         if not file.is_file() or file.stat().st_size != entry["bytes"]:
@@ -108,8 +110,10 @@ def read_manifest(folder: Path, verify: bool = True) -> dict[str, Any]:
     return manifest
 
 
-def latest(root: Path, verify: bool = True) -> tuple[Path, dict[str, Any]] | None:
-    """The newest complete, verified checkpoint under ``root``; damaged ones are skipped."""
+def latest(root: Path, verify: bool = True, skipped: list[tuple[Path, str]] | None = None
+           ) -> tuple[Path, dict[str, Any]] | None:
+    """The newest complete, verified checkpoint under ``root``; damaged ones are skipped, and
+    appended to ``skipped`` (when given) as (folder, why), newest first."""
     if not root.is_dir():
         return None
     candidates = sorted((p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(PARTIAL)),
@@ -117,7 +121,9 @@ def latest(root: Path, verify: bool = True) -> tuple[Path, dict[str, Any]] | Non
     for folder in candidates:
         try:
             return folder, read_manifest(folder, verify)
-        except CheckpointError:
+        except CheckpointError as exc:
+            if skipped is not None:
+                skipped.append((folder, str(exc).removeprefix(f"{folder}: ")))
             continue
     return None
 

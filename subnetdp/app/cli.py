@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -43,8 +44,30 @@ def _build(args: argparse.Namespace) -> tuple[nn.Module, str, object]:
     return model, "model.layers", torch.randint(0, args.vocab, (1, args.seq_len))
 
 
+def _plan_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with `plan`'s arguments (one line), or None."""
+    sizes = [("--workers", args.workers)]
+    if args.model == "resnet18":
+        sizes += [("--width", args.width), ("--in-channels", args.in_channels), ("--classes", args.classes),
+                  ("--image-size", args.image_size)]
+    else:
+        sizes += [("--layers", args.layers), ("--hidden", args.hidden), ("--heads", args.heads),
+                  ("--vocab", args.vocab), ("--seq-len", args.seq_len), ("--intermediate", args.intermediate),
+                  ("--kv-heads", args.kv_heads)]
+    for flag, value in sizes:
+        if value is not None and value < 1:
+            return f"{flag} must be >= 1, got {value}"
+    if args.neuron_groups is not None and args.neuron_groups < 0:
+        return f"--neuron-groups must be >= 0 (0: one group per worker), got {args.neuron_groups}"
+    return None
+
+
 def _plan_command(args: argparse.Namespace) -> int:
     from .parallelism import level_kwargs
+    problem = _plan_problem(args)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     model, blocks, example = _build(args)
     try:
         plan = plan_for(model, args.workers, coverage=args.coverage, seed=args.seed,
@@ -54,8 +77,12 @@ def _plan_command(args: argparse.Namespace) -> int:
         return 2
     print(plan.table())
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(plan.to_dict(), f, indent=1)
+        try:
+            with open(args.json, "w") as f:
+                json.dump(plan.to_dict(), f, indent=1)
+        except OSError as exc:
+            print(f"error: --json {args.json}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
         print(f"\nwritten: {args.json}")
     return 0
 
@@ -71,18 +98,70 @@ how it runs:
   --simulate N    N virtual workers in this one process (same plan, same averaging)
 
 outputs in --out: config.json, metrics.jsonl, summary.json, checkpoints/ (one file per rank plus
-a manifest); `subnetdp export DIR` writes the assembled model as safetensors.
+a manifest); `subnetdp export DIR` writes the assembled model as safetensors. A folder that
+already holds a run is refused before anything starts: --resume continues it (one that is
+complete is left untouched: a line says so, exit code 0), --overwrite deletes its metrics.jsonl,
+summary.json and checkpoints/ and starts again.
 
 config keys: `subnetdp train --list-keys`; a wrong key or value is an error listing valid ones.
 """
 
 
+def _check_train(args: argparse.Namespace) -> tuple[object, Path] | int:
+    """Everything `train` can check before it launches or removes anything, in the launcher and
+    again in each worker: the arguments, the config (with the builders' keys), the coverage for
+    the number of workers, and the run folder (see ``train.check_run_folder``). Returns (config,
+    out), or the exit code after one line: ``error: ...`` (2), or that a resumed run is complete (0)."""
+    import os
+
+    from .builders import check_builder_keys
+    from .checkpoint import CheckpointError
+    from .config import ConfigError, check_workers, config_warnings, load_config
+    from .lock import check_unlocked
+    from .train import check_run_folder
+    under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ or "RANK" in os.environ
+    for flag, value in (("--nproc", args.nproc), ("--simulate", args.simulate)):
+        if value is not None and value < 1:
+            print(f"error: {flag} must be >= 1 workers, got {value}", file=sys.stderr)
+            return 2
+    if args.simulate is not None:
+        workers = args.simulate
+    elif under_torchrun:
+        workers = int(os.environ.get("WORLD_SIZE", "1"))
+    else:
+        workers = args.nproc
+    first = os.environ.get("RANK", "0") == "0"  # the process that speaks for the run
+    try:
+        config = load_config(args.config, args.set)
+        check_builder_keys(config)
+        check_workers(config, workers)
+        out = Path(args.out or f"runs/{config['run.name']}")
+        check_unlocked(out)  # first: a run in progress there explains everything else
+        if args.auto_resume:  # decided once here: the launcher hands its workers --resume or --overwrite
+            if args.resume or args.overwrite:
+                raise ConfigError("--auto-resume decides between --resume and --overwrite: give it alone")
+            from . import checkpoint as ckpt
+            args.resume = ckpt.latest(out / "checkpoints", verify=False) is not None
+            args.overwrite = not args.resume
+        complete = check_run_folder(out, config, resume=args.resume, overwrite=args.overwrite, workers=workers,
+                                    simulate=args.simulate is not None)
+    except (ConfigError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if complete is not None:
+        if first:
+            print(complete)
+        return 0
+    if first and (args.simulate is not None or under_torchrun):  # the launcher leaves it to rank 0
+        for warning in config_warnings(config):
+            print(f"warning: {warning}", file=sys.stderr)
+    return config, out
+
+
 def _train_command(args: argparse.Namespace) -> int:
     import os
-    import subprocess
-    from pathlib import Path
 
-    from .config import ConfigError, describe_schema, load_config
+    from .config import ConfigError, describe_schema
     from .runtime import torchrun_command, worker_env
     if args.list_keys:
         import inspect
@@ -100,14 +179,10 @@ def _train_command(args: argparse.Namespace) -> int:
     if args.config is None:
         print("error: give a CONFIG.toml (see configs/), or --list-keys", file=sys.stderr)
         return 2
-    try:
-        config = load_config(args.config, args.set)
-        from .builders import check_builder_keys
-        check_builder_keys(config)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    out = Path(args.out or f"runs/{config['run.name']}")
+    checked = _check_train(args)
+    if isinstance(checked, int):
+        return checked
+    config, out = checked
     under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ or "RANK" in os.environ
     if args.simulate is None and not under_torchrun:
         worker_args = ["train", str(args.config), "--out", str(out)]
@@ -115,10 +190,12 @@ def _train_command(args: argparse.Namespace) -> int:
             worker_args += ["--set", item]
         if args.resume:
             worker_args.append("--resume")
+        if args.overwrite:
+            worker_args.append("--overwrite")
         if args.no_progress:
             worker_args.append("--no-progress")
-        cmd = torchrun_command(args.nproc, "subnetdp.app.cli", *worker_args)
-        return subprocess.run(cmd, env=worker_env(config["run.threads"], keep_if_set=True)).returncode
+        cmd = torchrun_command(args.nproc, "subnetdp.app.cli", *worker_args, quiet_stop=True)
+        return _launch_workers(cmd, worker_env(config["run.threads"], keep_if_set=True), args, out)
     from .checkpoint import CheckpointError
     from .train import run_training
     try:
@@ -135,6 +212,50 @@ def _train_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _launch_workers(cmd: list[str], env: dict[str, str], args: argparse.Namespace, out: Path) -> int:
+    """Run torchrun with the run folder locked; nothing it started outlives it. Ends with one
+    line when it did not succeed: stopped (by a signal), or the first error a worker noted."""
+    import shlex
+    import signal
+
+    from .checkpoint import latest
+    from .lock import LOCKED_BY_LAUNCHER, RunFolderLocked
+    from .lock import acquire as acquire_run_folder
+    from .runtime import run_process_tree
+    try:
+        lock = acquire_run_folder(out)
+    except RunFolderLocked as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        result = run_process_tree(cmd, {**env, LOCKED_BY_LAUNCHER: str(out.resolve())})
+    finally:
+        if lock is not None:
+            lock.release()
+    if result.failures and not result.stopped_by:  # the first error a worker noted (a stuck peer: killed since)
+        print(f"error: {result.failures[0]}", file=sys.stderr)
+        return result.returncode if result.returncode > 0 else 1
+    sig = result.stopped_by or (-result.returncode if result.returncode < 0 else None)
+    if sig is not None:
+        found = latest(out / "checkpoints", verify=False)
+        resume = ["subnetdp", "train", str(args.config), "--nproc", str(args.nproc), "--out", str(out)]
+        for item in args.set:
+            resume += ["--set", item]
+        how = (f"continue from its checkpoint of step {found[1]['step']} with: {shlex.join(resume + ['--resume'])}"
+               if found else f"it wrote no checkpoint yet: start it again with: {shlex.join(resume + ['--overwrite'])}")
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
+        what = (f"stopped by {name}: torchrun and its {args.nproc} workers are stopped" if result.stopped_by else
+                f"error: torchrun was killed by {name}; its {args.nproc} workers are stopped")
+        print(f"{what}; {how}", file=sys.stderr)
+        return 128 + sig
+    if result.returncode != 0:
+        print(f"error: a worker failed (torchrun exit code {result.returncode}, its report is above)", file=sys.stderr)
+    return result.returncode
+
+
 def _export_command(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -142,11 +263,14 @@ def _export_command(args: argparse.Namespace) -> int:
     from .export import export
     out = Path(args.out or Path(args.run_dir) / "model.safetensors")
     try:
-        path = export(Path(args.run_dir), out, args.step)
+        exported = export(Path(args.run_dir), out, args.step, force=args.force)
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"written: {path}")
+    for folder, why in exported.skipped:
+        print(f"warning: skipped the newer checkpoint {folder}: {why}", file=sys.stderr)
+    older = f"; the newest complete one, {len(exported.skipped)} newer skipped" if exported.skipped else ""
+    print(f"written: {exported.path} (checkpoint step {exported.step}{older})")
     return 0
 
 
@@ -197,7 +321,16 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a config key, e.g. --set strategy.coverage=0.25 (repeatable)")
     train.add_argument("--resume", action="store_true",
-                       help="continue from the newest complete checkpoint in --out (same config and workers)")
+                       help="continue from the newest complete checkpoint in --out (same config; another number "
+                       "of workers or strategy.coverage re-plans the run and moves its state); a run that is "
+                       "already complete is left as it is")
+    train.add_argument("--auto-resume", action="store_true",
+                       help="--resume when --out holds a complete checkpoint, else start from scratch (replacing "
+                       "what a start killed before its first checkpoint left): for torchrun --max-restarts, "
+                       "elastic jobs and requeued batch jobs")
+    train.add_argument("--overwrite", action="store_true",
+                       help="--out holds an earlier run: delete its metrics.jsonl, summary.json and checkpoints/ "
+                       "and start again (without it, such a folder is refused)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument("--list-keys", action="store_true", help="print every config key with its default and meaning")
     train.set_defaults(func=_train_command)
@@ -208,7 +341,9 @@ def main(argv: list[str] | None = None) -> int:
                          "into the plain model with load_state_dict(strict=True).")
     exp.add_argument("run_dir", help="the run's --out folder")
     exp.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest complete one)")
-    exp.add_argument("--out", help="output file (default RUN_DIR/model.safetensors)")
+    exp.add_argument("--out", help="output file (default RUN_DIR/model.safetensors); refused if it exists, "
+                     "unless --force")
+    exp.add_argument("--force", action="store_true", help="replace an existing --out (atomically)")
     exp.set_defaults(func=_export_command)
 
     bench = sub.add_parser("bench", add_help=False,
@@ -232,8 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
         from .bench import main as bench_main
-        bench_main(rest)
-        return 0
+        return bench_main(rest)
     if args.command == "sweep":
         from .sweep import main as sweep_main
         return sweep_main(rest)

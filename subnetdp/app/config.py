@@ -14,8 +14,9 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import math
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -131,10 +132,23 @@ def _type_ok(value: Any, default: Any) -> bool:
     return isinstance(value, type(default))
 
 
-def _unknown(what: str, name: str, valid: list[str], where: str = "") -> ConfigError:
+def _unknown(what: str, name: str, valid: list[str]) -> str:
     near = difflib.get_close_matches(name, valid, n=1)
     hint = f" (did you mean {near[0]!r}?)" if near else ""
-    return ConfigError(f"unknown {what} {name!r}{hint}; valid: {', '.join(valid)}{where}")
+    return f"unknown {what} {name!r}{hint}; valid: {', '.join(valid)}"
+
+
+# where a value came from: (section, key) -> the ``--set`` text that gave it; other keys come from the file
+Origins = dict[tuple[str, str], str]
+
+
+def _blame(origins: Origins, source: str, keys: tuple[tuple[str, str], ...], message: str) -> ConfigError:
+    """``message`` about ``keys``, prefixed with where the value came from: the ``--set`` that
+    gave one of them, else the config file ``source`` (if any)."""
+    for key in keys:
+        if key in origins:
+            return ConfigError(f"--set {origins[key]}: {message}")
+    return ConfigError(f"{source}: {message}" if source else message)
 
 
 @dataclass
@@ -143,6 +157,12 @@ class Config:
 
     sections: dict[str, dict[str, Any]]
     source: str = ""
+    origins: Origins = field(default_factory=dict, compare=False, repr=False)
+
+    def error(self, section: str, key: str, message: str, *also: tuple[str, str]) -> ConfigError:
+        """A ConfigError about ``section.key`` (and the keys ``also``): it names the ``--set`` that
+        gave the value, or the config file."""
+        return _blame(self.origins, self.source, ((section, key), *also), message)
 
     def section(self, name: str) -> dict[str, Any]:
         return self.sections[name]
@@ -165,14 +185,16 @@ class Config:
         return out
 
 
-def validate(raw: dict[str, Any], source: str = "") -> Config:
-    """Fill defaults and check every key and value of a parsed TOML document."""
-    where = f" in {source}" if source else ""
+def validate(raw: dict[str, Any], source: str = "", origins: Origins | None = None) -> Config:
+    """Fill defaults and check every key and value of a parsed TOML document. ``origins``: the
+    keys set by ``--set`` (errors about them name the ``--set``, not the file)."""
+    origins = dict(origins or {})
     for section in raw:
         if section not in SCHEMA:
-            raise _unknown("section", section, list(SCHEMA), where)
+            given = tuple(k for k in origins if k[0] == section)
+            raise _blame(origins, source, given, _unknown("section", section, list(SCHEMA)))
         if not isinstance(raw[section], dict):
-            raise ConfigError(f"[{section}]{where} must be a table of keys")
+            raise _blame(origins, source, (), f"[{section}] must be a table of keys")
     sections: dict[str, dict[str, Any]] = {}
     for section, keys in SCHEMA.items():
         given = dict(raw.get(section, {}))
@@ -182,45 +204,89 @@ def validate(raw: dict[str, Any], source: str = "") -> Config:
                 if section in ("model", "data"):
                     values[key] = value  # checked against the builder's signature
                     continue
-                raise _unknown(f"key in [{section}]", key, list(keys), where)
+                raise _blame(origins, source, ((section, key),), _unknown(f"key in [{section}]", key, list(keys)))
             spec = keys[key]
             if not _type_ok(value, spec.default):
-                raise ConfigError(f"[{section}] {key} = {value!r}{where}: expected a "
-                                  f"{type(spec.default).__name__} like {spec.default!r}")
+                raise _blame(origins, source, ((section, key),), f"[{section}] {key} = {value!r}: expected a "
+                             f"{type(spec.default).__name__} like {spec.default!r}")
             if spec.choices and value not in spec.choices:
-                raise ConfigError(f"[{section}] {key} = {value!r}{where} is not valid; "
-                                  f"valid: {', '.join(map(str, spec.choices))}")
+                raise _blame(origins, source, ((section, key),), f"[{section}] {key} = {value!r} is not valid; "
+                             f"valid: {', '.join(map(str, spec.choices))}")
             values[key] = value
         sections[section] = values
-    _check_ranges(sections, where)
-    return Config(sections, source)
+    _check_ranges(sections, source, origins)
+    return Config(sections, source, origins)
 
 
-def _check_ranges(s: dict[str, dict[str, Any]], where: str) -> None:
-    def need(ok: bool, message: str) -> None:
+def _check_ranges(s: dict[str, dict[str, Any]], source: str, origins: Origins) -> None:
+    def need(ok: bool, message: str, *keys: str) -> None:
+        """``keys``: the dotted keys the rule is about (an error names the --set of one of them)."""
         if not ok:
-            raise ConfigError(message + where)
+            raise _blame(origins, source, tuple(tuple(k.split(".", 1)) for k in keys), message)  # type: ignore[misc]
 
-    need(0 < s["strategy"]["coverage"] <= 1, f"[strategy] coverage must be in (0, 1], got {s['strategy']['coverage']}")
-    need(s["run"]["steps"] >= 1, "[run] steps must be >= 1")
-    need(s["run"]["log_interval"] >= 1, "[run] log_interval must be >= 1")
+    need(0 < s["strategy"]["coverage"] <= 1, f"[strategy] coverage must be in (0, 1], got {s['strategy']['coverage']}",
+         "strategy.coverage")
+    need(s["run"]["steps"] >= 1, "[run] steps must be >= 1", "run.steps")
+    need(s["run"]["log_interval"] >= 1, "[run] log_interval must be >= 1", "run.log_interval")
     for key in ("eval_interval", "checkpoint_interval"):
-        need(s["run"][key] >= 0, f"[run] {key} must be >= 0")
-    need(s["run"]["keep_checkpoints"] >= 1, "[run] keep_checkpoints must be >= 1")
-    need(s["run"]["threads"] >= 1, "[run] threads must be >= 1")
-    need(s["optim"]["lr"] > 0, "[optim] lr must be positive")
-    need(s["optim"]["grad_clip"] >= 0, "[optim] grad_clip must be >= 0")
-    need(0 <= s["optim"]["min_lr_ratio"] <= 1, "[optim] min_lr_ratio must be in [0, 1]")
-    need(len(s["optim"]["betas"]) == 2, "[optim] betas must be two numbers")
-    need(s["eval"]["batch_size"] >= 1, "[eval] batch_size must be >= 1")
+        need(s["run"][key] >= 0, f"[run] {key} must be >= 0", f"run.{key}")
+    need(s["run"]["keep_checkpoints"] >= 1, "[run] keep_checkpoints must be >= 1", "run.keep_checkpoints")
+    need(s["run"]["threads"] >= 1, "[run] threads must be >= 1", "run.threads")
+    need(s["run"]["timeout"] > 0, f"[run] timeout must be positive seconds, got {s['run']['timeout']}", "run.timeout")
+    need(s["optim"]["lr"] > 0, "[optim] lr must be positive", "optim.lr")
+    need(s["optim"]["grad_clip"] >= 0, "[optim] grad_clip must be >= 0", "optim.grad_clip")
+    need(0 <= s["optim"]["min_lr_ratio"] <= 1, "[optim] min_lr_ratio must be in [0, 1]", "optim.min_lr_ratio")
+    need(len(s["optim"]["betas"]) == 2, "[optim] betas must be two numbers", "optim.betas")
+    need(s["optim"]["warmup_steps"] >= 0, "[optim] warmup_steps must be >= 0", "optim.warmup_steps")
+    need(s["optim"]["weight_decay"] >= 0, "[optim] weight_decay must be >= 0", "optim.weight_decay")
+    need(s["eval"]["batch_size"] >= 1, "[eval] batch_size must be >= 1", "eval.batch_size")
+    need(s["eval"]["max_batches"] >= 0, "[eval] max_batches must be >= 0 (0: the whole split)", "eval.max_batches")
+    need(s["eval"]["recalibrate_norm_batches"] >= 0, "[eval] recalibrate_norm_batches must be >= 0 (0: off)",
+         "eval.recalibrate_norm_batches")
     views = s["eval"]["views"]
-    need(all(v in EVAL_VIEWS for v in views), f"[eval] views = {views!r}: valid views are {', '.join(EVAL_VIEWS)}")
-    need(0 <= s["strategy"]["stochastic_depth"] < 1, "[strategy] stochastic_depth must be in [0, 1)")
-    need(0 <= s["strategy"]["full_phase"] < 1, "[strategy] full_phase must be in [0, 1)")
+    need(all(v in EVAL_VIEWS for v in views), f"[eval] views = {views!r}: valid views are {', '.join(EVAL_VIEWS)}",
+         "eval.views")
+    need(s["strategy"]["neuron_groups"] >= 0,
+         f"[strategy] neuron_groups must be >= 0 (0: one group per worker), got {s['strategy']['neuron_groups']}",
+         "strategy.neuron_groups")
+    need(0 <= s["strategy"]["stochastic_depth"] < 1, "[strategy] stochastic_depth must be in [0, 1)",
+         "strategy.stochastic_depth")
+    need(0 <= s["strategy"]["full_phase"] < 1, "[strategy] full_phase must be in [0, 1)", "strategy.full_phase")
     need(s["strategy"]["full_phase"] == 0 or s["strategy"]["name"] == "sdp",
-         "[strategy] full_phase ends an SDP run with the full model: it needs name = 'sdp'")
+         "[strategy] full_phase ends an SDP run with the full model: it needs name = 'sdp'",
+         "strategy.full_phase", "strategy.name")
     need(s["strategy"]["stochastic_depth"] == 0 or s["strategy"]["name"] == "ddp",
-         "[strategy] stochastic_depth is a DDP baseline: it needs name = 'ddp'")
+         "[strategy] stochastic_depth is a DDP baseline: it needs name = 'ddp'",
+         "strategy.stochastic_depth", "strategy.name")
+
+
+def smallest_coverage(workers: int) -> float:
+    """The smallest coverage that gives every unit a holder on ``workers`` workers: 1/N (the
+    engine rounds C*N to whole holders, so C below 1/(2N) leaves units with none)."""
+    return 1 / workers
+
+
+def check_workers(config: Config, workers: int) -> None:
+    """What can only be checked once the number of workers N is known (before anything starts):
+    SDP's coverage must give each unit at least one holder, round(C*N) >= 1, as the planner requires."""
+    if workers < 1:
+        raise ConfigError(f"the number of workers must be >= 1, got {workers}")
+    coverage = config["strategy.coverage"]
+    if config["strategy.name"] == "sdp" and math.floor(coverage * workers + 0.5) == 0:
+        raise config.error("strategy", "coverage",
+                           f"[strategy] coverage {coverage:g} is below 1/N for N = {workers} workers (no worker "
+                           f"would hold a unit); the smallest valid coverage for {workers} workers is "
+                           f"{smallest_coverage(workers):.4g}")
+
+
+def config_warnings(config: Config) -> list[str]:
+    """Settings that are valid but probably not meant (printed as warnings before training)."""
+    out = []
+    warmup, steps = config["optim.warmup_steps"], total_steps(config)
+    if warmup > steps:
+        out.append(f"optim.warmup_steps = {warmup} is more than the run's {steps} steps: the learning rate "
+                   f"never leaves warm-up and peaks at {steps}/{warmup} of optim.lr = {config['optim.lr']:g}")
+    return out
 
 
 def phase_steps(config: Config) -> tuple[int, int]:
@@ -256,6 +322,7 @@ def parse_override(text: str) -> tuple[str, str, Any]:
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a TOML config (or start from the defaults when ``path`` is None) and apply ``--set``s."""
     raw: dict[str, Any] = {}
+    origins: Origins = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -266,8 +333,11 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     for text in overrides:
         section, key, value = parse_override(text)
+        if not isinstance(raw.get(section, {}), dict):
+            raise ConfigError(f"--set {text.strip()}: [{section}] is not a table in {path}")
         raw.setdefault(section, {})[key] = value
-    return validate(raw, str(path) if path else "")
+        origins[(section, key)] = text.strip()
+    return validate(raw, str(path) if path else "", origins)
 
 
 def from_dict(sections: dict[str, dict[str, Any]]) -> Config:

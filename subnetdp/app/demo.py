@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"the config (default {CONFIG.relative_to(CONFIG.parents[1])})")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="config overrides for the SDP run (and, except [strategy], the DDP run)")
-    parser.add_argument("--out", default="runs/demo", help="where both runs are written (default runs/demo)")
+    parser.add_argument("--out", default="runs/demo",
+                        help="where both runs are written (default runs/demo); a rerun replaces OUT/ddp and OUT/sdp")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -47,8 +48,9 @@ def main(argv: list[str] | None = None) -> None:
     runs = {"ddp": common + ["strategy.name=ddp"], "sdp": common + [s for s in args.set if s.startswith("strategy.")]}
     for name, sets in runs.items():
         print(f"\n=== {name.upper()}: {args.workers} workers ===", flush=True)
+        # a rerun of the demo replaces the demo's own two runs in --out (and nothing else there)
         cmd = [sys.executable, "-m", "subnetdp.app.cli", "train", args.config, "--nproc", str(args.workers),
-               "--out", str(out / name)]
+               "--out", str(out / name), "--overwrite"]
         for item in sets:
             cmd += ["--set", item]
         if args.no_progress:

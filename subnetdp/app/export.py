@@ -2,6 +2,13 @@
 
     subnetdp export runs/r18 --out r18.safetensors          # newest complete checkpoint
     subnetdp export runs/r18 --step 400 --out r18-400.safetensors
+    subnetdp export runs/r18 --out r18.safetensors --force  # replace r18.safetensors
+
+The newest complete checkpoint is the newest whose files match the sizes and hashes of its manifest;
+newer ones that do not are skipped, and the command says which and why before it names the step it
+exported. An --out that exists is refused unless --force; the file is written to a temporary name
+next to it and renamed into place, so --out is either the old file or the new one, and the
+temporary file is removed when writing fails.
 
 Runs in one process, without torch.distributed: for SDP it rebuilds every worker's subnetwork from
 the recorded plan arguments, loads each rank's file and assembles the model exactly as
@@ -12,59 +19,94 @@ The file loads into the plain model: ``model.load_state_dict(safetensors.torch.l
 from __future__ import annotations
 
 import json
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from ..engine import SubnetworkSimulator
 from . import checkpoint as ckpt
-from .builders import MODELS, rebuild_model
 from .config import from_dict
-from .parallelism import level_kwargs
+from .reshard import is_replicated, rebuild_simulator, replica_state, worker_states
 
 
-def assemble_from_checkpoint(run_dir: Path, step: int | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """The full model's state dict (original keys, CPU) and the checkpoint's manifest."""
+class ExportError(ckpt.CheckpointError):
+    """The output file cannot be written (exists without --force, is a folder, not writable)."""
+
+
+@dataclass
+class Exported:
+    path: Path
+    step: int
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # newer checkpoints passed over, and why
+
+
+def assemble_from_checkpoint(run_dir: Path, step: int | None = None, skipped: list[tuple[Path, str]] | None = None
+                             ) -> tuple[dict[str, torch.Tensor], dict]:
+    """The full model's state dict (original keys, CPU) and the checkpoint's manifest. Without
+    ``step`` the newest complete checkpoint: the damaged newer ones are appended to ``skipped``."""
     root = run_dir / "checkpoints"
+    if not run_dir.is_dir():
+        raise ckpt.CheckpointError(f"{run_dir} is not a run folder (no such folder)")
     if step is None:
-        found = ckpt.latest(root)
+        passed = [] if skipped is None else skipped
+        found = ckpt.latest(root, skipped=passed)
         if found is None:
-            raise ckpt.CheckpointError(f"no complete checkpoint under {root}")
+            why = "; ".join(f"{folder.name}: {reason}" for folder, reason in passed)
+            raise ckpt.CheckpointError(f"no complete checkpoint under {root}" + (f" (skipped {why})" if why else ""))
         folder, manifest = found
     else:
         folder = ckpt.step_dir(root, step)
+        if not folder.is_dir():
+            steps = [str(m["step"]) for _, m in ckpt.complete_checkpoints(root, verify=False)]
+            raise ckpt.CheckpointError(f"--step {step}: no checkpoint {folder}; "
+                                       + (f"complete ones: step {', '.join(steps)}" if steps else f"none under {root}"))
         manifest = ckpt.read_manifest(folder)
     config = from_dict(manifest["config"])
-    model = rebuild_model(manifest["model"], manifest["model_kwargs"])
-    world = manifest["virtual_world_size"]
-    if config["strategy.name"] == "ddp" or manifest.get("phase") == "full":  # one full model (DDP-style)
-        state = ckpt.load_rank_state(folder, 0)["workers"][0]["model"]
-        prefix = "module."  # DistributedDataParallel's; a simulated DDP run saved the plain model
-        return {k.removeprefix(prefix): v.contiguous() for k, v in state.items()}, manifest
-    s = config.section("strategy")
-    example = torch.zeros(manifest["example_input_shape"],
-                          dtype=torch.long if MODELS[manifest["model"]][2] == "lm" else torch.float32)
-    sim = SubnetworkSimulator(model, world, **level_kwargs(s["level"], MODELS[manifest["model"]][1]),
-                              coverage=s["coverage"], masking=s["masking"], seed=s["plan_seed"], scale=s["scale"],
-                              neuron_groups=s["neuron_groups"] or None, example_input=example)
-    if sim.plan.fingerprint() != manifest["plan_fingerprint"]:
-        raise ckpt.CheckpointError(f"{folder}: the rebuilt plan does not match the one the run trained with")
-    if manifest["simulate"]:
-        workers = [w["model"] for w in ckpt.load_rank_state(folder, 0)["workers"]]
-    else:
-        workers = [ckpt.load_rank_state(folder, r)["workers"][0]["model"] for r in range(world)]
-    for worker, state in zip(sim.workers, workers):
-        worker.load_state_dict(state)
+    if is_replicated(config, manifest):  # one full model (DDP-style)
+        return {k: v.contiguous() for k, v in replica_state(folder)["model"].items()}, manifest
+    try:
+        sim = rebuild_simulator(manifest)
+    except ckpt.CheckpointError as exc:
+        raise ckpt.CheckpointError(f"{folder}: {exc}") from exc
+    for worker, state in zip(sim.workers, worker_states(folder, manifest)):
+        worker.load_state_dict(state["model"])
     return sim.full_state_dict(), manifest
 
 
-def export(run_dir: Path, out: Path, step: int | None = None) -> Path:
-    state, manifest = assemble_from_checkpoint(run_dir, step)
+def check_output(out: Path, force: bool = False) -> None:
+    """ExportError when ``out`` cannot be written: a folder, a file that exists (without ``force``),
+    or under a file or a folder that is not writable."""
+    if out.is_dir():
+        raise ExportError(f"--out {out} is a folder: give a file name, e.g. {out / 'model.safetensors'}")
+    if out.exists() and not force:
+        raise ExportError(f"--out {out} already exists: pass --force to replace it, or choose another --out")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ExportError(f"--out {out}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ExportError(f"--out {out}: {parent} is not writable")
+
+
+def export(run_dir: Path, out: Path, step: int | None = None, force: bool = False) -> Exported:
+    """Write the assembled model of ``run_dir``'s checkpoint (``step``, default the newest complete
+    one) to ``out``, atomically; an existing ``out`` only with ``force``."""
+    check_output(out, force)  # before the (long) assembly
+    skipped: list[tuple[Path, str]] = []
+    state, manifest = assemble_from_checkpoint(run_dir, step, skipped)
     metadata = {"step": str(manifest["step"]), "model": manifest["model"],
                 "model_kwargs": json.dumps(manifest["model_kwargs"]), "strategy": manifest["strategy"]}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
-    tmp.replace(out)
-    return out
+    check_output(out, force)  # again: something may have appeared meanwhile
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
+        os.replace(tmp, out)
+    except Exception as exc:  # noqa: BLE001 - any failure to write (disk full, permissions) is one line
+        raise ExportError(f"cannot write {out}: {exc}") from exc
+    finally:
+        tmp.unlink(missing_ok=True)  # gone after the rename; a failed write leaves no .tmp behind
+    return Exported(out, manifest["step"], skipped)

@@ -23,10 +23,11 @@ import random
 import shutil
 import socket
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Iterator, TextIO
 
 import numpy as np
 import torch
@@ -35,15 +36,19 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
+from ..engine.errors import CollectiveError
 from ..engine.units import resolve_block_paths
 from ..measure import optimizer_state_bytes, tensor_bytes
 from . import checkpoint as ckpt
+from . import reshard
 from .baselines import StochasticDepth, checkpoint_blocks
 from .builders import Task, build_task
 from .config import RESUMABLE_CHANGES, Config, ConfigError, from_dict, phase_steps
 from .evaluation import evaluate, inference_flops, make_eval_models
+from .lock import RunFolderLock, RunFolderLocked, locked_by_launcher
+from .lock import acquire as acquire_run_folder
 from .parallelism import Parallelism, level_kwargs, parallelize
-from .runtime import PeakMemory, autocast, choose_device, machine_info, percentiles
+from .runtime import PeakMemory, autocast, choose_device, die_with_parent, machine_info, note_failure, percentiles
 
 # ---------------------------------------------------------------------------------------------
 # set-up
@@ -59,10 +64,23 @@ class Context:
     device: torch.device
     simulate: bool
     backend: str | None = None
+    timeout: float | None = None     # run.timeout: how long a collective may take (named in its error)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @contextlib.contextmanager
+    def _collective(self, what: str) -> Iterator[None]:
+        """A collective that fails (a dead peer, or a stuck one past the timeout) raises one
+        CollectiveError naming it, as the engine's collectives do."""
+        try:
+            yield
+        except Exception as exc:  # noqa: BLE001 - every backend failure becomes one clear error
+            within = f" within {self.timeout:g}s" if self.timeout is not None else ""
+            raise CollectiveError(f"rank {self.rank}: {what} over workers {list(range(self.world_size))} failed or "
+                                  f"did not complete{within}; a peer has probably died or is stuck. "
+                                  f"Backend said: {exc}") from exc
 
     @property
     def processes(self) -> int:
@@ -71,14 +89,16 @@ class Context:
 
     def barrier(self) -> None:
         if not self.simulate:
-            dist.barrier()
+            with self._collective("barrier"):
+                dist.barrier()
 
     def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
         """``values`` summed over every process (collective), on CPU."""
         if self.simulate:
             return values
         values = values.to(self.device if self.backend == "nccl" else "cpu")  # NCCL reduces GPU tensors only
-        dist.all_reduce(values)
+        with self._collective("all_reduce of logged figures"):
+            dist.all_reduce(values)
         return values.cpu()
 
     def gather(self, local: list[Any]) -> list[Any]:
@@ -87,7 +107,8 @@ class Context:
         if self.simulate:
             return local
         gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, local[0])
+        with self._collective("all_gather of per-rank figures"):
+            dist.all_gather_object(gathered, local[0])
         return gathered
 
 
@@ -112,7 +133,8 @@ def setup_context(config: Config, simulate: int | None) -> Context:
         raise ConfigError("[run] backend = 'nccl' needs CUDA devices; use gloo on CPU")
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=run["timeout"]),
                             device_id=device if backend == "nccl" else None)
-    return Context(dist.get_rank(), dist.get_world_size(), local_rank, device, simulate=False, backend=backend)
+    return Context(dist.get_rank(), dist.get_world_size(), local_rank, device, simulate=False, backend=backend,
+                   timeout=run["timeout"])
 
 
 def make_optimizer(config: Config, params: list[nn.Parameter], steps: int, first_step: int = 0
@@ -298,9 +320,61 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+# what a run writes into its folder, and what `--overwrite` removes (config.json is rewritten)
+RUN_OUTPUTS = ("metrics.jsonl", "summary.json", "checkpoints")
+
+
+def check_run_folder(out: Path, config: Config, resume: bool, overwrite: bool = False,
+                     workers: int | None = None, simulate: bool = False) -> str | None:
+    """Before anything starts or is removed (the launcher, and each process before it trains):
+    ConfigError when ``out`` cannot take this run, that is when it is a file or not writable, or
+    holds a run (metrics.jsonl, summary.json or checkpoints/) and neither ``resume`` nor
+    ``overwrite`` says what to do with it; CheckpointError when ``resume`` finds no checkpoint.
+    Returns a message when ``resume`` finds the run already complete (its newest checkpoint is at
+    the last step): then there is nothing to do and nothing in ``out`` must change, once the
+    config (and, given ``workers``, the workers) pass the checks a resume makes."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing == out and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder: give a folder for the run")
+    if not existing.is_dir():
+        raise ConfigError(f"--out {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: {existing} is not writable")
+    if resume and overwrite:
+        raise ConfigError("--resume continues the run in --out, --overwrite replaces it: give one of them")
+    root = out / "checkpoints"
+    if resume:
+        found = ckpt.latest(root, verify=False)  # sizes only: the hashes are checked when it is loaded
+        if found is None:
+            raise ckpt.CheckpointError(f"--resume: no complete checkpoint under {root}")
+        folder, manifest = found
+        steps = sum(phase_steps(config))
+        if manifest["step"] < steps:
+            return None
+        try:
+            ckpt.read_manifest(folder, verify=True)
+        except ckpt.CheckpointError:
+            return None  # damaged: resuming falls back to an older checkpoint and trains again from there
+        if workers is not None:  # a resume under another config is refused, complete or not
+            _check_resume(config, manifest, Context(0, workers, 0, torch.device("cpu"), simulate), folder)
+        summary = out / "summary.json"
+        kept = ("summary.json and the checkpoints are kept" if summary.exists() else
+                "it has no summary.json (stopped in its final evaluation?): `subnetdp export` still works")
+        return (f"{out}: the run is already complete (checkpoint at step {manifest['step']} of {steps}); nothing "
+                f"to resume, {kept}; to train longer, resume with --set run.steps=N larger than {manifest['step']}")
+    held = [name + ("/" if name == "checkpoints" else "") for name in RUN_OUTPUTS if (out / name).exists()]
+    if held and not overwrite:
+        raise ConfigError(f"--out {out} already holds a run ({', '.join(held)}): continue it with --resume, "
+                          "replace it with --overwrite, or choose another --out")
+    return None
+
+
 def prepare_run_folder(out: Path, ctx: Context, resume: bool) -> tuple[Path, dict[str, Any]] | None:
     """Create ``out``; with ``resume`` return the newest complete checkpoint (folder, manifest),
-    else remove what an earlier run left there (metrics, summary, checkpoints) and return None."""
+    else remove what an earlier run left there (metrics, summary, checkpoints) and return None.
+    `subnetdp train` calls ``check_run_folder`` first: it removes nothing without --overwrite."""
     out.mkdir(parents=True, exist_ok=True)
     root = out / "checkpoints"
     if resume:
@@ -308,11 +382,13 @@ def prepare_run_folder(out: Path, ctx: Context, resume: bool) -> tuple[Path, dic
         if found is None:
             raise ckpt.CheckpointError(f"--resume: no complete checkpoint under {root}")
         return found
-    if ctx.is_main and (out / "metrics.jsonl").exists():
-        for stale in ("metrics.jsonl", "summary.json"):
-            (out / stale).unlink(missing_ok=True)
-        if root.exists():
-            shutil.rmtree(root)
+    if ctx.is_main:
+        for stale in RUN_OUTPUTS:
+            path = out / stale
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
     return None
 
 
@@ -323,26 +399,51 @@ def build_task_once(config: Config, out: Path, ctx: Context) -> Task:
     return task if task is not None else build_task(config, out)
 
 
+def _metrics_record(line: str) -> dict[str, Any] | None:
+    """One metrics.jsonl line as its record, or None when it is torn (a partial write: a full disk,
+    a kill) or otherwise not a record."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume: drop the lines a killed run logged after its last checkpoint."""
+    """On resume: drop the lines a killed run logged after its last checkpoint, and torn lines
+    (a partial last write), which are reported on stderr."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    records = [(line, _metrics_record(line)) for line in lines]
+    torn = sum(record is None for _, record in records)
+    if torn:
+        print(f"warning: {path}: dropped {torn} unreadable line{'s' if torn > 1 else ''} (torn by an "
+              "interrupted write)", file=sys.stderr)
+    kept = [line for line, record in records if record is not None and record["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
 
 
-def _check_resume(config: Config, manifest: dict[str, Any], ctx: Context, folder: Path) -> None:
+# a resume may also change these: the state is then re-planned and moved (reshard.py)
+RESHARDABLE_CHANGES = {("strategy", "coverage")}
+
+
+def _check_resume(config: Config, manifest: dict[str, Any], ctx: Context, folder: Path) -> bool:
+    """Refuse a resume under a different config; return whether the state must be re-planned and
+    moved (another worker count, coverage, or simulated versus real workers)."""
     saved = from_dict(manifest["config"])
-    changed = [d for d in config.differences(saved) if (d[0], d[1]) not in RESUMABLE_CHANGES]
+    allowed = RESUMABLE_CHANGES | RESHARDABLE_CHANGES
+    differences = config.differences(saved)
+    changed = [d for d in differences if (d[0], d[1]) not in allowed]
     if changed:
         lines = "\n".join(f"  {s}.{k}: checkpoint {b!r}, now {a!r}" for s, k, a, b in changed)
-        may_change = sorted(".".join(x) for x in RESUMABLE_CHANGES)
+        may_change = sorted(".".join(x) for x in allowed)
         raise ckpt.CheckpointError(f"--resume: the config differs from the one {folder} was written with:\n"
                                    f"{lines}\nresume with the same config (only {may_change} may change)")
-    if manifest["virtual_world_size"] != ctx.world_size or manifest["simulate"] != ctx.simulate:
-        raise ckpt.CheckpointError(f"--resume: {folder} was written by {manifest['virtual_world_size']} workers "
-                                   f"(simulated: {manifest.get('simulate', False)}), this run has "
-                                   f"{ctx.world_size} (simulated: {ctx.simulate})")
+    return (manifest["virtual_world_size"] != ctx.world_size or manifest["simulate"] != ctx.simulate
+            or any((d[0], d[1]) in RESHARDABLE_CHANGES for d in differences))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,9 +452,18 @@ def _check_resume(config: Config, manifest: dict[str, Any], ctx: Context, folder
 
 def run_training(config: Config, out: Path, simulate: int | None = None, resume: bool = False,
                  progress: bool = True) -> dict[str, Any] | None:
-    """Train as configured; returns the summary on rank 0 (None on other ranks)."""
+    """Train as configured; returns the summary on rank 0 (None on other ranks).
+
+    A worker of torchrun dies with it (``die_with_parent``), even when torchrun is SIGKILLed. The
+    run folder is locked meanwhile (lock.py), here unless the launcher holds it. On an error the
+    ranks do not wait for each other (a dead or stuck peer would make that a second timeout):
+    the error propagates at once, and is noted for the launcher to show last."""
+    if simulate is None and "RANK" in os.environ:
+        die_with_parent()
     ctx = setup_context(config, simulate)
+    lock = None
     try:
+        lock = _lock_run_folder(out, ctx)
         started = time.perf_counter()
         found = prepare_run_folder(out, ctx, resume)
         run = TrainingRun(config, out, ctx, build_task_once(config, out, ctx), started)
@@ -361,11 +471,37 @@ def run_training(config: Config, out: Path, simulate: int | None = None, resume:
             run.resume(*found)
         run.write_run_config()
         run.train(progress)
-        return run.summary()
+        summary = run.summary()
+        # leave together: tearing gloo down under a busy peer was seen to abort. Only here: a
+        # failing run leaves at once, as its peers may be dead or stuck (a second timeout)
+        ctx.barrier()
+        return summary
+    except Exception as exc:
+        where = "" if ctx.simulate or str(exc).startswith("rank ") else f"rank {ctx.rank}: "
+        note_failure(f"{type(exc).__name__}: {where}{exc}")
+        raise
     finally:
         if not ctx.simulate and dist.is_initialized():
-            dist.barrier()  # leave together: tearing gloo down under a busy peer was seen to abort
             dist.destroy_process_group()
+        if lock is not None:
+            lock.release()
+
+
+def _lock_run_folder(out: Path, ctx: Context) -> RunFolderLock | None:
+    """Rank 0 locks ``out`` unless the launcher holds its lock; every rank raises if it could not."""
+    if locked_by_launcher(out):
+        return None
+    lock, error = None, None
+    if ctx.is_main:
+        try:
+            lock = acquire_run_folder(out)
+        except RunFolderLocked as exc:
+            error = exc
+    if not ctx.simulate and ctx.all_reduce_sum(torch.tensor([float(error is not None)])).item() and error is None:
+        error = RunFolderLocked(f"rank {ctx.rank}: rank 0 could not lock {out}: another run uses it")
+    if error is not None:
+        raise error
+    return lock
 
 
 class TrainingRun:
@@ -400,15 +536,25 @@ class TrainingRun:
     def resume(self, folder: Path, manifest: dict[str, Any]) -> None:
         """Continue from a checkpoint: its phase, weights, optimizers, RNG states and log window."""
         ctx = self.ctx
-        _check_resume(self.config, manifest, ctx, folder)
-        if self.plan is not None and manifest.get("plan_fingerprint") != self.plan.fingerprint():
+        moved = _check_resume(self.config, manifest, ctx, folder)
+        if not moved and self.plan is not None and manifest.get("plan_fingerprint") != self.plan.fingerprint():
             raise ckpt.CheckpointError(f"--resume: {folder} was written under a different SDP plan")
         if manifest.get("phase") == "full":
             self.begin_full_phase()  # its weights and optimizer come from the checkpoint below
-        own = ckpt.load_rank_state(folder, ctx.rank)
-        # DDP replicas are identical: rank 0's file holds the model and optimizer for all of them
-        holder = own if "workers" in own else ckpt.load_rank_state(folder, 0)
-        self.tr.load_state(holder["workers"])
+        if moved:  # another worker count or coverage: assemble the old state, cut it for the new plan
+            own = ckpt.load_rank_state(folder, min(ctx.rank, manifest["world_size"] - 1))
+            tr = self.tr
+            state = reshard.full_run_state(folder, manifest,
+                                           lambda cfg, params: make_optimizer(cfg, params, self.steps)[0])
+            reshard.load_resharded(tr.par.models, tr.par.unwrapped_models, tr.optimizers, tr.schedulers, state)
+            if ctx.is_main:
+                print(f"resumed from {manifest['virtual_world_size']} workers (simulated: {manifest['simulate']}) "
+                      f"on {ctx.world_size}: model and optimizer state re-planned and moved", flush=True)
+        else:
+            own = ckpt.load_rank_state(folder, ctx.rank)
+            # DDP replicas are identical: rank 0's file holds the model and optimizer for all of them
+            holder = own if "workers" in own else ckpt.load_rank_state(folder, 0)
+            self.tr.load_state(holder["workers"])
         _set_rng_state(own["rng"], ctx.device)
         self.start_step, self.log_acc = manifest["step"], own["log_accumulator"]
         if ctx.is_main:

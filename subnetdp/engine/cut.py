@@ -152,7 +152,8 @@ def _cut_site(model: nn.Module, site: NeuronSite, held_units: set[str], masking:
         out[(spec.module, spec.tensor)] = HeldSlice(spec, spans, index)
         if masking == "forward":
             if is_param:
-                setattr(module, spec.tensor, nn.Parameter(local, requires_grad=tensor.requires_grad))
+                tensor.data, tensor.grad = local, None  # the same Parameter object: an optimizer built
+                # before wrapping still trains it
             else:
                 module._buffers[spec.tensor] = local
             refresh_shape_attributes(module)
@@ -168,15 +169,18 @@ def _cut_site(model: nn.Module, site: NeuronSite, held_units: set[str], masking:
     return out
 
 
-def _split_for_backward(module: nn.Module, name: str, full: torch.Tensor, held: torch.Tensor,
+def _split_for_backward(module: nn.Module, name: str, param: nn.Parameter, held: torch.Tensor,
                         dim: int, index: torch.Tensor) -> None:
-    """Backward masking of a neuron-sliced parameter: a trainable held slice plus a frozen full
-    copy; a pre-forward hook assembles the tensor the forward uses (gradient reaches the held
-    slice only). Hooks rather than torch.nn.utils.parametrize: parametrize renames the state-dict
-    key (checkpoints would change format) and recomputes on every attribute access."""
+    """Backward masking of a neuron-sliced parameter: a trainable held slice (the same Parameter
+    object, so an optimizer built before wrapping trains it) plus a frozen full copy, persistent so
+    that a checkpoint of the subnetwork resumes exactly; a pre-forward hook assembles the tensor the
+    forward uses (gradient reaches the held slice only). Hooks rather than
+    torch.nn.utils.parametrize: parametrize renames the state-dict key of the original tensor and
+    recomputes it on every attribute access."""
     del module._parameters[name]
-    module.register_parameter(name + HELD, nn.Parameter(held, requires_grad=full.requires_grad))
-    module.register_buffer(name + FULL, full.detach().clone(), persistent=False)
+    module.register_buffer(name + FULL, param.detach().clone())
+    param.data = held
+    module.register_parameter(name + HELD, param)
     object.__setattr__(module, name, getattr(module, name + FULL))
 
     def assemble(m: nn.Module, args: tuple) -> None:

@@ -76,11 +76,32 @@ class ProcessGroupExchange:
         gathered = [torch.empty_like(digest) for _ in range(self.world_size)]
         work = dist.all_gather(gathered, digest, group=self.parent, async_op=True)
         _Work(work, self, "all_gather of plan fingerprints", self.world, digest).wait()
-        differing = [r for r, d in enumerate(gathered) if not torch.equal(d, digest)]
-        if differing:
-            raise PlanMismatchError(
-                f"rank {self.rank}: ranks {differing} computed a different SDP plan; every rank must wrap "
-                "the same model structure with the same coverage, level, neuron_groups, example input and seed")
+        if all(torch.equal(d, gathered[0]) for d in gathered):
+            return
+        # every rank sees the same gathered digests, so every rank takes this branch together
+        summaries: list[Any] = [None] * self.world_size
+        dist.all_gather_object(summaries, _plan_summary(plan), group=self.parent)
+        differences = [f"{field}: " + ", ".join(f"rank {r} {s[field]}" for r, s in enumerate(summaries))
+                       for field in summaries[0] if any(s[field] != summaries[0][field] for s in summaries)]
+        raise PlanMismatchError(
+            f"rank {self.rank}: the ranks computed different SDP plans ({'; '.join(differences)}); every rank must "
+            "wrap the same model with the same coverage, level, neuron_groups, example input and seed")
+
+    def broadcast_from_first(self, tensors: list[torch.Tensor]) -> None:
+        """Overwrite ``tensors`` on every rank with rank 0's values (as DDP does at wrap time), so
+        that every worker starts from the same model even if the ranks initialised differently."""
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for t in tensors:
+            by_dtype.setdefault(t.dtype, []).append(t)
+        for dtype, group in by_dtype.items():
+            flat = torch.cat([t.detach().reshape(-1) for t in group])
+            work = dist.broadcast(flat, src=self.global_ranks[0], group=self.parent, async_op=True)
+            _Work(work, self, "broadcast of the initial model from rank 0", self.world, flat).wait()
+            offset = 0
+            with torch.no_grad():
+                for t in group:
+                    t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                    offset += t.numel()
 
     def create_groups(self, holder_sets: Sequence[tuple[int, ...]]) -> None:
         """One process group per distinct holder set, plus one for all workers, created on every
@@ -103,6 +124,14 @@ class ProcessGroupExchange:
         self.bytes_sent += tensor.numel() * tensor.element_size()
         work = dist.broadcast(tensor, src=self.global_ranks[source], group=self.groups[self.world], async_op=True)
         return _Work(work, self, what, self.world, tensor)
+
+
+def _plan_summary(plan: Plan) -> dict[str, Any]:
+    """What a user can compare between ranks when plans differ."""
+    return {"workers": plan.world_size, "coverage": plan.coverage, "level": plan.level, "seed": plan.seed,
+            "units": len(plan.holders), "unit parameters": sum(plan.unit_params.values()),
+            "shared parameters": plan.shared_params, "flops counted": plan.flops_counted,
+            "holders": plan.fingerprint()[:12]}
 
 
 class _Work:

@@ -7,7 +7,8 @@
 
 The wrapper is the wiring; each step lives in its own module:
 1. planning.py: find the units (blocks, or neuron groups inside blocks) and the plan, locally;
-   exchange.py: every rank checks with an all-gather that it computed the same plan, then one
+   exchange.py: every rank checks with an all-gather that it computed the same plan (else
+   PlanMismatchError naming what differs), takes rank 0's initial weights (as DDP does), then one
    process group per holder set is created (same order on every rank).
 2. cut.py: the model is cut in place into this worker's subnetwork (forward masking: dropped
    units are not allocated; backward masking: they are frozen).
@@ -89,12 +90,14 @@ class SubnetworkDataParallel(Subnetwork):
         units, plan = plan_model(model, exchange.world_size, blocks=blocks, neurons=neurons, coverage=coverage,
                                  seed=seed, neuron_groups=neuron_groups, example_input=example_input)
         exchange.check_same_plan(plan, device)  # before any group exists: a mismatch never hangs
+        exchange.broadcast_from_first(list(model.state_dict().values()))
         exchange.create_groups(plan.holder_sets)
         super().__init__(model, units, plan, exchange.rank, masking=masking, scale=scale,
                          bucket_cap_mb=bucket_cap_mb)
         self.seed, self.exchange = seed, exchange
         self.reducer = reducer.GradientReducer(self.rank, self.buckets, exchange)
         self._hook_handles = self._register_hooks(sync_weights_after_step and masking == "backward")
+        exchange.bytes_sent = 0  # comm_bytes counts from here: the set-up's broadcasts are not training
 
     def _register_hooks(self, weights_after_step: bool) -> list[Any]:
         # through a weak reference: a parameter's hook must not keep the wrapper (and with it the

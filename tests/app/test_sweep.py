@@ -108,7 +108,8 @@ name = "sdp"
     out = tmp_path / "out"
     assert main([str(path), "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: cell sdp/n2/s0: unknown key in [strategy] 'levle' (did you mean 'level'?)")
+    assert err.startswith("error: cell sdp/n2/s0: --set strategy.levle=\"block\": unknown key in [strategy] 'levle' "
+                          "(did you mean 'level'?)")
     assert len(err.strip().splitlines()) == 1 and not out.exists()
 
 

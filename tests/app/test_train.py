@@ -106,8 +106,7 @@ def test_resume_with_a_different_config_is_refused(tmp_path: Path) -> None:
     _train(_config(tmp_path), out, "--simulate", "2")
     result = _train(_config(tmp_path), out, "--simulate", "2", "--resume", "--set", "optim.lr=0.5", check=False)
     assert result.returncode == 2 and "optim.lr: checkpoint 0.05, now 0.5" in result.stderr
-    result = _train(_config(tmp_path), out, "--simulate", "4", "--resume", check=False)
-    assert result.returncode == 2 and "written by 2 workers" in result.stderr
+    # another worker count is not a config change: tests/app/test_resume.py moves runs between counts
 
 
 def test_simulated_workers_match_real_ones(tmp_path: Path) -> None:

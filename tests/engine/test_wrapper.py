@@ -259,17 +259,65 @@ def test_failing_peer_raises_collective_error_within_timeout(failure: str) -> No
     assert result["seconds"] < 11  # the 3 s timeout, with room for a slow machine
 
 
-def _mismatched_plans(rank: int, world: int) -> str:
+def _mismatched_plans(rank: int, world: int, field: str) -> tuple[str, float]:
+    kwargs = {"seed": rank} if field == "seed" else {"coverage": 0.5 if rank == 0 else 1.0}
+    started = time.monotonic()
     try:
-        SubnetworkDataParallel(make("mlp"), blocks="blocks", coverage=0.5, seed=rank, timeout=30)
+        SubnetworkDataParallel(make("mlp"), blocks="blocks", timeout=30, **{"coverage": 0.5, **kwargs})
     except PlanMismatchError as exc:
-        return f"PlanMismatchError: {exc}"
-    return "no error"
+        return f"PlanMismatchError: {exc}", time.monotonic() - started
+    return "no error", time.monotonic() - started
 
 
-def test_plan_mismatch_is_an_error_on_every_rank() -> None:
-    results = run_distributed(_mismatched_plans, 2, timeout=60)
-    assert all(r.startswith("PlanMismatchError") for r in results), results
+@pytest.mark.parametrize("field,named", [("seed", "seed: rank 0 0, rank 1 1"),
+                                         ("coverage", "coverage: rank 0 0.5, rank 1 1.0")])
+def test_plan_mismatch_is_an_error_on_every_rank_naming_what_differs(field: str, named: str) -> None:
+    # different coverages give different holder sets: the check must come before any group exists
+    results = run_distributed(_mismatched_plans, 2, field, timeout=60)
+    for message, seconds in results:
+        assert message.startswith("PlanMismatchError") and named in message, message
+        assert seconds < 20  # at once, not after the 30 s timeout
+
+
+def _initial_weights(rank: int, world: int) -> dict:
+    model = make("mlp", seed=rank)  # each rank initialised differently
+    sdp = SubnetworkDataParallel(model, blocks="blocks", coverage=0.5)
+    comm_bytes = sdp.comm_bytes
+    return {"full": sdp.full_state_dict(), "shared": sdp.module.head.weight.detach().clone(),
+            "comm_bytes": comm_bytes}
+
+
+def test_initial_weights_come_from_rank_zero_as_ddp() -> None:
+    results = run_distributed(_initial_weights, 2)
+    rank0 = make("mlp", seed=0).state_dict()
+    for result in results:
+        torch.testing.assert_close(result["shared"], rank0["head.weight"], rtol=0, atol=0)
+        for key, value in result["full"].items():
+            torch.testing.assert_close(value, rank0[key], rtol=0, atol=0, msg=key)
+        assert result["comm_bytes"] == 0  # set-up traffic is not counted as training communication
+
+
+def _optimizer_before_wrapping(rank: int, world: int, masking: str, before: bool) -> dict:
+    model = make("mlp")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2) if before else None
+    sdp = SubnetworkDataParallel(model, neurons="blocks", coverage=0.5, masking=masking)
+    opt = opt or torch.optim.AdamW(sdp.parameters(), lr=1e-2)
+    for step in range(2):
+        x, y = batch_for("mlp", 10 * step + rank)
+        loss_of("mlp", sdp, x, y).backward()
+        opt.step()
+        opt.zero_grad()
+    return sdp.full_state_dict()
+
+
+@pytest.mark.parametrize("masking", ["forward", "backward"])
+def test_an_optimizer_built_before_wrapping_trains_the_sliced_weights(masking: str) -> None:
+    before = run_distributed(_optimizer_before_wrapping, 2, masking, True)[0]
+    after = run_distributed(_optimizer_before_wrapping, 2, masking, False)[0]
+    initial = make("mlp").state_dict()
+    assert not torch.equal(before["blocks.0.mlp.0.weight"], initial["blocks.0.mlp.0.weight"])
+    for key, value in after.items():
+        torch.testing.assert_close(before[key], value, rtol=1e-6, atol=1e-7, msg=key)
 
 
 def _single_worker(rank: int, world: int) -> list[str]:

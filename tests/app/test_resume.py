@@ -1,0 +1,100 @@
+"""Resume is exact for every SDP variant: a run stopped at a checkpoint and resumed logs the same
+losses, step for step, as the run that never stopped (--simulate 2, CPU)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from _runs import SYNTHETIC, _config, _train
+
+# a constant learning rate: the stopped run may then end early (run.steps = 3) and be resumed to 6
+CONSTANT = SYNTHETIC.replace("steps = 12", "steps = 6").replace("checkpoint_interval = 4", "checkpoint_interval = 3") \
+    .replace("lr = 0.05", "lr = 0.05\nlr_schedule = \"constant\"")
+
+
+def _losses(out: Path) -> dict[int, float]:
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in lines if "loss" in r}
+
+
+@pytest.mark.parametrize("level,masking", [("block", "forward"), ("block", "backward"),
+                                           ("neuron", "forward"), ("neuron", "backward")])
+def test_resume_is_exact(tmp_path: Path, level: str, masking: str) -> None:
+    config = _config(tmp_path, CONSTANT)
+    sets = ["--simulate", "2", "--set", "strategy.name=sdp", "--set", f"strategy.level={level}",
+            "--set", f"strategy.masking={masking}", "--set", "strategy.coverage=0.5"]
+    _train(config, tmp_path / "whole", *sets)
+    _train(config, tmp_path / "stopped", *sets, "--set", "run.steps=3")
+    _train(config, tmp_path / "stopped", *sets, "--resume")
+    whole, resumed = _losses(tmp_path / "whole"), _losses(tmp_path / "stopped")
+    assert sorted(resumed) == sorted(whole) == [1, 2, 3, 4, 5, 6]
+    for step in (4, 5, 6):  # after the resume: the same batches and the same state give the same loss
+        assert resumed[step] == whole[step], (step, resumed, whole)
+
+
+def test_resume_on_another_kind_of_worker_moves_model_and_optimizer_exactly(tmp_path: Path) -> None:
+    """Simulated workers, then the same 2 workers as real processes: the state goes through the
+    assembly and the cut again (the re-plan-and-move path) and training continues as if unmoved."""
+    config = _config(tmp_path, CONSTANT)
+    sets = ["--set", "strategy.name=sdp", "--set", "strategy.level=neuron", "--set", "strategy.masking=forward"]
+    _train(config, tmp_path / "whole", "--simulate", "2", *sets)
+    _train(config, tmp_path / "moved", "--simulate", "2", *sets, "--set", "run.steps=3")
+    result = _train(config, tmp_path / "moved", "--nproc", "2", *sets, "--resume")
+    assert "re-planned and moved" in result.stdout
+    whole, moved = _losses(tmp_path / "whole"), _losses(tmp_path / "moved")
+    for step in (4, 5, 6):
+        assert moved[step] == pytest.approx(whole[step], rel=1e-5), (step, moved, whole)
+
+
+@pytest.mark.parametrize("strategy", ["sdp", "ddp"])
+def test_four_then_three_then_four_workers_continue_the_loss_curve(tmp_path: Path, strategy: str) -> None:
+    text = CONSTANT.replace("steps = 6", "steps = 24").replace("checkpoint_interval = 3", "checkpoint_interval = 8")
+    config = _config(tmp_path, text)
+    sets = ["--set", f"strategy.name={strategy}", "--set", "strategy.coverage=0.5"]
+    _train(config, tmp_path / "whole", "--simulate", "4", *sets)
+    out = tmp_path / "elastic"
+    _train(config, out, "--simulate", "4", *sets, "--set", "run.steps=8")
+    _train(config, out, "--simulate", "3", *sets, "--set", "run.steps=16", "--resume")
+    _train(config, out, "--simulate", "4", *sets, "--resume")
+    whole, elastic = _losses(tmp_path / "whole"), _losses(out)
+    assert sorted(elastic) == list(range(1, 25))
+    assert elastic[8] == whole[8]  # the same run up to the first stop
+
+    def late(losses: dict[int, float]) -> float:
+        return sum(losses[s] for s in range(17, 25)) / 8
+
+    # no restart from scratch at either move: the loss keeps going down from where it was
+    assert sum(elastic[s] for s in range(9, 13)) / 4 < sum(elastic[s] for s in range(1, 5)) / 4
+    assert late(elastic) == pytest.approx(late(whole), rel=0.15), (late(elastic), late(whole))
+
+
+def test_auto_resume_starts_then_resumes_on_another_worker_count(tmp_path: Path) -> None:
+    config = _config(tmp_path, CONSTANT)
+    out = tmp_path / "run"
+    _train(config, out, "--simulate", "2", "--auto-resume", "--set", "run.steps=3")  # nothing there: starts
+    assert sorted(_losses(out)) == [1, 2, 3]
+    result = _train(config, out, "--nproc", "3", "--auto-resume")  # a checkpoint: resumes on 3 workers
+    assert "re-planned and moved" in result.stdout
+    assert sorted(_losses(out)) == [1, 2, 3, 4, 5, 6]
+    refused = _train(config, out, "--simulate", "2", "--auto-resume", "--resume", check=False)
+    assert refused.returncode == 2 and "--auto-resume decides between --resume and --overwrite" in refused.stderr
+
+
+def test_elastic_demo_script_runs_end_to_end(tmp_path: Path) -> None:
+    """docs/reliability.md's `python scripts/elastic_demo.py`, a few steps on synthetic images."""
+    import subprocess
+    import sys
+
+    from _runs import ENV
+    script = Path(__file__).resolve().parents[2] / "scripts" / "elastic_demo.py"
+    out = tmp_path / "elastic"
+    result = subprocess.run([sys.executable, str(script), "--out", str(out), "--steps", "12",
+                             "--set", "data.name=synthetic-images", "--set", "eval.recalibrate_norm_batches=2"],
+                            capture_output=True, text=True, env=ENV, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert (out / "elastic_loss.png").stat().st_size > 0
+    assert sorted(_losses(out / "elastic")) == sorted(_losses(out / "whole"))
+    assert "| elastic |" in (out / "elastic.md").read_text()
