@@ -110,7 +110,7 @@ config keys: `subnetdp train --list-keys`; a wrong key or value is an error list
 def _check_train(args: argparse.Namespace) -> tuple[object, Path] | int:
     """Everything `train` can check before it launches or removes anything, in the launcher and
     again in each worker: the arguments, the config (with the builders' keys), the coverage for
-    the number of workers, and the run folder (see ``train.check_run_folder``). Returns (config,
+    the number of workers, and the run folder (see ``run_folder.check_run_folder``). Returns (config,
     out), or the exit code after one line: ``error: ...`` (2), or that a resumed run is complete (0)."""
     import os
 
@@ -118,7 +118,7 @@ def _check_train(args: argparse.Namespace) -> tuple[object, Path] | int:
     from .checkpoint import CheckpointError
     from .config import ConfigError, check_workers, config_warnings, load_config
     from .lock import check_unlocked
-    from .train import check_run_folder
+    from .run_folder import check_run_folder
     under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ or "RANK" in os.environ
     for flag, value in (("--nproc", args.nproc), ("--simulate", args.simulate)):
         if value is not None and value < 1:
