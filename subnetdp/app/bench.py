@@ -56,8 +56,9 @@ from ..measure.live import LiveTensorTracker
 from .baselines import StochasticDepth, checkpoint_blocks
 from .builders import Task, build_task
 from .config import from_dict
+from .launch import torchrun_command, worker_env
 from .parallelism import Parallelism, RealDDP, RealSDP, level_kwargs
-from .runtime import PeakMemory, autocast, choose_device, machine_info, percentiles, torchrun_command, worker_env
+from .runtime import PeakMemory, autocast, choose_device, machine_info, percentiles
 
 DEFAULT_STRATEGIES = ("ddp,fsdp,ddp-ckpt,ddp-sd@0.5,sdp-block-fwd@0.5,sdp-block-fwd@0.25,sdp-block-bwd@0.5,"
                       "sdp-neuron-fwd@0.5,sdp-neuron-bwd@0.5,sdp-block-fwd-ckpt@0.5")
@@ -136,10 +137,14 @@ def apply_strategy(strategy: Strategy, model: nn.Module, task: Task, device: tor
         wrapped: nn.Module = par.models[0]
         harness_kwargs: dict[str, Any] = {"parallelism": par}
     elif strategy.kind == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
+
+        # the bench's device, not FSDP2's default (CUDA whenever a GPU is present, even with --device cpu)
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
         for path in paths:
-            fully_shard(get_module(model, path))
-        fully_shard(model)
+            fully_shard(get_module(model, path), mesh=mesh)
+        fully_shard(model, mesh=mesh)
         wrapped, harness_kwargs = model, {}
     else:
         if strategy.checkpointing:

@@ -162,7 +162,7 @@ def _train_command(args: argparse.Namespace) -> int:
     import os
 
     from .config import ConfigError, describe_schema
-    from .runtime import torchrun_command, worker_env
+    from .launch import torchrun_command, worker_env
     if args.list_keys:
         import inspect
 
@@ -219,9 +219,9 @@ def _launch_workers(cmd: list[str], env: dict[str, str], args: argparse.Namespac
     import signal
 
     from .checkpoint import latest
+    from .launch import run_process_tree
     from .lock import LOCKED_BY_LAUNCHER, RunFolderLocked
     from .lock import acquire as acquire_run_folder
-    from .runtime import run_process_tree
     try:
         lock = acquire_run_folder(out)
     except RunFolderLocked as exc:

@@ -21,8 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .launch import worker_env
 from .report import comparison_table, plot_losses, read_run
-from .runtime import worker_env
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.toml"
 

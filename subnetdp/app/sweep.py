@@ -66,7 +66,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .config import RESUMABLE_CHANGES, ConfigError, from_dict, load_config, parse_override, total_steps
-from .runtime import worker_env
+from .launch import worker_env
 
 LAUNCHES = ("simulate", "nproc")
 MAIN_METRICS = ("accuracy", "accuracy_recalibrated", "test_loss", "val_loss", "perplexity")

@@ -43,9 +43,10 @@ from .baselines import StochasticDepth, checkpoint_blocks
 from .builders import Task, build_task
 from .config import Config, ConfigError, phase_steps
 from .evaluation import evaluate, inference_flops, make_eval_models
+from .launch import die_with_parent, note_failure
 from .parallelism import Parallelism, level_kwargs, parallelize
 from .run_folder import check_resume, lock_run_folder, prepare_run_folder, truncate_metrics
-from .runtime import PeakMemory, autocast, choose_device, die_with_parent, machine_info, note_failure, percentiles
+from .runtime import PeakMemory, autocast, choose_device, machine_info, percentiles
 
 # ---------------------------------------------------------------------------------------------
 # set-up

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from subnetdp.app.launch import torchrun_command, worker_env
 from subnetdp.app.parallelism import (
     Parallelism,
     RealDDP,
@@ -22,7 +23,7 @@ from subnetdp.app.parallelism import (
     level_kwargs,
     parallelize,
 )
-from subnetdp.app.runtime import percentiles, torchrun_command, worker_env
+from subnetdp.app.runtime import percentiles
 
 from _models import batch_for, make
 

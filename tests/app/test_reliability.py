@@ -84,7 +84,7 @@ def no_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
     """The `--nproc` launcher must fail before it builds a torchrun command."""
     def refuse(*args: object, **kwargs: object) -> list[str]:
         raise AssertionError("torchrun was launched")
-    monkeypatch.setattr("subnetdp.app.runtime.torchrun_command", refuse)
+    monkeypatch.setattr("subnetdp.app.launch.torchrun_command", refuse)
 
 
 # ---------------------------------------------------------------------------------------------
