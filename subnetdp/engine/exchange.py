@@ -1,7 +1,7 @@
 """How workers combine flat buffers: the one thing the multi-process wrapper and the simulator do
 differently. Every sync in the engine (gradients, gradient norm, weights, norm statistics, the
 full model, the ensemble) is "pack by holder set, exchange, unpack", written once over the local
-workers' buffers ``{rank: tensor}`` with the exchange injected:
+workers' buffers ``{rank: tensor}`` with the exchange injected (all-reduce, broadcast, all-gather):
 
 - ``ProcessGroupExchange``: this rank's buffer only; torch.distributed collectives over one
   process group per holder set, with a timeout that names a dead or stuck peer.
@@ -33,6 +33,9 @@ class Exchange(Protocol):
     def broadcast(self, source: int, buffers: Buffers, what: str) -> Pending:
         """Copy worker ``source``'s buffer into every worker's, in place."""
 
+    def all_gather(self, inputs: Buffers, outputs: Buffers, what: str) -> Pending:
+        """Every worker's input (all of one size) into every worker's output, in rank order."""
+
 
 class _Done:
     def wait(self) -> None:
@@ -53,6 +56,12 @@ class LocalExchange:
         for r, buffer in buffers.items():
             if r != source:
                 buffer.copy_(buffers[source])
+        return _Done()
+
+    def all_gather(self, inputs: Buffers, outputs: Buffers, what: str) -> Pending:
+        gathered = torch.cat([inputs[r] for r in sorted(inputs)])
+        for output in outputs.values():
+            output.copy_(gathered)
         return _Done()
 
 
@@ -118,6 +127,13 @@ class ProcessGroupExchange:
         tensor = buffers[self.rank]
         self.bytes_sent += tensor.numel() * tensor.element_size()
         return _Work(dist.all_reduce(tensor, group=self.groups[holders], async_op=True), self, what, holders, tensor)
+
+    def all_gather(self, inputs: Buffers, outputs: Buffers, what: str) -> Pending:
+        tensor, output = inputs[self.rank], outputs[self.rank]
+        self.bytes_sent += tensor.numel() * tensor.element_size()
+        work = dist.all_gather(list(output.chunk(self.world_size)), tensor, group=self.groups[self.world],
+                               async_op=True)
+        return _Work(work, self, what, self.world, tensor)
 
     def broadcast(self, source: int, buffers: Buffers, what: str) -> Pending:
         tensor = buffers[self.rank]

@@ -16,7 +16,7 @@ The wrapper is the wiring; each step lives in its own module:
    soon as it and the buckets before it are ready, overlapping the rest of backward; at its end
    every gradient is the average over its unit's holders.
 4. weights.py (backward masking): after ``optimizer.step()`` (an optimizer hook, or an explicit
-   ``sync_weights()``) each unit's first holder broadcasts its new values.
+   ``sync_weights()``) each unit's first holder sends its new values to all (one all-gather).
 5. assembly.py: the full model (and optimizer state) from the pieces, and back.
 """
 
@@ -147,8 +147,9 @@ class SubnetworkDataParallel(Subnetwork):
                                        self.world_size, max_norm, self.device)
 
     def sync_weights(self) -> None:
-        """Backward masking: every unit's first holder broadcasts its updated values to all workers,
-        which then hold bitwise-identical full weights. Runs by itself after ``optimizer.step()``."""
+        """Backward masking: every unit's first holder sends its updated values to all workers (one
+        all-gather), which then hold bitwise-identical full weights. Runs by itself after
+        ``optimizer.step()``."""
         if self.masking == "backward":
             weights.sync_weights({self.rank: self.layout}, self.exchange, self.world_size)
 
