@@ -21,7 +21,8 @@ forward+backward with and without sync. Memory: on CPU one more step under LiveT
 (live tensor bytes by kind at their peak) and the process's VmHWM over the timed steps; on CUDA
 the allocator's max_memory_allocated/reserved over the timed steps. Communication: bytes handed to
 collectives during the timed steps, counted where they are issued (DDP comm hook, SDP's buckets,
-FSDP2's all-gather/reduce-scatter calls).
+FSDP2's all-gather/reduce-scatter calls), and the bytes each worker sends for them under a ring
+model (``subnetdp.engine.exchange.ring_wire_bytes``).
 
 Exit code: 2 (one line, nothing run) for bad arguments; 1 when every strategy failed (the report is
 still written, bench.log says why); 0 otherwise, also when only some failed (marked in the report).
@@ -111,6 +112,12 @@ class Harness:
         if self.parallelism is not None:
             return self.parallelism.comm_bytes()
         return counted.bytes
+
+    def wire_bytes(self, counted: ByteCounter) -> float:
+        """The bytes this worker sends for them under a ring model (``exchange.ring_wire_bytes``)."""
+        if self.parallelism is not None:
+            return self.parallelism.wire_bytes()
+        return counted.wire
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -282,10 +289,11 @@ def measure(args: argparse.Namespace, strategy: Strategy, device: torch.device) 
         grad_bytes = 0
         peak = PeakMemory(device)
         peak.start()
-        comm_before = harness.comm_bytes(counted)
+        comm_before, wire_before = harness.comm_bytes(counted), harness.wire_bytes(counted)
         for i in range(args.steps):
             step(i, times=timed)
         comm = (harness.comm_bytes(counted) - comm_before) / args.steps
+        wire = (harness.wire_bytes(counted) - wire_before) / args.steps
         peak.stop()
         unsynced: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": [], "step": []}
         for i in range(args.steps):
@@ -310,6 +318,7 @@ def measure(args: argparse.Namespace, strategy: Strategy, device: torch.device) 
         "optimizer_state_bytes": optimizer_state_bytes(harness.optimizer),
         "peak_rss_bytes": peak.rss or None,  # None where /proc cannot tell
         "comm_bytes_per_step": comm,
+        "wire_bytes_per_step": wire,
         "time_s": med,
         "time_s_p10_p90": {k: percentiles(v, [10, 90]) for k, v in timed.items()},
         "time_no_sync_s": med_unsynced,

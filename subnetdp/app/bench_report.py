@@ -25,6 +25,9 @@ def summarize(result: dict[str, Any]) -> dict[str, Any] | None:
         "optimizer_mib": worst(lambda r: r["optimizer_state_bytes"]) / MiB,
         "peak_rss_mib": worst(lambda r: r["peak_rss_bytes"] or 0) / MiB,
         "comm_mib_per_step": statistics.mean(r["comm_bytes_per_step"] for r in ranks) / MiB,
+        # older records (before the ring model) have no wire figure
+        "wire_mib_per_step": (statistics.mean(r["wire_bytes_per_step"] for r in ranks) / MiB
+                              if all("wire_bytes_per_step" in r for r in ranks) else float("nan")),
         "step_ms": statistics.median(r["time_s"]["step"] for r in ranks) * 1e3,
         "forward_ms": statistics.median(r["time_s"]["forward"] for r in ranks) * 1e3,
         "backward_ms": statistics.median(r["time_s"]["backward"] for r in ranks) * 1e3,
@@ -68,8 +71,9 @@ def markdown(rows: list[dict[str, Any]], failed: list[str], args: dict[str, Any]
              "Per worker: memory is the largest over ranks, time the median over steps and ranks; "
              "ratios are to DDP in this run.", "",
              "| strategy | peak tensor MiB | vs DDP | params | grads | optim | activations | other | "
-             "peak RSS MiB | comm MiB/step | vs DDP | step ms | vs DDP | fwd | bwd | opt | exposed sync ms |",
-             "|" + "---|" * 17]
+             "peak RSS MiB | comm MiB/step | vs DDP | wire MiB/step | vs DDP | step ms | vs DDP | fwd | bwd | opt | "
+             "exposed sync ms |",
+             "|" + "---|" * 19]
     for r in rows:
         kinds = r.get("kinds_mib", {})
         lines.append(
@@ -79,10 +83,11 @@ def markdown(rows: list[dict[str, Any]], failed: list[str], args: dict[str, Any]
             f"| {kinds.get('saved_activations', float('nan')):.1f} | {kinds.get('other', float('nan')):.1f} "
             f"| {r['peak_rss_mib']:.0f} | {r['comm_mib_per_step']:.2f} "
             f"| {_ratio(r['comm_mib_per_step'], base('comm_mib_per_step'))} "
+            f"| {r['wire_mib_per_step']:.2f} | {_ratio(r['wire_mib_per_step'], base('wire_mib_per_step'))} "
             f"| {r['step_ms']:.1f} | {_ratio(r['step_ms'], base('step_ms'))} | {r['forward_ms']:.1f} "
             f"| {r['backward_ms']:.1f} | {r['optimizer_ms']:.1f} | {r['exposed_sync_ms']:.1f} |")
     for name in failed:
-        lines.append(f"| {name} | failed: see bench.log |" + " |" * 15)
+        lines.append(f"| {name} | failed: see bench.log |" + " |" * 17)
     source = rows[0].get("peak_source", "") if rows else ""
     lines += ["", f"Peak tensor memory: {source}. " + (
         "On CPU: baseline tensors (parameters, optimizer state, the batch) plus the peak of every storage "
@@ -94,7 +99,10 @@ def markdown(rows: list[dict[str, Any]], failed: list[str], args: dict[str, Any]
         "torch.cuda.max_memory_allocated over the timed steps, per rank (each rank has its own allocator, "
         "also when ranks share one GPU)."),
         "Comm: bytes handed to collectives per step, counted where issued (DDP comm hook; SDP's buckets; "
-        "FSDP2's all-gather and reduce-scatter inputs). Exposed sync: median forward+backward with "
+        "FSDP2's all-gather and reduce-scatter inputs). Wire: what each worker sends for them under a "
+        "ring model over each collective's g workers (all-reduce 2(g-1)/g of the bytes, all-gather (g-1) "
+        "times its input, reduce-scatter (g-1)/g of its input, broadcast (g-1)/g): an all-reduce over a "
+        "holder set of k workers sends less than one over all N. Exposed sync: median forward+backward with "
         "gradient sync minus without it (no_sync).", ""]
     lines += targets(rows, args)
     return "\n".join(lines) + "\n"

@@ -93,6 +93,10 @@ class Parallelism:
         """Bytes handed to collectives so far; None where nothing is communicated (virtual workers)."""
         return None
 
+    def wire_bytes(self) -> float | None:
+        """Bytes sent for those collectives under a ring model (``exchange.ring_wire_bytes``)."""
+        return None
+
     def ensemble_log_probs(self, outs: list[torch.Tensor]) -> torch.Tensor:
         """The ensemble of the N subnetworks from the local workers' outputs on one batch (SDP only)."""
         raise TypeError(f"{type(self).__name__} has no subnetworks to ensemble")
@@ -114,6 +118,9 @@ class RealDDP(Parallelism):
 
     def comm_bytes(self) -> int:
         return self.counter.bytes
+
+    def wire_bytes(self) -> float:
+        return self.counter.wire
 
 
 class SimulatedDDP(Parallelism):
@@ -160,6 +167,9 @@ class RealSDP(Parallelism):
 
     def comm_bytes(self) -> int:
         return self.sdp.comm_bytes
+
+    def wire_bytes(self) -> float:
+        return self.sdp.wire_bytes
 
     def ensemble_log_probs(self, outs: list[torch.Tensor]) -> torch.Tensor:
         return self.sdp.ensemble_log_probs(outs[0])  # collective: the other ranks bring theirs

@@ -37,6 +37,20 @@ class Exchange(Protocol):
         """Every worker's input (all of one size) into every worker's output, in rank order."""
 
 
+def ring_wire_bytes(kind: str, size: int, group_size: int) -> float:
+    """Bytes one worker sends for a collective of ``kind`` on ``size`` input bytes over
+    ``group_size`` workers, under a ring model (what NCCL's and gloo's ring algorithms send per
+    worker; latency ignored): an all-reduce sends 2 (g-1)/g s, an all-gather of an s-byte input
+    (g-1) s, a reduce-scatter of an s-byte input (g-1)/g s, a pipelined broadcast (g-1)/g s on
+    average (every worker but the last forwards it once)."""
+    g = group_size
+    if g <= 1:
+        return 0.0
+    return {"all_reduce": 2 * (g - 1) / g * size, "all_gather": (g - 1) * size,
+            "reduce_scatter": (g - 1) / g * size, "broadcast": (g - 1) / g * size}[kind]
+
+
+
 class _Done:
     def wait(self) -> None:
         return None
@@ -77,6 +91,12 @@ class ProcessGroupExchange:
         self.world = tuple(range(self.world_size))
         self.groups: dict[tuple[int, ...], Any] = {}
         self.bytes_sent = 0  # bytes this rank handed to collectives
+        self.wire_bytes = 0.0  # bytes this rank sends for them under a ring model (measure/comm.py)
+
+    def _count(self, kind: str, tensor: torch.Tensor, group_size: int) -> None:
+        size = tensor.numel() * tensor.element_size()
+        self.bytes_sent += size
+        self.wire_bytes += ring_wire_bytes(kind, size, group_size)
 
     def check_same_plan(self, plan: Plan, device: torch.device) -> None:
         """Every rank computed the same plan (an all-gather of fingerprints), before anything else
@@ -125,19 +145,19 @@ class ProcessGroupExchange:
         if len(holders) == 1:
             return _Done()  # one holder: its buffer is already the sum
         tensor = buffers[self.rank]
-        self.bytes_sent += tensor.numel() * tensor.element_size()
+        self._count("all_reduce", tensor, len(holders))
         return _Work(dist.all_reduce(tensor, group=self.groups[holders], async_op=True), self, what, holders, tensor)
 
     def all_gather(self, inputs: Buffers, outputs: Buffers, what: str) -> Pending:
         tensor, output = inputs[self.rank], outputs[self.rank]
-        self.bytes_sent += tensor.numel() * tensor.element_size()
+        self._count("all_gather", tensor, self.world_size)
         work = dist.all_gather(list(output.chunk(self.world_size)), tensor, group=self.groups[self.world],
                                async_op=True)
         return _Work(work, self, what, self.world, tensor)
 
     def broadcast(self, source: int, buffers: Buffers, what: str) -> Pending:
         tensor = buffers[self.rank]
-        self.bytes_sent += tensor.numel() * tensor.element_size()
+        self._count("broadcast", tensor, self.world_size)
         work = dist.broadcast(tensor, src=self.global_ranks[source], group=self.groups[self.world], async_op=True)
         return _Work(work, self, what, self.world, tensor)
 

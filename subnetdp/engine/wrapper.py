@@ -97,7 +97,7 @@ class SubnetworkDataParallel(Subnetwork):
         self.seed, self.exchange = seed, exchange
         self.reducer = reducer.GradientReducer(self.rank, self.buckets, exchange)
         self._hook_handles = self._register_hooks(sync_weights_after_step and masking == "backward")
-        exchange.bytes_sent = 0  # comm_bytes counts from here: the set-up's broadcasts are not training
+        exchange.bytes_sent, exchange.wire_bytes = 0, 0.0  # counted from here: set-up is not training
 
     def _register_hooks(self, weights_after_step: bool) -> list[Any]:
         # through a weak reference: a parameter's hook must not keep the wrapper (and with it the
@@ -125,6 +125,12 @@ class SubnetworkDataParallel(Subnetwork):
     def comm_bytes(self) -> int:
         """Bytes this worker has handed to collectives (gradients, weights, assembly)."""
         return self.exchange.bytes_sent
+
+    @property
+    def wire_bytes(self) -> float:
+        """Bytes this worker has sent for those collectives under a ring model
+        (``exchange.ring_wire_bytes``)."""
+        return self.exchange.wire_bytes
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self.reducer.reset()  # a backward that raised before its callback must not block the next

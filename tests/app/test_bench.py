@@ -43,6 +43,10 @@ def test_every_strategy_on_a_fake_process_group(tmp_path: Path) -> None:
     assert sdp["peak_tensor_mib"] < ddp["peak_tensor_mib"]
     assert rows["ddp-ckpt"]["kinds_mib"]["saved_activations"] < ddp["kinds_mib"]["saved_activations"]
     assert sdp["comm_mib_per_step"] < ddp["comm_mib_per_step"] and fsdp["comm_mib_per_step"] > 0
+    # ring model: DDP all-reduces over all 4 (2 x 3/4 of its bytes); SDP's units over k = 2 holders (1x)
+    assert ddp["wire_mib_per_step"] == pytest.approx(1.5 * ddp["comm_mib_per_step"])
+    assert sdp["comm_mib_per_step"] <= sdp["wire_mib_per_step"] < 1.5 * sdp["comm_mib_per_step"]
+    assert sdp["wire_mib_per_step"] < ddp["wire_mib_per_step"] and fsdp["wire_mib_per_step"] > 0
     text = (tmp_path / "bench.md").read_text()
     assert "| ddp | " in text and "## Targets" in text
     for png in ("memory_by_kind.png", "step_time.png", "memory_vs_time.png"):
