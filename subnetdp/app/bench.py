@@ -181,7 +181,8 @@ def _blocks_run_forward(strategy: Strategy, par: Parallelism, paths: list[str]) 
 
 def _bench_config(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     if args.model == "llama":
-        model = {"name": "llama", "preset": args.preset or "tiny"}
+        model = {"name": "llama", "preset": args.preset or "tiny",
+                 **({"loss_chunk": args.loss_chunk} if args.loss_chunk else {})}
         data = {"name": "synthetic-text", "batch_size": args.batch_size, "vocab_size": args.vocab,
                 "seq_len": args.seq_len}
     else:
@@ -264,7 +265,7 @@ def measure(args: argparse.Namespace, strategy: Strategy, device: torch.device) 
         t0 = time.perf_counter()
         with (contextlib.nullcontext() if sync else harness.no_sync()):
             with autocast(mixed_precision, device):
-                loss = task.loss(harness.model(x), y)
+                loss = task.forward_loss(harness.model, x, y)
             _sync(device)
             t1 = time.perf_counter()
             loss.backward()
@@ -303,7 +304,7 @@ def measure(args: argparse.Namespace, strategy: Strategy, device: torch.device) 
         tracker = LiveTensorTracker(param_list, harness.optimizer, extra=[x, y])
         with (tracker if device.type == "cpu" else contextlib.nullcontext()):
             with autocast(mixed_precision, device):
-                loss = task.loss(harness.model(x), y)
+                loss = task.forward_loss(harness.model, x, y)
             loss.backward()
             grad_bytes = tensor_bytes(p.grad for p in param_list)
             harness.optimizer.step()
@@ -348,7 +349,7 @@ def measure(args: argparse.Namespace, strategy: Strategy, device: torch.device) 
 
 def _launch(args: argparse.Namespace, strategy: str, log: Any) -> int:
     worker_args = ["--worker", "--strategy", strategy]
-    for key in ("model", "preset", "width", "batch_size", "seq_len", "vocab", "steps", "warmup", "seed",
+    for key in ("model", "preset", "width", "batch_size", "seq_len", "vocab", "loss_chunk", "steps", "warmup", "seed",
                 "lr", "device", "backend", "out"):
         value = getattr(args, key)
         if value not in (None, ""):
@@ -386,7 +387,8 @@ def check_args(args: argparse.Namespace, strategies: list[str]) -> str | None:
     import math
     for flag, value, least in (("--workers", args.workers, 1), ("--batch-size", args.batch_size, 1),
                                ("--seq-len", args.seq_len, 1), ("--vocab", args.vocab, 1), ("--width", args.width, 1),
-                               ("--steps", args.steps, 1), ("--warmup", args.warmup, 0)):
+                               ("--steps", args.steps, 1), ("--warmup", args.warmup, 0),
+                               ("--loss-chunk", args.loss_chunk, 0)):
         if value < least:
             return f"{flag} must be >= {least}, got {value}"
     if not args.lr > 0:
@@ -440,6 +442,9 @@ def main(argv: list[str] | None = None) -> int:
                         "fake: one process measures each rank in turn in a process group whose collectives "
                         "do nothing (exact per-rank memory, compute-only time, no communication time)")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for forward/backward")
+    parser.add_argument("--loss-chunk", type=int, default=0, metavar="TOKENS",
+                        help="llama: compute the loss's logits this many tokens at a time, recomputed in "
+                        "backward (every strategy alike; default 0: all logits at once)")
     parser.add_argument("--out", default="runs/bench", help="output folder (default runs/bench)")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: rebuild bench.json/md and the charts from OUT/raw (e.g. after a timeout)")

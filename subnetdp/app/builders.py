@@ -117,13 +117,15 @@ def vit_model(data: ImageClassification, preset: str = "small32", patch_size: in
 
 def llama_model(data: TokenStream, preset: str = "tiny", dim: int = 0, n_layers: int = 0, n_heads: int = 0,
                 n_kv_heads: int = 0, hidden_dim: int = 0, tie_embeddings: bool = False,
-                rope_theta: float = 10000.0) -> dict[str, Any]:
+                rope_theta: float = 10000.0, loss_chunk: int = 0) -> dict[str, Any]:
     """A LLaMA-style decoder; preset debug, tiny, 134m, 500m or 1b, any other key (non-zero)
-    overrides it. Vocabulary and context length come from the data."""
+    overrides it. Vocabulary and context length come from the data. loss_chunk > 0: the training
+    loss computes the logits of that many tokens at a time, recomputed in backward."""
     overrides = {k: v for k, v in dict(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
                                        hidden_dim=hidden_dim).items() if v}
     return {"preset": preset, "vocab_size": data.vocab_size, "max_seq_len": data.seq_len,
-            "tie_embeddings": tie_embeddings, "rope_theta": rope_theta, **overrides}
+            "tie_embeddings": tie_embeddings, "rope_theta": rope_theta, **overrides,
+            **({"loss_chunk": loss_chunk} if loss_chunk else {})}
 
 
 MODELS: dict[str, tuple[Callable[..., dict[str, Any]], str, str]] = {
@@ -160,6 +162,13 @@ class Task:
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(output.flatten(0, -2).float(), target.flatten())
+
+    def forward_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The training loss of one batch. A language model computes it in its own forward (so a
+        chunked loss never materialises all logits, under every strategy alike)."""
+        if self.kind == "lm":
+            return model(x, targets=y)
+        return self.loss(model(x), y)
 
     def eval_batches(self, batch_size: int, rank: int, world: int, max_batches: int | None) -> Iterator:
         if self.kind == "lm":

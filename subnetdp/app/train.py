@@ -242,7 +242,7 @@ def train_step(tr: Trainer, step: int) -> float:
         if tr.stochastic_depth is not None:
             tr.stochastic_depth.draw(step, rank)
         with autocast(cfg["run.autocast"], ctx.device):
-            loss = task.loss(model(x), y)
+            loss = task.forward_loss(model, x, y)
         par.backward(loss)
         losses.append(loss.item())
     par.after_backward()

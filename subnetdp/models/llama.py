@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -37,6 +38,7 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
+    loss_chunk: int = 0             # forward(tokens, targets): logits of this many tokens at a time (0: all)
 
     # None fields stay None (so dataclasses.replace re-derives them); these resolve them
     @property
@@ -150,14 +152,38 @@ class Llama(nn.Module):
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, vocab]; with ``targets`` [B, T] the mean next-token cross-entropy instead,
+        computed ``config.loss_chunk`` tokens at a time when that is set (see
+        ``chunked_cross_entropy``), so the full logits never exist."""
         if tokens.shape[1] > self.config.max_seq_len:  # RoPE tables cover max_seq_len positions
             raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_seq_len "
                              f"{self.config.max_seq_len}")
         x = self.tok_embeddings(tokens)
         for layer in self.layers:
             x = layer(x)
-        return self.lm_head(self.norm(x))
+        if targets is None:
+            return self.lm_head(self.norm(x))
+        return chunked_cross_entropy(self.norm(x), self.lm_head, targets, self.config.loss_chunk)
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+    """Mean cross-entropy of ``head(hidden)`` against ``targets`` (logits in float32). With ``chunk``
+    tokens at a time, each chunk's logits are computed, reduced to its loss sum and dropped, and
+    recomputed in backward (activation checkpointing): the logits of one chunk, not of the whole
+    batch, are alive at any time. ``chunk = 0``: all at once, the plain loss."""
+    h, t = hidden.flatten(0, -2), targets.flatten()
+    if chunk <= 0 or chunk >= t.numel():
+        return F.cross_entropy(head(h).float(), t)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, t.numel(), chunk):
+        total = total + checkpoint(_loss_sum, head, h[start:start + chunk], t[start:start + chunk],
+                                   use_reentrant=False)
+    return total / t.numel()
+
+
+def _loss_sum(head: nn.Module, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(h).float(), t, reduction="sum")
 
 
 def num_parameters(model: nn.Module) -> int:

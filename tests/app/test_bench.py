@@ -82,3 +82,13 @@ def test_checkpointed_blocks_are_the_ones_the_plan_runs_forward() -> None:
             assert _blocks_run_forward(parse_strategy("sdp-neuron-fwd-ckpt@0.25"), par, paths) == paths
         finally:
             dist.destroy_process_group()
+
+
+def test_chunked_loss_option_on_a_language_model(tmp_path: Path) -> None:
+    for chunk in ("0", "8"):
+        main(["--model", "llama", "--preset", "debug", "--vocab", "64", "--seq-len", "16", "--batch-size", "2",
+              "--workers", "2", "--backend", "fake", "--strategies", "ddp,sdp-block-fwd@0.5", "--steps", "1",
+              "--warmup", "1", "--loss-chunk", chunk, "--out", str(tmp_path / chunk)])
+        bench = json.loads((tmp_path / chunk / "bench.json").read_text())
+        assert not [r["strategy"] for r in bench["results"] if r["failed"]]
+    assert bench["args"]["loss_chunk"] == 8

@@ -142,3 +142,22 @@ def test_flop_matched_schedule_extends_training_by_one_over_coverage(tmp_path: P
     _train(_config(tmp_path), out, "--simulate", "4", "--set", "run.schedule=flops", "--set", "run.steps=3",
            "--set", "strategy.coverage=0.25", "--set", "run.eval_interval=0")
     assert json.loads((out / "summary.json").read_text())["steps"] == 12
+
+
+def test_chunked_loss_trains_as_the_plain_loss_under_ddp_and_sdp(tmp_path: Path) -> None:
+    text = (SYNTHETIC.replace('name = "resnet18"\nwidth = 4', 'name = "llama"\npreset = "debug"')
+            .replace('name = "synthetic-images"\nbatch_size = 8\ntrain_size = 512\ntest_size = 128',
+                     'name = "synthetic-text"\nbatch_size = 4')
+            .replace("steps = 12", "steps = 4").replace("eval_interval = 6", "eval_interval = 0")
+            .replace("[eval]", "[eval]\nmax_batches = 2"))
+    config = _config(tmp_path, text)
+    for strategy in ("ddp", "sdp"):
+        sets = ["--simulate", "2", "--set", f"strategy.name={strategy}", "--set", "optim.name=adamw",
+                "--set", "optim.lr=0.001"]
+        _train(config, tmp_path / f"{strategy}-plain", *sets)
+        _train(config, tmp_path / f"{strategy}-chunked", *sets, "--set", "model.loss_chunk=16")
+        plain, chunked = _losses(tmp_path / f"{strategy}-plain"), _losses(tmp_path / f"{strategy}-chunked")
+        assert [r[0] for r in chunked] == [r[0] for r in plain] and len(plain) >= 4
+        for (_, a, _), (_, b, _) in zip(chunked, plain):
+            if b is not None:  # a training-loss line
+                assert a == pytest.approx(b, rel=1e-5), (strategy, chunked, plain)

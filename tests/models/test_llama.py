@@ -3,6 +3,8 @@ engine wrapping it at block and neuron level."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.fx
@@ -172,3 +174,33 @@ def test_engine_neuron_worker_is_full_model_without_its_missing_neurons(world_si
         ref, _ = zero_missing_columns(model, worker)
         torch.testing.assert_close(worker(x), ref(x), msg=f"worker {r}")
     assert_each_neuron_has_k_holders(sim, model)
+
+
+@pytest.mark.parametrize("chunk", [7, 16, 1000])
+def test_chunked_loss_equals_the_plain_loss_and_its_gradients(chunk: int) -> None:
+    plain = debug(vocab_size=97)
+    chunked = copy.deepcopy(plain)
+    chunked.config = LlamaConfig(**{**plain.config.__dict__, "loss_chunk": chunk})
+    t = tokens(n=3, t=17, seed=1, vocab=97)
+    x, y = t[:, :-1], t[:, 1:]
+    reference = F.cross_entropy(plain(x).flatten(0, 1).float(), y.flatten())
+    reference.backward()
+    loss = chunked(x, targets=y)
+    loss.backward()
+    torch.testing.assert_close(loss, reference, rtol=1e-6, atol=1e-6)
+    for (name, p), q in zip(plain.named_parameters(), chunked.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_chunked_loss_never_holds_all_logits() -> None:
+    from subnetdp.measure.live import LiveTensorTracker
+    peaks = {}
+    for chunk in (0, 32):
+        torch.manual_seed(0)
+        model = llama("debug", vocab_size=4096, loss_chunk=chunk)
+        t = tokens(n=4, t=129, seed=2, vocab=4096)
+        with LiveTensorTracker(list(model.parameters())) as tracker:
+            model(t[:, :-1], targets=t[:, 1:]).backward()
+        peaks[chunk] = tracker.report()["peak_bytes"]
+    logits = 4 * 128 * 4096 * 4  # the batch's float32 logits: 8 MiB
+    assert peaks[0] - peaks[32] > logits, peaks  # logits and their gradient, less one chunk's
