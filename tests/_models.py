@@ -68,6 +68,20 @@ def make(kind: str, seed: int = 0) -> nn.Module:
     return tiny_llama()
 
 
+def train_simulated(sim, optimizers: list, steps: range, kind: str = "mlp", stride: int = 100) -> None:
+    """Train a SubnetworkSimulator's workers: worker r's batch of step s is ``batch_for(kind,
+    stride * s + r)``, as the multi-process tests' rank r uses it."""
+    for step in steps:
+        for rank, worker in enumerate(sim.workers):
+            x, y = batch_for(kind, stride * step + rank)
+            loss_of(kind, worker, x, y).backward()
+        sim.sync_gradients()
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad()
+        sim.sync_weights()
+
+
 def assert_dropped_blocks_are_identity(model: nn.Module, container: str, x: torch.Tensor) -> None:
     """Each of 4 simulated workers at C = 0.5 computes the full model with the blocks it does not
     hold replaced by the identity (a dropped pre-norm layer passes its input through unchanged)."""

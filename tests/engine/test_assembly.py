@@ -8,19 +8,7 @@ import torch
 
 from subnetdp import SubnetworkSimulator
 
-from _models import batch_for, loss_of, make
-
-
-def _train(sim: SubnetworkSimulator, opts: list[torch.optim.Optimizer], steps: range) -> None:
-    for step in steps:
-        for rank, worker in enumerate(sim.workers):
-            x, y = batch_for("mlp", 100 * step + rank)
-            loss_of("mlp", worker, x, y).backward()
-        sim.sync_gradients()
-        for opt in opts:
-            opt.step()
-            opt.zero_grad()
-        sim.sync_weights()
+from _models import make, train_simulated
 
 
 def _simulator(n: int, level: str, masking: str, seed: int = 0) -> tuple[SubnetworkSimulator, list]:
@@ -33,7 +21,7 @@ def _simulator(n: int, level: str, masking: str, seed: int = 0) -> tuple[Subnetw
 @pytest.mark.parametrize("n_to,seed_to", [(4, 1), (2, 0)])
 def test_model_and_optimizer_state_move_to_a_new_plan(level: str, masking: str, n_to: int, seed_to: int) -> None:
     old, old_opts = _simulator(4, level, masking)
-    _train(old, old_opts, range(3))
+    train_simulated(old, old_opts, range(3))
     state, opt_state = old.full_state_dict(), old.full_optimizer_state(old_opts)
     assert set(opt_state["state"]) == {n for n, p in make("mlp").named_parameters()}
     assert opt_state["scalars"]["step"] == 3
@@ -52,14 +40,14 @@ def test_model_and_optimizer_state_move_to_a_new_plan(level: str, masking: str, 
 
 def test_moving_onto_the_same_plan_continues_training_exactly() -> None:
     reference, ref_opts = _simulator(4, "block", "forward")
-    _train(reference, ref_opts, range(4))
+    train_simulated(reference, ref_opts, range(4))
 
     old, old_opts = _simulator(4, "block", "forward")
-    _train(old, old_opts, range(2))
+    train_simulated(old, old_opts, range(2))
     new, new_opts = _simulator(4, "block", "forward")
     new.load_full_state_dict(old.full_state_dict())
     new.load_full_optimizer_state(new_opts, old.full_optimizer_state(old_opts))
-    _train(new, new_opts, range(2, 4))
+    train_simulated(new, new_opts, range(2, 4))
     expected = reference.full_state_dict()
     for key, value in new.full_state_dict().items():
         torch.testing.assert_close(value, expected[key], rtol=1e-6, atol=1e-7, msg=key)

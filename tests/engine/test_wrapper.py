@@ -24,7 +24,7 @@ from subnetdp import (
 )
 
 from _dist import run_distributed
-from _models import batch_for, loss_of, make
+from _models import batch_for, loss_of, make, train_simulated
 
 STEPS = 3
 
@@ -143,16 +143,7 @@ def _train(rank: int, world: int, names: list[str]) -> dict:
 def _simulate(name: str) -> dict[str, torch.Tensor]:
     kind, kwargs = CONFIGS[name]
     sim = SubnetworkSimulator(make(kind), 4, seed=7, **kwargs)
-    opts = [_optimizer("sgd", w.parameters()) for w in sim.workers]
-    for step in range(STEPS):
-        for rank, worker in enumerate(sim.workers):
-            x, y = batch_for(kind, 1000 * step + rank)
-            loss_of(kind, worker, x, y).backward()
-        sim.sync_gradients()
-        for opt in opts:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        sim.sync_weights()
+    train_simulated(sim, [_optimizer("sgd", w.parameters()) for w in sim.workers], range(STEPS), kind, stride=1000)
     return sim.full_state_dict()
 
 
@@ -685,7 +676,7 @@ def _optimizer_state_round_trip(rank: int, world: int) -> dict:
     sdp = SubnetworkDataParallel(make("mlp"), neurons="blocks", coverage=0.5, masking="forward")
     opt = torch.optim.AdamW(sdp.parameters(), lr=1e-2)
     for step in range(2):
-        x, y = batch_for("mlp", 10 * step + rank)
+        x, y = batch_for("mlp", 100 * step + rank)
         loss_of("mlp", sdp, x, y).backward()
         opt.step()
         opt.zero_grad()
@@ -701,14 +692,7 @@ def test_full_optimizer_state_over_real_ranks_equals_the_simulators() -> None:
     assert all(r["same"] for r in results)  # each rank takes back exactly the moments it had
     sim = SubnetworkSimulator(make("mlp"), 2, neurons="blocks", coverage=0.5, masking="forward")
     opts = [torch.optim.AdamW(w.parameters(), lr=1e-2) for w in sim.workers]
-    for step in range(2):
-        for rank, worker in enumerate(sim.workers):
-            x, y = batch_for("mlp", 10 * step + rank)
-            loss_of("mlp", worker, x, y).backward()
-        sim.sync_gradients()
-        for opt in opts:
-            opt.step()
-            opt.zero_grad()
+    train_simulated(sim, opts, range(2))
     expected = sim.full_optimizer_state(opts)
     for full in (r["full"] for r in results):
         assert full["state"].keys() == expected["state"].keys()
