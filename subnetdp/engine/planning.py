@@ -186,6 +186,10 @@ def check_untraced_shapes(model: nn.Module, units: Units, example_input: Any) ->
                 "shortcut: a dropped block must be able to pass its input through")
 
 
+def _never_unpacked(packed: None) -> torch.Tensor:
+    raise RuntimeError("the activation-counting forward has no backward")
+
+
 def count_saved_activations(model: nn.Module, units: Units, example_input: Any) -> dict[str, float]:
     """Bytes that autograd saves for backward inside each block on the example input (parameters
     are not counted; a storage saved twice counts once)."""
@@ -194,12 +198,15 @@ def count_saved_activations(model: nn.Module, units: Units, example_input: Any) 
     params = {p.data_ptr() for p in model.parameters()}
     inside: list[str] = []  # the stack of blocks the forward is in
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
+    def pack(t: torch.Tensor) -> None:
         ptr = t.untyped_storage().data_ptr()
         if inside and ptr not in params and ptr not in seen:
             seen.add(ptr)
             saved[inside[-1]] += t.untyped_storage().nbytes()
-        return t
+        # nothing is kept: returning ``t`` would tie an output saved by its own grad_fn into a
+        # cycle through autograd's C++ graph that gc cannot see, leaking the activations and (via
+        # the graph's AccumulateGrad nodes) the model's parameters; backward never runs on this graph
+        return None
 
     handles = []
     for path in units.blocks:
@@ -207,7 +214,7 @@ def count_saved_activations(model: nn.Module, units: Units, example_input: Any) 
         handles.append(block.register_forward_pre_hook(lambda m, a, path=path: inside.append(path)))
         handles.append(block.register_forward_hook(lambda m, a, o: inside.pop() and None))
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(pack, _never_unpacked):
             run_example(model, example_input, grad=True)
     finally:
         for h in handles:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import gc
 import os
 import re
 import time
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -699,3 +701,37 @@ def test_full_optimizer_state_over_real_ranks_equals_the_simulators() -> None:
         for key, names in expected["state"].items():
             for name, value in names.items():
                 torch.testing.assert_close(full["state"][key][name], value, rtol=1e-5, atol=1e-7, msg=f"{key} {name}")
+
+
+def _live_storage_bytes() -> int:
+    gc.collect()
+    storages = {}
+    for obj in gc.get_objects():
+        if type(obj) in (torch.Tensor, nn.Parameter):
+            storages[obj.untyped_storage().data_ptr()] = obj.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("level,masking", [("blocks", "forward"), ("blocks", "backward"), ("neurons", "forward")])
+def test_a_dropped_wrapper_leaves_no_tensor_behind(level: str, masking: str) -> None:
+    """Everything the wrapper, its plan (the example input's forward) and a training step
+    allocated is freed once the user drops them (on a GPU, held memory is allocated memory)."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=4)
+    try:
+        before = _live_storage_bytes()
+        model = make("resnet")
+        x, y = batch_for("resnet", 0)
+        sdp = SubnetworkDataParallel(model, **{level: "blocks"}, coverage=0.5, masking=masking, example_input=x)
+        opt = torch.optim.AdamW(sdp.parameters(), lr=1e-3)
+        for _ in range(2):
+            loss_of("resnet", sdp, x, y).backward()
+            opt.step()
+            opt.zero_grad()
+        param = weakref.ref(next(sdp.parameters()))
+        del model, sdp, opt, x, y
+        assert _live_storage_bytes() == before
+        assert param() is None
+    finally:
+        dist.destroy_process_group()
