@@ -12,6 +12,8 @@ Strategies (``@C`` is the coverage, or the survival probability for stochastic d
   ddp-sd@P               DDP with stochastic depth: each block kept with probability P per step
   sdp-{block,neuron}-{fwd,bwd}@C         SDP at that level and masking
   sdp-block-fwd-ckpt@C   B-SDP with the held blocks under activation checkpointing
+  sdp-...-shard@C        any SDP variant with shard=True: each bucket's gradient and AdamW state
+                         split over its holders (ZeRO-2 inside holder sets)
 
 Each strategy runs in a fresh torchrun process group. Per rank it measures W warm-up steps, then
 T timed steps (forward, backward with the gradient sync that overlaps it, optimizer step; CUDA is
@@ -75,14 +77,16 @@ class Strategy:
     coverage: float = 1.0
     checkpointing: bool = False
     stochastic_depth: float | None = None
+    shard: bool = False        # sdp: ZeRO-2 inside holder sets (engine/sharding.py)
 
 
 def parse_strategy(text: str) -> Strategy:
     name = text.strip()
-    match = re.fullmatch(r"sdp-(block|neuron)-(fwd|bwd)(-ckpt)?@([0-9.]+)", name)
+    match = re.fullmatch(r"sdp-(block|neuron)-(fwd|bwd)(-ckpt)?(-shard)?@([0-9.]+)", name)
     if match:
-        level, masking, ckpt, coverage = match.groups()
-        return Strategy(name, "sdp", level, "forward" if masking == "fwd" else "backward", float(coverage), bool(ckpt))
+        level, masking, ckpt, shard, coverage = match.groups()
+        return Strategy(name, "sdp", level, "forward" if masking == "fwd" else "backward", float(coverage), bool(ckpt),
+                        shard=bool(shard))
     match = re.fullmatch(r"ddp-sd@([0-9.]+)", name)
     if match:
         return Strategy(name, "ddp", stochastic_depth=float(match.group(1)))
@@ -90,7 +94,7 @@ def parse_strategy(text: str) -> Strategy:
              "ddp-ckpt": Strategy("ddp-ckpt", "ddp", checkpointing=True)}
     if name not in known:
         raise ValueError(f"unknown strategy {name!r}; valid: ddp, fsdp, ddp-ckpt, ddp-sd@P, "
-                         "sdp-{block,neuron}-{fwd,bwd}@C, sdp-block-fwd-ckpt@C")
+                         "sdp-{block,neuron}-{fwd,bwd}[-ckpt][-shard]@C")
     return known[name]
 
 
@@ -137,7 +141,7 @@ def apply_strategy(strategy: Strategy, model: nn.Module, task: Task, device: tor
     paths = resolve_block_paths(model, task.blocks)
     if strategy.kind == "sdp":
         par: Parallelism = RealSDP(model, coverage=strategy.coverage, masking=strategy.masking,
-                                   example_input=task.example_input.to(device),
+                                   example_input=task.example_input.to(device), shard=strategy.shard,
                                    **level_kwargs(strategy.level, task.blocks))
         if strategy.checkpointing:
             checkpoint_blocks(par.unwrapped_models[0], _blocks_run_forward(strategy, par, paths))
@@ -161,7 +165,9 @@ def apply_strategy(strategy: Strategy, model: nn.Module, task: Task, device: tor
                  if strategy.stochastic_depth is not None else None)
         par = RealDDP(model, device)
         wrapped, harness_kwargs = par.models[0], {"parallelism": par, "depth": depth}
-    optimizer = torch.optim.AdamW(wrapped.parameters(), lr=lr)
+    stepped = harness_kwargs["parallelism"].optimized_parameters(wrapped) if "parallelism" in harness_kwargs \
+        else list(wrapped.parameters())
+    optimizer = torch.optim.AdamW(stepped, lr=lr)
     return Harness(strategy, wrapped, optimizer, **harness_kwargs)
 
 
@@ -274,6 +280,7 @@ def measure(args: argparse.Namespace, strategy: Strategy, device: torch.device) 
         if sync:
             harness.optimizer.step()
         harness.optimizer.zero_grad(set_to_none=True)
+        harness.model.zero_grad(set_to_none=True)  # sharded SDP: no_sync leaves them on the model, not the shards
         _sync(device)
         t3 = time.perf_counter()
         if times is not None:
@@ -286,7 +293,9 @@ def measure(args: argparse.Namespace, strategy: Strategy, device: torch.device) 
         for i in range(args.warmup):
             step(i)
         timed: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": [], "step": []}
-        param_list = list(harness.model.parameters())
+        # the model's parameters and, sharded, the shards the optimizer steps (their gradients)
+        param_list = list(dict.fromkeys([*harness.model.parameters(),
+                                         *(p for g in harness.optimizer.param_groups for p in g["params"])]))
         grad_bytes = 0
         peak = PeakMemory(device)
         peak.start()

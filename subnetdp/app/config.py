@@ -64,6 +64,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
                      ("none", "inverse-coverage")),
         "neuron_groups": Key(0, "neuron level: groups per neuron site (0: one per worker)"),
         "plan_seed": Key(0, "seed of the plan (which worker holds which unit)"),
+        "shard": Key(False, "sdp only: ZeRO-2 inside holder sets: each unit's gradient and optimizer state "
+                     "split over its k holders, the shared parameters' over all workers (same training, "
+                     "less memory per worker; the optimizer must be elementwise: sgd, adamw)"),
         "full_phase": Key(0.0, "sdp only: fraction of the DDP step budget spent at the end training the "
                           "assembled full model on every worker (as DDP): the SDP phase runs (1 - f) of its "
                           "steps, then the full model runs f x run.steps steps (0: off)"),

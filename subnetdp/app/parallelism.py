@@ -14,8 +14,8 @@ A training step reads the same whatever the strategy:
         par.backward(loss_fn(model(x[rank]), y[rank]))
     par.after_backward()                           # simulated SDP: average over holders
     par.clip_grad_norm_(max_norm)
-    for optimizer in optimizers: optimizer.step()  # one optimizer per model in par.models
-    par.after_step()                               # simulated backward-masked SDP: share weights
+    for optimizer in optimizers: optimizer.step()  # one per model, over par.optimized_parameters(model)
+    par.after_step()                               # simulated SDP: share weights (backward masking, shards)
 
 :func:`parallelize` picks the implementation; :func:`level_kwargs` and :func:`ddp_counting_bytes`
 are the two set-up pieces `subnetdp bench` shares with it.
@@ -72,6 +72,10 @@ class Parallelism:
     def unwrapped_models(self) -> list[nn.Module]:
         """The local models as they compute, without the DDP or SDP wrapper around them."""
         return [m.module for m in self.models]
+
+    def optimized_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """What the optimizer of local model ``model`` steps (sharded SDP: the shards)."""
+        return list(model.parameters())
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -159,6 +163,9 @@ class RealSDP(Parallelism):
         self.sdp = SubnetworkDataParallel(model, **sdp_kwargs)
         self.models, self.ranks, self.plan = [self.sdp], [self.sdp.rank], self.sdp.plan
 
+    def optimized_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        return self.sdp.shard_parameters()
+
     def clip_grad_norm_(self, max_norm: float) -> None:
         self.sdp.clip_grad_norm_(max_norm)
 
@@ -184,6 +191,9 @@ class SimulatedSDP(Parallelism):
         self.simulator = SubnetworkSimulator(model, world_size, **sdp_kwargs)
         self.models, self.ranks = list(self.simulator.workers), list(range(world_size))
         self.plan = self.simulator.plan
+
+    def optimized_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        return model.shard_parameters()  # type: ignore[operator]
 
     def after_backward(self) -> None:
         self.simulator.sync_gradients()

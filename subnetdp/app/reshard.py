@@ -51,7 +51,7 @@ def rebuild_simulator(manifest: dict[str, Any]) -> SubnetworkSimulator:
     sim = SubnetworkSimulator(model, manifest["virtual_world_size"],
                               **level_kwargs(s["level"], MODELS[manifest["model"]][1]), coverage=s["coverage"],
                               masking=s["masking"], seed=s["plan_seed"], scale=s["scale"],
-                              neuron_groups=s["neuron_groups"] or None, example_input=example)
+                              neuron_groups=s["neuron_groups"] or None, example_input=example, shard=s["shard"])
     if sim.plan.fingerprint() != manifest["plan_fingerprint"]:
         raise ckpt.CheckpointError("the rebuilt plan does not match the one the run trained with")
     return sim
@@ -84,7 +84,7 @@ def full_run_state(folder: Path, manifest: dict[str, Any], make_optimizer: Optim
         return FullRunState(replica["model"], replica["optimizer"], replica["scheduler"], replicated=True)
     sim = rebuild_simulator(manifest)
     states = worker_states(folder, manifest)
-    optimizers = [make_optimizer(config, list(w.parameters())) for w in sim.workers]
+    optimizers = [make_optimizer(config, w.shard_parameters()) for w in sim.workers]
     for worker, optimizer, state in zip(sim.workers, optimizers, states):
         worker.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])

@@ -128,7 +128,7 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 
 # a resume may also change these: the state is then re-planned and moved (reshard.py)
-RESHARDABLE_CHANGES = {("strategy", "coverage")}
+RESHARDABLE_CHANGES = {("strategy", "coverage"), ("strategy", "shard")}
 
 
 def check_resume(config: Config, manifest: dict[str, Any], world_size: int, simulate: bool, folder: Path) -> bool:

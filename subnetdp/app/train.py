@@ -167,7 +167,7 @@ def sdp_kwargs(config: Config, task: Task, device: torch.device) -> dict[str, An
     s = config.section("strategy")
     return {**level_kwargs(s["level"], task.blocks), "coverage": s["coverage"], "masking": s["masking"],
             "seed": s["plan_seed"], "scale": s["scale"], "neuron_groups": s["neuron_groups"] or None,
-            "example_input": task.example_input.to(device)}
+            "example_input": task.example_input.to(device), "shard": s["shard"]}
 
 
 def strategy_label(config: Config) -> str:
@@ -226,7 +226,7 @@ def build_trainer(config: Config, task: Task, ctx: Context, steps: int,
     sdp = config["strategy.name"] == "sdp" and not full_phase
     par = parallelize(model, sdp=sdp, device=ctx.device, virtual_workers=ctx.world_size if ctx.simulate else None,
                       timeout=config["run.timeout"], **(sdp_kwargs(config, task, ctx.device) if sdp else {}))
-    pairs = [make_optimizer(config, list(m.parameters()), steps, first_step) for m in par.models]
+    pairs = [make_optimizer(config, par.optimized_parameters(m), steps, first_step) for m in par.models]
     return Trainer(config, task, ctx, par, [p[0] for p in pairs], [p[1] for p in pairs],
                    stochastic_depth=depth, full_phase=full_phase)
 
@@ -249,7 +249,8 @@ def train_step(tr: Trainer, step: int) -> float:
     if cfg["optim.grad_clip"] > 0:
         par.clip_grad_norm_(cfg["optim.grad_clip"])
     # gradients are freed at zero_grad: their size is read here, while they exist
-    tr.peak_grad_bytes = max(tr.peak_grad_bytes, tensor_bytes(p.grad for m in par.models for p in m.parameters()))
+    tr.peak_grad_bytes = max(tr.peak_grad_bytes, tensor_bytes(p.grad for m in par.models
+                                                               for p in par.optimized_parameters(m)))
     for optimizer, scheduler in zip(tr.optimizers, tr.schedulers):
         optimizer.step()  # backward-masked SDP broadcasts updated units from an optimizer hook
         scheduler.step()

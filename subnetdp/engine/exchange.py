@@ -19,11 +19,18 @@ import torch.distributed as dist
 from .errors import CollectiveError, PlanMismatchError
 from .plan import Plan
 
+# torch 2.13 renamed these (the old names warn); earlier versions only have the old ones
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 Buffers = Mapping[int, torch.Tensor]  # worker rank -> its flat buffer (only the local workers')
 
 
 class Pending(Protocol):
     def wait(self) -> None: ...
+
+    def done(self) -> bool:
+        """Completed: ``wait()`` returns at once (never blocks)."""
 
 
 class Exchange(Protocol):
@@ -33,8 +40,12 @@ class Exchange(Protocol):
     def broadcast(self, source: int, buffers: Buffers, what: str) -> Pending:
         """Copy worker ``source``'s buffer into every worker's, in place."""
 
-    def all_gather(self, inputs: Buffers, outputs: Buffers, what: str) -> Pending:
-        """Every worker's input (all of one size) into every worker's output, in rank order."""
+    def all_gather(self, holders: tuple[int, ...], inputs: Buffers, outputs: Buffers, what: str) -> Pending:
+        """Every holder's input (all of one size) into every holder's output, in holder order."""
+
+    def reduce_scatter(self, holders: tuple[int, ...], inputs: Buffers, outputs: Buffers, what: str) -> Pending:
+        """Sum the holders' inputs (all of one size, k times the output's); the i-th holder's output
+        takes the i-th of k equal parts of the sum."""
 
 
 def ring_wire_bytes(kind: str, size: int, group_size: int) -> float:
@@ -55,6 +66,9 @@ class _Done:
     def wait(self) -> None:
         return None
 
+    def done(self) -> bool:
+        return True
+
 
 class LocalExchange:
     """Virtual workers in one process: an all-reduce is a sum over their buffers."""
@@ -72,10 +86,16 @@ class LocalExchange:
                 buffer.copy_(buffers[source])
         return _Done()
 
-    def all_gather(self, inputs: Buffers, outputs: Buffers, what: str) -> Pending:
-        gathered = torch.cat([inputs[r] for r in sorted(inputs)])
-        for output in outputs.values():
-            output.copy_(gathered)
+    def all_gather(self, holders: tuple[int, ...], inputs: Buffers, outputs: Buffers, what: str) -> Pending:
+        gathered = torch.cat([inputs[r] for r in holders])
+        for r in holders:
+            outputs[r].copy_(gathered)
+        return _Done()
+
+    def reduce_scatter(self, holders: tuple[int, ...], inputs: Buffers, outputs: Buffers, what: str) -> Pending:
+        total = torch.stack([inputs[r] for r in holders]).sum(0)
+        for part, r in zip(total.chunk(len(holders)), holders):
+            outputs[r].copy_(part)
         return _Done()
 
 
@@ -148,12 +168,23 @@ class ProcessGroupExchange:
         self._count("all_reduce", tensor, len(holders))
         return _Work(dist.all_reduce(tensor, group=self.groups[holders], async_op=True), self, what, holders, tensor)
 
-    def all_gather(self, inputs: Buffers, outputs: Buffers, what: str) -> Pending:
+    def all_gather(self, holders: tuple[int, ...], inputs: Buffers, outputs: Buffers, what: str) -> Pending:
         tensor, output = inputs[self.rank], outputs[self.rank]
-        self._count("all_gather", tensor, self.world_size)
-        work = dist.all_gather(list(output.chunk(self.world_size)), tensor, group=self.groups[self.world],
-                               async_op=True)
-        return _Work(work, self, what, self.world, tensor)
+        if len(holders) == 1:
+            output.copy_(tensor)
+            return _Done()
+        self._count("all_gather", tensor, len(holders))
+        work = _all_gather_single(output, tensor, group=self.groups[holders], async_op=True)
+        return _Work(work, self, what, holders, tensor)
+
+    def reduce_scatter(self, holders: tuple[int, ...], inputs: Buffers, outputs: Buffers, what: str) -> Pending:
+        tensor, output = inputs[self.rank], outputs[self.rank]
+        if len(holders) == 1:
+            output.copy_(tensor)
+            return _Done()
+        self._count("reduce_scatter", tensor, len(holders))
+        work = _reduce_scatter_single(output, tensor, group=self.groups[holders], async_op=True)
+        return _Work(work, self, what, holders, tensor)
 
     def broadcast(self, source: int, buffers: Buffers, what: str) -> Pending:
         tensor = buffers[self.rank]
@@ -176,6 +207,9 @@ class _Work:
     def __init__(self, work: Any, exchange: ProcessGroupExchange, what: str, ranks: tuple[int, ...],
                  tensor: torch.Tensor) -> None:
         self.work, self.exchange, self.what, self.ranks, self.tensor = work, exchange, what, ranks, tensor
+
+    def done(self) -> bool:
+        return bool(self.work.is_completed())
 
     def wait(self) -> None:
         ex = self.exchange

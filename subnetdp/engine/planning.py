@@ -197,15 +197,18 @@ def count_saved_activations(model: nn.Module, units: Units, example_input: Any) 
     seen: set[int] = set()
     params = {p.data_ptr() for p in model.parameters()}
     inside: list[str] = []  # the stack of blocks the forward is in
+    alive: list[torch.Tensor] = []
 
     def pack(t: torch.Tensor) -> None:
         ptr = t.untyped_storage().data_ptr()
         if inside and ptr not in params and ptr not in seen:
             seen.add(ptr)
             saved[inside[-1]] += t.untyped_storage().nbytes()
-        # nothing is kept: returning ``t`` would tie an output saved by its own grad_fn into a
-        # cycle through autograd's C++ graph that gc cannot see, leaking the activations and (via
-        # the graph's AccumulateGrad nodes) the model's parameters; backward never runs on this graph
+        # kept alive here until the count ends, so a freed storage's address is never reused and
+        # skipped; not returned: returning ``t`` ties an output saved by its own grad_fn into a cycle
+        # through autograd's C++ graph that gc cannot see, leaking the activations and (via the
+        # graph's AccumulateGrad nodes) the model's parameters. Backward never runs on this graph.
+        alive.append(t.detach())
         return None
 
     handles = []

@@ -11,11 +11,14 @@ rest, waits, and divides by the holder count.
 In place where possible: a whole parameter's ``.grad`` becomes a view of its bucket when the bucket
 is packed, so the averaged bucket is the averaged gradient (no copy back, no second copy alive);
 a neuron slice's gradient is copied back into its part of the parameter's ``.grad``.
+
+Sharded (``sharding.py``): a bucket with a shard is reduce-scattered instead, straight into the
+shard's gradient, and the parameters' own gradients are dropped once every bucket is done.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import TYPE_CHECKING, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -23,6 +26,9 @@ from torch import nn
 from .cut import LocalLayout
 from .exchange import Exchange, Pending
 from .layout import Location, flatten
+
+if TYPE_CHECKING:
+    from .sharding import Shard
 
 HolderSet = tuple[int, ...]
 
@@ -36,17 +42,30 @@ class Bucket:
         self.params = {id(s.tensor) for s in segments}
         self.pending: set[int] = set()
         self.sync: BucketSync | None = None
+        self.shard: Shard | None = None  # set when sharding: this worker's part of the bucket
+
+    @property
+    def numel(self) -> int:
+        return sum(v.numel() for s in self.segments for v in s.views())
 
     @property
     def nbytes(self) -> int:
-        return sum(v.numel() for s in self.segments for v in s.views()) * self.dtype.itemsize
+        return self.numel * self.dtype.itemsize
+
+    def weight_views(self) -> list[torch.Tensor]:
+        """The parameter entries this bucket carries, in bucket order."""
+        return [v for s in self.segments for v in s.views()]
 
     def grad_views(self) -> list[torch.Tensor]:
         """This worker's gradient entries, in bucket order (a missing gradient counts as zeros)."""
         return [v for s in self.segments for v in s.views(_grad_or_zeros(s.tensor))]
 
-    def pack(self) -> torch.Tensor:
-        flat = flatten(self.grad_views(), dtype=self.dtype)
+    def pack(self, padding: int = 0) -> torch.Tensor:
+        """The gradient entries in one flat buffer (followed by ``padding`` zeros)."""
+        views = self.grad_views()
+        if padding:
+            views.append(torch.zeros(padding, dtype=self.dtype, device=views[0].device))
+        flat = flatten(views, dtype=self.dtype)
         offset = 0
         for s in self.segments:
             n = sum(v.numel() for v in s.views())
@@ -54,6 +73,12 @@ class Bucket:
                 s.tensor.grad = flat[offset:offset + n].view_as(s.tensor)
             offset += n
         return flat
+
+    def release_whole_grads(self) -> None:
+        """Sharded: drop the gradients that are whole in this bucket (views of its flat buffer)."""
+        for s in self.segments:
+            if s.dim is None:
+                s.tensor.grad = None
 
     def unpack(self, flat: torch.Tensor) -> None:
         """Write the averaged bucket into the gradients (whole ones already are views of it)."""
@@ -103,23 +128,40 @@ def make_buckets(layout: LocalLayout, cap_mb: float) -> dict[HolderSet, list[Buc
 
 
 class BucketSync:
-    """One bucket's sync across the local workers that hold it: pack, all-reduce, unpack the mean."""
+    """One bucket's sync across the local workers that hold it: pack, all-reduce, unpack the mean
+    (sharded: pack, reduce-scatter into each holder's shard gradient, divide)."""
 
     def __init__(self, buckets: Mapping[int, Bucket], exchange: Exchange) -> None:
         self.buckets = buckets
-        self.holders = next(iter(buckets.values())).holders
+        first = next(iter(buckets.values()))
+        self.holders = first.holders
         self.flats: dict[int, torch.Tensor] = {}
+        if first.shard is not None:
+            self.flats = {r: b.pack(b.shard.padding) for r, b in buckets.items()}  # type: ignore[union-attr]
+            self.parts = {r: b.shard.empty_part() for r, b in buckets.items()}  # type: ignore[union-attr]
+            self.pending: Pending = exchange.reduce_scatter(self.holders, self.flats, self.parts,
+                                                            "gradient reduce_scatter")
+            return
         if len(self.holders) == 1:
             return  # one holder: its gradient is already the average, nothing is sent
         self.flats = {r: b.pack() for r, b in buckets.items()}
-        self.pending: Pending = exchange.all_reduce(self.holders, self.flats, "gradient all_reduce")
+        self.pending = exchange.all_reduce(self.holders, self.flats, "gradient all_reduce")
+
+    def done(self) -> bool:
+        """Finished, or its collective has completed (finish() will not wait)."""
+        return not self.flats or self.pending.done()
 
     def finish(self) -> None:
         if not self.flats:
             return
         self.pending.wait()
         for r, bucket in self.buckets.items():
-            bucket.unpack(self.flats[r].div_(len(self.holders)))
+            if bucket.shard is not None:
+                bucket.shard.take_gradient(self.parts[r].div_(len(self.holders)))
+                bucket.release_whole_grads()
+            else:
+                bucket.unpack(self.flats[r].div_(len(self.holders)))
+        self.flats = {}
 
 
 def sync_all(buckets: Mapping[int, Mapping[HolderSet, list[Bucket]]], exchange: Exchange) -> None:
@@ -133,6 +175,17 @@ def sync_all(buckets: Mapping[int, Mapping[HolderSet, list[Bucket]]], exchange: 
         syncs += [BucketSync({r: lists[i] for r, lists in local.items()}, exchange) for i in range(count)]
     for sync in syncs:
         sync.finish()
+    for per_worker in buckets.values():
+        release_sharded_grads(per_worker)
+
+
+def release_sharded_grads(buckets: Mapping[HolderSet, list[Bucket]]) -> None:
+    """Drop the parameters' gradients of sharded buckets: their averages live in the shards."""
+    for bucket_list in buckets.values():
+        for bucket in bucket_list:
+            if bucket.shard is not None:
+                for segment in bucket.segments:
+                    segment.tensor.grad = None
 
 
 class GradientReducer:
@@ -150,6 +203,7 @@ class GradientReducer:
                     if holders not in self.sets_of_param.setdefault(pid, []):
                         self.sets_of_param[pid].append(holders)
         self.issued: list[tuple[HolderSet, int]] = []  # (holder set, bucket index), in issue order
+        self.sharded_in_flight: list[Bucket] = []
 
     def grad_ready(self, param: nn.Parameter) -> None:
         if not self.enabled:
@@ -174,17 +228,34 @@ class GradientReducer:
                 return  # a bucket waits for the ones before it: same issue order on every member
             bucket.sync = BucketSync({self.rank: bucket}, self.exchange)
             self.issued.append((holders, i))
+            if bucket.shard is not None:
+                self.sharded_in_flight.append(bucket)
+            self._finish_completed()
+
+    def _finish_completed(self) -> None:
+        """ZeRO-2: a sharded bucket's gradients are freed as soon as its reduce-scatter has
+        completed, not at the end of backward. Never waits: a rank blocked on one holder set's
+        collective while a peer waits for it to issue another's could deadlock."""
+        still = []
+        for bucket in self.sharded_in_flight:
+            if bucket.sync.done():  # type: ignore[union-attr]
+                bucket.sync.finish()  # type: ignore[union-attr]
+            else:
+                still.append(bucket)
+        self.sharded_in_flight = still
 
     @torch.no_grad()
     def finish(self) -> None:
         """End of backward: issue what is left, wait for every bucket, write the averages."""
         self.queued = False
+        self.sharded_in_flight = []
         for holders in self.buckets:
             self._issue_ready(holders, everything=True)
         for bucket_list in self.buckets.values():
             for bucket in bucket_list:
                 bucket.sync.finish()  # type: ignore[union-attr]
                 bucket.sync = None
+        release_sharded_grads(self.buckets)
 
     def reset(self) -> None:
         """Forget a backward that raised before its end-of-backward callback ran."""
@@ -195,9 +266,9 @@ def clip_grad_norm_(buckets: Mapping[int, Mapping[HolderSet, list[Bucket]]],
                     params: Mapping[int, Iterable[nn.Parameter]], exchange: Exchange, world_size: int,
                     max_norm: float, device: torch.device) -> torch.Tensor:
     """Clip every local worker's gradients by the norm of the full model's averaged gradient
-    (collective, after the sync). Each holder set's bucket is counted by its lowest rank only, so
-    the norm is that of the full model, and every holder scales its copy by the same factor.
-    Returns the norm before clipping."""
+    (collective, after the sync). Each holder set's bucket is counted by its lowest rank only, or
+    shard by shard when sharded, so the norm is that of the full model, and every worker scales
+    what its optimizer steps (``params``) by the same factor. Returns the norm before clipping."""
     totals = {r: _squared_norm([b for bucket_list in per_worker.values() for b in bucket_list], r, device)
               for r, per_worker in buckets.items()}
     exchange.all_reduce(tuple(range(world_size)), totals, "gradient-norm all_reduce").wait()
@@ -207,10 +278,13 @@ def clip_grad_norm_(buckets: Mapping[int, Mapping[HolderSet, list[Bucket]]],
     return norm
 
 
-def _squared_norm(buckets: Iterable[Bucket], owner: int, device: torch.device) -> torch.Tensor:
+def _squared_norm(buckets: Iterable[Bucket], rank: int, device: torch.device) -> torch.Tensor:
     total = torch.zeros((), dtype=torch.float64, device=device)
     for bucket in buckets:
-        if bucket.holders[0] == owner:
+        if bucket.shard is not None:
+            if bucket.shard.param.grad is not None:  # each holder counts its own part
+                total += bucket.shard.param.grad.double().pow(2).sum()
+        elif bucket.holders[0] == rank:
             for view in bucket.grad_views():
                 total += view.double().pow(2).sum()
     return total

@@ -3,14 +3,14 @@ multi-process wrapper, with the exchange a sum over the virtual workers' buffers
 collective. One GPU (or CPU) reproduces an N-worker experiment.
 
     sim = SubnetworkSimulator(model, world_size=8, blocks="layers", coverage=0.5)
-    opts = [torch.optim.AdamW(w.parameters(), lr=3e-4) for w in sim.workers]
+    opts = [torch.optim.AdamW(w.shard_parameters(), lr=3e-4) for w in sim.workers]
     for shards in loader:                      # one batch per virtual worker
         for worker, (x, y) in zip(sim.workers, shards):
             loss_fn(worker(x), y).backward()
         sim.sync_gradients()                   # holder-set averaging across the virtual workers
         for opt in opts:
             opt.step(); opt.zero_grad()
-        sim.sync_weights()                     # backward masking only; a no-op otherwise
+        sim.sync_weights()                     # backward masking or sharding; a no-op otherwise
     state = sim.full_state_dict()
 """
 
@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from . import assembly, evaluation, reducer, weights
+from . import assembly, evaluation, reducer, sharding, weights
 from .exchange import LocalExchange
 from .plan import Plan
 from .planning import check_arguments, plan_model
@@ -39,7 +39,7 @@ class SubnetworkSimulator:
                  neurons: str | Sequence[str] | None = None, coverage: float = 0.5, masking: str = "forward",
                  seed: int = 0, scale: str = "none", neuron_groups: int | None = None,
                  example_input: Any = None, bucket_cap_mb: float = 25.0, timeout: float = 600.0,
-                 sync_weights_after_step: bool = True) -> None:
+                 sync_weights_after_step: bool = True, shard: bool = False) -> None:
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
         check_arguments(blocks=blocks, neurons=neurons, coverage=coverage, masking=masking, scale=scale,
@@ -49,7 +49,8 @@ class SubnetworkSimulator:
                                  neuron_groups=neuron_groups, example_input=example_input)
         self.world_size, self.masking = world_size, masking
         self.workers: list[Subnetwork] = [
-            Subnetwork(copy.deepcopy(model), units, plan, r, masking=masking, scale=scale, bucket_cap_mb=bucket_cap_mb)
+            Subnetwork(copy.deepcopy(model), units, plan, r, masking=masking, scale=scale, bucket_cap_mb=bucket_cap_mb,
+                       shard=shard)
             for r in range(world_size)]
         self.exchange = LocalExchange()
 
@@ -70,11 +71,15 @@ class SubnetworkSimulator:
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """As :meth:`SubnetworkDataParallel.clip_grad_norm_`, after :meth:`sync_gradients`."""
         return reducer.clip_grad_norm_({w.rank: w.buckets for w in self.workers},
-                                       {w.rank: w.parameters() for w in self.workers}, self.exchange,
+                                       {w.rank: w.shard_parameters() for w in self.workers}, self.exchange,
                                        self.world_size, max_norm, self.workers[0].device)
 
     def sync_weights(self) -> None:
-        """Backward masking: every worker takes each unit's values from the unit's first holder."""
+        """After the optimizer steps: sharded, each bucket's updated parts are gathered into every
+        holder's weights; backward masking, every worker takes each unit's values from the unit's
+        first holder."""
+        if self.workers[0].sharded:
+            sharding.gather_weights({w.rank: w.buckets for w in self.workers}, self.exchange)
         if self.masking == "backward":
             weights.sync_weights(self._layouts, self.exchange, self.world_size)
 
@@ -95,8 +100,11 @@ class SubnetworkSimulator:
 
     def full_optimizer_state(self, optimizers: Sequence[torch.optim.Optimizer]) -> assembly.OptimizerState:
         """The full model's optimizer state from each virtual worker's optimizer."""
-        return assembly.full_optimizer_state(self._layouts, dict(enumerate(optimizers)), self.exchange,
-                                             self.world_size)
+        by_rank: dict[int, Any] = dict(enumerate(optimizers))
+        if self.workers[0].sharded:
+            by_rank = sharding.unsharded_state({w.rank: w.buckets for w in self.workers}, by_rank,
+                                               {w.rank: list(w.parameters()) for w in self.workers}, self.exchange)
+        return assembly.full_optimizer_state(self._layouts, by_rank, self.exchange, self.world_size)
 
     def load_full_optimizer_state(self, optimizers: Sequence[torch.optim.Optimizer],
                                   state: assembly.OptimizerState) -> None:

@@ -9,7 +9,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
-from . import assembly
+from . import assembly, sharding
 from .cut import cut_model
 from .errors import SDPConfigError
 from .plan import Plan
@@ -38,7 +38,7 @@ class Subnetwork(nn.Module):
     """Worker ``rank``'s subnetwork of ``model`` under ``plan`` (the model is cut in place)."""
 
     def __init__(self, model: nn.Module, units: Units, plan: Plan, rank: int, *, masking: str = "forward",
-                 scale: str = "none", bucket_cap_mb: float = 25.0) -> None:
+                 scale: str = "none", bucket_cap_mb: float = 25.0, shard: bool = False) -> None:
         super().__init__()
         self.device = check_device(model, None)
         self.module = model
@@ -46,6 +46,7 @@ class Subnetwork(nn.Module):
         self.level, self.coverage, self.masking, self.scale = units.level, plan.coverage, masking, scale
         self.layout = cut_model(model, units, plan, rank, masking, scale)
         self.buckets = make_buckets(self.layout, bucket_cap_mb)
+        self.shards = sharding.make_shards(self.buckets, rank) if shard else []
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
@@ -61,6 +62,17 @@ class Subnetwork(nn.Module):
                 if p.requires_grad)
 
     @property
+    def sharded(self) -> bool:
+        return bool(self.shards)
+
+    def shard_parameters(self) -> list[nn.Parameter]:
+        """What the optimizer steps: with ``shard=True`` this worker's part of every bucket held by
+        several workers (flat parameters), plus the parameters only this worker holds; otherwise
+        ``parameters()``."""
+        params = list(self.parameters())
+        return sharding.shard_parameters(self.buckets, params) if self.sharded else params
+
+    @property
     def held_units(self) -> list[str]:
         return self.plan.held_units(self.rank)
 
@@ -69,9 +81,14 @@ class Subnetwork(nn.Module):
         assembly.load_full_state_dict(self.layout, state)
 
     def load_full_optimizer_state(self, optimizer: torch.optim.Optimizer, state: assembly.OptimizerState) -> None:
-        """Give ``optimizer`` (over this worker's parameters) the state of what this worker trains,
+        """Give ``optimizer`` (over ``shard_parameters()``) the state of what this worker trains,
         from a full optimizer state (``full_optimizer_state()``), possibly under another plan."""
-        assembly.load_full_optimizer_state(self.layout, optimizer, state)
+        if not self.sharded:
+            assembly.load_full_optimizer_state(self.layout, optimizer, state)
+            return
+        unsharded = sharding.UnshardedState(list(self.parameters()))
+        assembly.load_full_optimizer_state(self.layout, unsharded, state)  # type: ignore[arg-type]
+        sharding.load_sharded_state(self.buckets, optimizer, unsharded)
 
     def local_full_state_dict(self) -> dict[str, torch.Tensor]:
         """Backward masking: this worker's own copy of the full model (no communication). After

@@ -35,7 +35,7 @@ def sync_weights(layouts: Mapping[int, LocalLayout], exchange: Exchange, world_s
                   for r, layout in layouts.items()}
         outputs = {r: torch.empty(width * world_size, dtype=dtype, device=layout.device)
                    for r, layout in layouts.items()}
-        exchange.all_gather(inputs, outputs, f"weight all_gather ({dtype})").wait()
+        exchange.all_gather(tuple(range(world_size)), inputs, outputs, f"weight all_gather ({dtype})").wait()
         for r, layout in layouts.items():
             for source, pieces in enumerate(by_source):
                 if source != r and pieces:

@@ -17,6 +17,9 @@ The wrapper is the wiring; each step lives in its own module:
    every gradient is the average over its unit's holders.
 4. weights.py (backward masking): after ``optimizer.step()`` (an optimizer hook, or an explicit
    ``sync_weights()``) each unit's first holder sends its new values to all (one all-gather).
+   sharding.py (``shard=True``): gradients are reduce-scattered into per-holder shards, the
+   optimizer steps the shards (``shard_parameters()``), and the updated shards are all-gathered
+   into the weights after the step.
 5. assembly.py: the full model (and optimizer state) from the pieces, and back.
 """
 
@@ -30,9 +33,9 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from . import assembly, evaluation, reducer, weights
+from . import assembly, evaluation, reducer, sharding, weights
 from .errors import SDPConfigError
 from .exchange import ProcessGroupExchange
 from .planning import check_arguments, plan_model
@@ -68,6 +71,10 @@ class SubnetworkDataParallel(Subnetwork):
             (e.g. with several optimizers).
         bucket_cap_mb: gradients are all-reduced in buckets of about this size per holder set,
             each issued as soon as backward has produced its gradients (as DDP's buckets are).
+        shard: ZeRO-2 inside holder sets (``sharding.py``): each bucket held by k > 1 workers
+            is reduce-scattered, and each holder keeps the gradient and optimizer state of 1/k of
+            it (shared parameters: 1/N). Build the optimizer over ``shard_parameters()``; it
+            must be elementwise (SGD, Adam, AdamW, ...).
     """
 
     def __init__(self, model: nn.Module, *, blocks: str | Sequence[str] | None = None,
@@ -75,7 +82,8 @@ class SubnetworkDataParallel(Subnetwork):
                  masking: str = "forward", seed: int = 0,
                  process_group: dist.ProcessGroup | None = None, scale: str = "none",
                  neuron_groups: int | None = None, example_input: Any = None,
-                 timeout: float = 600.0, sync_weights_after_step: bool = True, bucket_cap_mb: float = 25.0) -> None:
+                 timeout: float = 600.0, sync_weights_after_step: bool = True, bucket_cap_mb: float = 25.0,
+                 shard: bool = False) -> None:
         check_arguments(blocks=blocks, neurons=neurons, coverage=coverage, masking=masking, scale=scale,
                         timeout=timeout)
         if not dist.is_available() or not dist.is_initialized():
@@ -93,10 +101,10 @@ class SubnetworkDataParallel(Subnetwork):
         exchange.broadcast_from_first(list(model.state_dict().values()))
         exchange.create_groups(plan.holder_sets)
         super().__init__(model, units, plan, exchange.rank, masking=masking, scale=scale,
-                         bucket_cap_mb=bucket_cap_mb)
+                         bucket_cap_mb=bucket_cap_mb, shard=shard)
         self.seed, self.exchange = seed, exchange
         self.reducer = reducer.GradientReducer(self.rank, self.buckets, exchange)
-        self._hook_handles = self._register_hooks(sync_weights_after_step and masking == "backward")
+        self._hook_handles = self._register_hooks(sync_weights_after_step and (masking == "backward" or shard))
         exchange.bytes_sent, exchange.wire_bytes = 0, 0.0  # counted from here: set-up is not training
 
     def _register_hooks(self, weights_after_step: bool) -> list[Any]:
@@ -110,8 +118,18 @@ class SubnetworkDataParallel(Subnetwork):
                 sdp.reducer.grad_ready(param)
 
         handles = [p.register_post_accumulate_grad_hook(grad_ready) for p in self.parameters()]
+        if self.sharded:
+            sharded = sharding.sharded_param_ids(self.buckets)
+
+            def check_optimizer(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+                if this() is not None and any(id(p) in sharded for g in optimizer.param_groups for p in g["params"]):
+                    raise SDPConfigError("SubnetworkDataParallel(shard=True): the optimizer steps the model's "
+                                         "parameters, whose gradients live in the shards; build it over "
+                                         "sdp.shard_parameters()")
+
+            handles.append(register_optimizer_step_pre_hook(check_optimizer))
         if weights_after_step:
-            ids = {id(p) for p in self.parameters()}
+            ids = {id(p) for p in self.shard_parameters()}
 
             def after_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
                 sdp = this()
@@ -149,13 +167,16 @@ class SubnetworkDataParallel(Subnetwork):
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip by the gradient norm of the full model, the same on every worker (collective: call
         it on every rank after backward). Returns the norm before clipping."""
-        return reducer.clip_grad_norm_({self.rank: self.buckets}, {self.rank: self.parameters()}, self.exchange,
-                                       self.world_size, max_norm, self.device)
+        return reducer.clip_grad_norm_({self.rank: self.buckets}, {self.rank: self.shard_parameters()},
+                                       self.exchange, self.world_size, max_norm, self.device)
 
     def sync_weights(self) -> None:
-        """Backward masking: every unit's first holder sends its updated values to all workers (one
-        all-gather), which then hold bitwise-identical full weights. Runs by itself after
-        ``optimizer.step()``."""
+        """After ``optimizer.step()`` (runs by itself from an optimizer hook): sharded, every
+        holder's updated part of each bucket is all-gathered into the weights; backward masking,
+        every unit's first holder sends its updated values to all workers (one all-gather), which
+        then hold bitwise-identical full weights."""
+        if self.sharded:
+            sharding.gather_weights({self.rank: self.buckets}, self.exchange)
         if self.masking == "backward":
             weights.sync_weights({self.rank: self.layout}, self.exchange, self.world_size)
 
@@ -167,8 +188,11 @@ class SubnetworkDataParallel(Subnetwork):
 
     def full_optimizer_state(self, optimizer: torch.optim.Optimizer) -> assembly.OptimizerState:
         """The optimizer state of the full model, keyed by the full model's keys (collective)."""
-        return assembly.full_optimizer_state({self.rank: self.layout}, {self.rank: optimizer}, self.exchange,
-                                             self.world_size)
+        optimizers: dict[int, Any] = {self.rank: optimizer}
+        if self.sharded:
+            optimizers = sharding.unsharded_state({self.rank: self.buckets}, optimizers,
+                                                  {self.rank: list(self.parameters())}, self.exchange)
+        return assembly.full_optimizer_state({self.rank: self.layout}, optimizers, self.exchange, self.world_size)
 
     def ensemble_log_probs(self, logits: torch.Tensor) -> torch.Tensor:
         """The ensemble view: given this worker's subnetwork output (``sdp(x)`` in eval mode) on a

@@ -26,6 +26,7 @@ def test_strategy_names() -> None:
     assert (s.kind, s.level, s.masking, s.coverage, s.checkpointing) == ("sdp", "neuron", "backward", 0.25, False)
     assert parse_strategy("sdp-block-fwd-ckpt@0.5").checkpointing
     assert parse_strategy("ddp-sd@0.5").stochastic_depth == 0.5
+    assert parse_strategy("sdp-block-fwd-ckpt-shard@0.5").shard and not parse_strategy("sdp-block-fwd@0.5").shard
     with pytest.raises(ValueError, match="valid: ddp, fsdp"):
         parse_strategy("zero3")
 
@@ -51,6 +52,20 @@ def test_every_strategy_on_a_fake_process_group(tmp_path: Path) -> None:
     assert "| ddp | " in text and "## Targets" in text
     for png in ("memory_by_kind.png", "step_time.png", "memory_vs_time.png"):
         assert (tmp_path / png).stat().st_size > 10_000
+
+
+def test_sharded_sdp_keeps_less_optimizer_state_for_the_same_wire_bytes(tmp_path: Path) -> None:
+    main(["--model", "llama", "--preset", "debug", "--seq-len", "32", "--vocab", "256", "--batch-size", "2",
+          "--workers", "4", "--backend", "fake", "--steps", "2", "--warmup", "1", "--out", str(tmp_path),
+          "--strategies", "sdp-block-fwd@0.5,sdp-block-fwd-shard@0.5,sdp-neuron-bwd-shard@0.5"])
+    rows = {r["strategy"]: r for r in json.loads((tmp_path / "bench.json").read_text())["summary"]}
+    plain, sharded = rows["sdp-block-fwd@0.5"], rows["sdp-block-fwd-shard@0.5"]
+    # units split over k = 2 holders, shared parameters over 4: well under half the AdamW state
+    assert sharded["optimizer_mib"] < 0.5 * plain["optimizer_mib"]
+    assert sharded["grad_mib"] < 0.5 * plain["grad_mib"]  # after backward: the shards' gradients only
+    # a reduce-scatter and an all-gather put the all-reduce's bytes on the wire
+    assert sharded["wire_mib_per_step"] == pytest.approx(plain["wire_mib_per_step"], rel=0.02)
+    assert not rows["sdp-neuron-bwd-shard@0.5"].get("failed")
 
 
 def test_real_gloo_ranks_through_torchrun(tmp_path: Path) -> None:

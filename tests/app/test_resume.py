@@ -98,3 +98,35 @@ def test_elastic_demo_script_runs_end_to_end(tmp_path: Path) -> None:
     assert (out / "elastic_loss.png").stat().st_size > 0
     assert sorted(_losses(out / "elastic")) == sorted(_losses(out / "whole"))
     assert "| elastic |" in (out / "elastic.md").read_text()
+
+
+def test_sharded_runs_train_as_unsharded_resume_exactly_and_move_to_unsharded(tmp_path: Path) -> None:
+    """strategy.shard = true (AdamW state split over holders) logs the unsharded run's losses; a
+    sharded checkpoint resumes exactly, and resumes unsharded through the re-plan-and-move path."""
+    config = _config(tmp_path, CONSTANT.replace("[optim]", "[optim]\nname = \"adamw\"").replace("lr = 0.05", "lr = 0.01"))
+    sets = ["--simulate", "4", "--set", "strategy.name=sdp", "--set", "strategy.level=neuron",
+            "--set", "strategy.coverage=0.5"]
+    _train(config, tmp_path / "plain", *sets)
+    _train(config, tmp_path / "sharded", *sets, "--set", "strategy.shard=true")
+    _train(config, tmp_path / "stopped", *sets, "--set", "strategy.shard=true", "--set", "run.steps=3")
+    _train(config, tmp_path / "stopped", *sets, "--set", "strategy.shard=true", "--resume")
+    _train(config, tmp_path / "moved", *sets, "--set", "strategy.shard=true", "--set", "run.steps=3")
+    moved = _train(config, tmp_path / "moved", *sets, "--set", "strategy.shard=false", "--resume")
+    assert "re-planned and moved" in moved.stdout
+    plain, sharded = _losses(tmp_path / "plain"), _losses(tmp_path / "sharded")
+    assert sorted(sharded) == [1, 2, 3, 4, 5, 6]
+    for step in sharded:
+        assert sharded[step] == pytest.approx(plain[step], rel=1e-5), (step, sharded, plain)
+    assert _losses(tmp_path / "stopped") == sharded
+    for step in (4, 5, 6):
+        assert _losses(tmp_path / "moved")[step] == pytest.approx(plain[step], rel=1e-5)
+
+
+def test_sharded_real_ranks_match_sharded_simulated_workers(tmp_path: Path) -> None:
+    config = _config(tmp_path, CONSTANT)
+    sets = ["--set", "strategy.name=sdp", "--set", "strategy.coverage=0.5", "--set", "strategy.shard=true"]
+    _train(config, tmp_path / "real", "--nproc", "2", *sets)
+    _train(config, tmp_path / "sim", "--simulate", "2", *sets)
+    real, sim = _losses(tmp_path / "real"), _losses(tmp_path / "sim")
+    assert sorted(real) == [1, 2, 3, 4, 5, 6]
+    assert [sim[s] for s in sorted(sim)] == pytest.approx([real[s] for s in sorted(real)], rel=1e-4)

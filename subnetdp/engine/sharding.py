@@ -1,0 +1,206 @@
+"""Sharding what holders replicate (ZeRO-2 inside each holder set): a bucket held by k > 1
+workers is cut into k equal parts, one per holder. Its gradient is reduce-scattered (each holder
+receives the average of its part only), the optimizer steps that part only (so each holder keeps
+1/k of the bucket's optimizer state and, after backward, of its gradient), and the updated parts
+are all-gathered back into every holder's weights. A reduce-scatter plus an all-gather put the
+same bytes on the wire as the all-reduce they replace. Shared parameters are held by all N
+workers, so their optimizer state is split N ways; single-holder buckets have nothing to shard
+and their parameters are stepped as they are.
+
+    sdp = SubnetworkDataParallel(model, blocks="model.layers", coverage=0.5, shard=True)
+    opt = torch.optim.AdamW(sdp.shard_parameters(), lr=3e-4)   # the shards, not sdp.parameters()
+    loss_fn(sdp(x), y).backward(); opt.step(); opt.zero_grad()  # weights gathered after the step
+
+A shard is a flat parameter of ``ceil(n / k)`` entries: holder i steps entries
+``[i * size, (i + 1) * size)`` of the bucket (the last one padded with zeros). Its values are
+re-read from the weights at every gradient sync, so loading a state dict into the model needs no
+extra call. The optimizer must be elementwise (SGD, Adam, AdamW, ...): the shard boundary cuts
+through parameters.
+
+Collectives keep the reducer's fixed order: reduce-scatters are issued as the all-reduces were,
+and the weights are gathered bucket by bucket in (holder set, bucket) order on every worker.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .exchange import Exchange
+from .layout import flatten
+from .reducer import Bucket, HolderSet
+
+Buckets = Mapping[HolderSet, list[Bucket]]
+
+
+class Shard:
+    """This worker's part of one bucket held by k > 1 workers."""
+
+    def __init__(self, bucket: Bucket, rank: int) -> None:
+        self.bucket = bucket
+        self.holders = bucket.holders
+        k = len(self.holders)
+        self.numel = bucket.numel
+        self.size = -(-self.numel // k)  # ceil: the last part is padded
+        self.padding = self.size * k - self.numel
+        self.start = self.holders.index(rank) * self.size
+        device = bucket.segments[0].tensor.device
+        self.param = nn.Parameter(torch.zeros(self.size, dtype=bucket.dtype, device=device))
+        self.read_weights()
+
+    def empty_part(self) -> torch.Tensor:
+        return torch.empty(self.size, dtype=self.bucket.dtype, device=self.param.device)
+
+    @torch.no_grad()
+    def read_weights(self) -> None:
+        """The shard's values from the weights (identical on every holder); padding stays zero."""
+        self.param.zero_()
+        offset, end = 0, self.start + self.size
+        for view in self.bucket.weight_views():
+            lo, hi = max(offset, self.start), min(offset + view.numel(), end)
+            if lo < hi:
+                self.param[lo - self.start:hi - self.start].copy_(view.reshape(-1)[lo - offset:hi - offset])
+            offset += view.numel()
+
+    def take_gradient(self, averaged: torch.Tensor) -> None:
+        """The averaged gradient of this part, from the reduce-scatter; the weights are re-read so
+        the optimizer steps what the model holds (a state dict may have been loaded)."""
+        self.param.grad = averaged
+        self.read_weights()
+
+    def gather_buffers(self) -> torch.Tensor:
+        return torch.empty(self.size * len(self.holders), dtype=self.bucket.dtype, device=self.param.device)
+
+
+def make_shards(buckets: Buckets, rank: int) -> list[Shard]:
+    """A shard for every bucket of ``rank`` held by more than one worker, in (holder set, bucket) order."""
+    shards = []
+    for holders in sorted(buckets):
+        for bucket in buckets[holders]:
+            if len(holders) > 1:
+                bucket.shard = Shard(bucket, rank)
+                shards.append(bucket.shard)
+    return shards
+
+
+def shard_parameters(buckets: Buckets, params: Sequence[nn.Parameter]) -> list[nn.Parameter]:
+    """What the optimizer steps: every shard, then the parameters of single-holder buckets (in
+    ``params`` order). Every parameter is wholly in sharded buckets or wholly in single-holder ones:
+    a tensor's pieces are all units (held by k) or it is shared (held by N)."""
+    sharded = sharded_param_ids(buckets)
+    shards = [b.shard.param for h in sorted(buckets) for b in buckets[h] if b.shard is not None]
+    return shards + [p for p in params if id(p) not in sharded]
+
+
+def sharded_param_ids(buckets: Buckets) -> set[int]:
+    return {id(s.tensor) for bucket_list in buckets.values() for b in bucket_list if b.shard is not None
+            for s in b.segments}
+
+
+@torch.no_grad()
+def gather_weights(buckets: Mapping[int, Buckets], exchange: Exchange) -> None:
+    """After the optimizer step: every sharded bucket's updated parts, all-gathered into every
+    holder's weights, one bucket at a time in (holder set, bucket) order (one bucket's buffer alive)."""
+    sets = sorted({h for per_worker in buckets.values() for h in per_worker if len(h) > 1})
+    for holders in sets:
+        local = {r: per_worker[holders] for r, per_worker in buckets.items() if holders in per_worker}
+        for i in range(len(next(iter(local.values())))):
+            shards = {r: lists[i].shard for r, lists in local.items()}
+            outputs = {r: s.gather_buffers() for r, s in shards.items()}  # type: ignore[union-attr]
+            inputs = {r: s.param.detach() for r, s in shards.items()}  # type: ignore[union-attr]
+            exchange.all_gather(holders, inputs, outputs, "weight all_gather of shards").wait()
+            for r, lists in local.items():
+                _unflatten(outputs[r], lists[i].weight_views())
+
+
+def _unflatten(flat: torch.Tensor, views: list[torch.Tensor]) -> None:
+    offset = 0
+    for view in views:
+        view.copy_(flat[offset:offset + view.numel()].view_as(view))
+        offset += view.numel()
+
+
+class UnshardedState:
+    """An optimizer's state as if it had stepped the parameters themselves (what ``assembly``
+    reads and writes: ``state`` keyed by parameter, ``param_groups``), for the sharded buckets'
+    parameters plus the single-holder parameters the optimizer steps directly."""
+
+    def __init__(self, params: Sequence[nn.Parameter]) -> None:
+        self.param_groups = [{"params": list(params)}]
+        self.state: dict[nn.Parameter, dict[str, Any]] = defaultdict(dict)
+
+
+@torch.no_grad()
+def unsharded_state(buckets: Mapping[int, Buckets], optimizers: Mapping[int, torch.optim.Optimizer],
+                    params: Mapping[int, Sequence[nn.Parameter]], exchange: Exchange) -> dict[int, UnshardedState]:
+    """Each local worker's optimizer state per parameter (collective within holder sets): every
+    shard's tensor states all-gathered and laid back into parameter-shaped tensors."""
+    out = {r: UnshardedState(params[r]) for r in buckets}
+    for r, optimizer in optimizers.items():
+        for p in params[r]:
+            if p in optimizer.state:
+                out[r].state[p] = dict(optimizer.state[p])
+    names, scalars = _shard_state_names(buckets, optimizers)
+    sets = sorted({h for per_worker in buckets.values() for h in per_worker if len(h) > 1})
+    for holders in sets:
+        local = {r: per_worker[holders] for r, per_worker in buckets.items() if holders in per_worker}
+        for i in range(len(next(iter(local.values())))):
+            for name in names:
+                inputs, outputs = {}, {}
+                for r, lists in local.items():
+                    shard = lists[i].shard
+                    value = optimizers[r].state.get(shard.param, {}).get(name)  # type: ignore[union-attr]
+                    inputs[r] = value if value is not None else torch.zeros_like(shard.param)  # type: ignore[union-attr]
+                    outputs[r] = shard.gather_buffers()  # type: ignore[union-attr]
+                exchange.all_gather(holders, inputs, outputs, f"optimizer-state all_gather ({name})").wait()
+                for r, lists in local.items():
+                    views = []
+                    for segment in lists[i].segments:
+                        states = out[r].state.setdefault(segment.tensor, dict(scalars))
+                        if name not in states:
+                            states[name] = torch.zeros_like(segment.tensor)
+                        views += segment.views(states[name])
+                    _unflatten(outputs[r], views)
+    return out
+
+
+@torch.no_grad()
+def load_sharded_state(buckets: Buckets, optimizer: torch.optim.Optimizer, unsharded: UnshardedState) -> None:
+    """Cut a per-parameter state (``UnshardedState`` filled by ``assembly``) into this worker's
+    shards and give it to ``optimizer`` (local, no communication)."""
+    for holders in sorted(buckets):
+        for bucket in buckets[holders]:
+            if bucket.shard is None:
+                continue
+            shard = bucket.shard
+            first = unsharded.state.get(bucket.segments[0].tensor, {})
+            names = [k for k, v in first.items() if torch.is_tensor(v) and v.dim() > 0]
+            state = optimizer.state[shard.param]
+            for name in names:
+                views = [v for s in bucket.segments for v in s.views(unsharded.state[s.tensor][name])]
+                flat = flatten(views + [torch.zeros(shard.padding, dtype=bucket.dtype, device=shard.param.device)])
+                state[name] = flat[shard.start:shard.start + shard.size].clone()
+            for name, value in first.items():
+                if name not in names:
+                    state[name] = value.clone() if torch.is_tensor(value) else value
+    for p, value in unsharded.state.items():
+        if any(p is q for g in optimizer.param_groups for q in g["params"]):
+            optimizer.state[p] = value
+
+
+def _shard_state_names(buckets: Mapping[int, Buckets], optimizers: Mapping[int, torch.optim.Optimizer]
+                       ) -> tuple[list[str], dict[str, Any]]:
+    """Tensor states of a shard (e.g. exp_avg) and its scalar states (e.g. step): every holder of
+    every shard runs the same optimizer."""
+    for r, per_worker in buckets.items():
+        for bucket_list in per_worker.values():
+            for bucket in bucket_list:
+                state = optimizers[r].state.get(bucket.shard.param) if bucket.shard is not None else None
+                if state:
+                    names = sorted(k for k, v in state.items() if torch.is_tensor(v) and v.dim() > 0)
+                    return names, {k: (v.clone() if torch.is_tensor(v) else v) for k, v in state.items()
+                                   if k not in names}
+    return [], {}
