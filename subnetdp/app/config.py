@@ -261,6 +261,9 @@ def _check_ranges(s: dict[str, dict[str, Any]], source: str, origins: Origins) -
     need(s["strategy"]["stochastic_depth"] == 0 or s["strategy"]["name"] == "ddp",
          "[strategy] stochastic_depth is a DDP baseline: it needs name = 'ddp'",
          "strategy.stochastic_depth", "strategy.name")
+    need(not s["strategy"]["shard"] or s["strategy"]["name"] == "sdp",
+         "[strategy] shard splits SDP's holder-set state (for DDP use FSDP): it needs name = 'sdp'",
+         "strategy.shard", "strategy.name")
 
 
 def smallest_coverage(workers: int) -> float:

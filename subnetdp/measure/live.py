@@ -92,7 +92,9 @@ class LiveTensorTracker(TorchDispatchMode):
             weakref.finalize(storage, _forget, weakref.ref(self), key)
         # read sizes now rather than at creation: FSDP2 frees and re-allocates unsharded parameters
         # by resizing their storage in place
-        current = sum(s.nbytes() for ref in self.live.values() if (s := ref()) is not None)
+        # over a copy: dropping the last reference to a storage while summing runs its finalizer,
+        # which removes it from ``live``
+        current = sum(s.nbytes() for ref in list(self.live.values()) if (s := ref()) is not None)
         if current > self.peak:
             self.peak = current
             self.peak_kinds = self._classify()
@@ -102,7 +104,7 @@ class LiveTensorTracker(TorchDispatchMode):
         grads = {_key(p.grad) for p in self.params if p.grad is not None}
         optimizer = {_key(t) for t in self._optimizer_tensors()}
         kinds = {"gradients": 0, "optimizer_state": 0, "saved_activations": 0, "other": 0}
-        for key, ref in self.live.items():
+        for key, ref in list(self.live.items()):  # a copy: see __torch_dispatch__
             storage = ref()
             nbytes = storage.nbytes() if storage is not None else 0
             kind = ("gradients" if key in grads else "optimizer_state" if key in optimizer

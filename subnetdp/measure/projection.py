@@ -474,6 +474,15 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 # command line
 
 
+def _title(meta: dict[str, Any], args: argparse.Namespace) -> str:
+    bench = meta.get("args") or {}
+    size = bench.get("preset") or (f"width {bench['width']}" if bench.get("model") == "resnet18" else None)
+    device = (meta.get("machine") or {}).get("device", "?")
+    scale = f", x{args.compute_scale:g}" if args.compute_scale != 1 else ""
+    return (f"{bench.get('model', '?')}{' ' + str(size) if size else ''}: measured compute ({device}{scale}) + "
+            f"alpha-beta network, {args.net_gbs:g} GB/s per GPU between nodes, all-reduce {args.allreduce}")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m subnetdp.measure.projection",
@@ -533,14 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "projection.json").write_text(json.dumps(
         {"command": command, "bench": meta, "workload": asdict(work), "network": asdict(net), "settings": settings,
          "rows": rows}, indent=1, default=str))
-    bench_args = meta.get("args") or {}
-    model = " ".join(str(x) for x in (bench_args.get("model", "?"), bench_args.get("preset")
-                                      or (f"width {bench_args['width']}" if bench_args.get("model") == "resnet18"
-                                          and bench_args.get("width") else None)) if x)
-    title = args.title or (f"{model}: projection from measured compute ({(meta.get('machine') or {}).get('device', '?')}"
-                           + (f", x{args.compute_scale:g}" if args.compute_scale != 1 else "")
-                           + f"), alpha-beta network model, {args.net_gbs:g} GB/s per GPU between nodes, "
-                           + f"all-reduce {args.allreduce}")
+    title = args.title or _title(meta, args)
     plot(rows, args.out / "projection.png", title)
     print(text)
     print("written: " + ", ".join(str(args.out / f) for f in ("projection.md", "projection.json", "projection.png")))

@@ -107,3 +107,15 @@ def test_chunked_loss_option_on_a_language_model(tmp_path: Path) -> None:
         bench = json.loads((tmp_path / chunk / "bench.json").read_text())
         assert not [r["strategy"] for r in bench["results"] if r["failed"]]
     assert bench["args"]["loss_chunk"] == 8
+
+
+def test_gpu_script_runs_each_strategy_in_its_own_process_on_cpu(tmp_path: Path) -> None:
+    """benchmarks/gpu/bench_final.sh as its docstring's CPU line runs it (a shorter strategy list)."""
+    env = {**ENV, "OUT": str(tmp_path), "DEVICE": "cpu", "PRESETS": "debug", "SEQ": "32", "VOCAB": "256",
+           "BATCH": "2", "CHUNK": "16", "STEPS": "2", "STRATEGIES_debug": "ddp sdp-block-fwd-ckpt-shard@0.5"}
+    result = subprocess.run(["bash", "benchmarks/gpu/bench_final.sh"], capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    bench = json.loads((tmp_path / "llama-debug" / "bench.json").read_text())
+    assert {r["strategy"]: len(r["ranks"]) for r in bench["results"]} == {"ddp": 4, "sdp-block-fwd-ckpt-shard@0.5": 4}
+    assert not any(r["failed"] for r in bench["results"]) and "allocated at start" in result.stdout

@@ -1,0 +1,77 @@
+"""Worker-count scaling from `subnetdp bench` runs at several N: per-worker peak memory, bytes on
+the wire and step time, each as a ratio to DDP at the same N, one line per strategy.
+
+    python scripts/plot_scaling.py benchmarks/scaling-cpu/n2 benchmarks/scaling-cpu/n4 \\
+        benchmarks/scaling-cpu/n8 --out benchmarks/scaling-cpu/scaling.png
+
+Each folder holds one bench.json. Strategies whose coverage is 2/N (k = 2 holders at every N) are
+drawn as one line, "C = 2/N".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+PANELS = (("peak_tensor_mib", "peak tensor memory / DDP"), ("wire_mib_per_step", "bytes on the wire / DDP"),
+          ("step_ms", "step time / DDP"))
+
+
+def label(strategy: str, workers: int) -> str:
+    """A line's name: the coverage 2/N becomes "C=2/N" so k = 2 runs at every N join up."""
+    match = re.fullmatch(r"(.*)@([0-9.]+)", strategy)
+    if match and workers > 2 and abs(float(match.group(2)) - 2 / workers) < 1e-9:
+        return f"{match.group(1)}@2/N"
+    return strategy
+
+
+def ratios(folders: list[Path]) -> dict[str, dict[int, dict[str, float]]]:
+    """{line: {N: {figure: ratio to DDP at N}}} over the folders' bench.json files."""
+    lines: dict[str, dict[int, dict[str, float]]] = {}
+    for folder in folders:
+        bench = json.loads((folder / "bench.json").read_text())
+        workers = bench["args"]["workers"]
+        rows = {r["strategy"]: r for r in bench["summary"]}
+        if "ddp" not in rows:
+            raise SystemExit(f"{folder}: no ddp row to take ratios against")
+        ddp = rows["ddp"]
+        for name, row in rows.items():
+            if name != "ddp":
+                lines.setdefault(label(name, workers), {})[workers] = {
+                    key: row[key] / ddp[key] if ddp[key] else float("nan") for key, _ in PANELS}
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folders", nargs="+", type=Path, help="bench output folders, one per worker count")
+    parser.add_argument("--out", type=Path, required=True, help="the png to write")
+    args = parser.parse_args(argv)
+    lines = ratios(args.folders)
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(15, 4.5))
+    for ax, (key, title) in zip(axes, PANELS):
+        for name, by_n in sorted(lines.items()):
+            ns = sorted(by_n)
+            ax.plot(ns, [by_n[n][key] for n in ns], marker="o", label=name)
+        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("workers N")
+        ax.set_title(title)
+        ax.set_ylim(bottom=0)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out, dpi=110)
+    print(f"written: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
