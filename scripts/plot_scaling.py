@@ -4,8 +4,8 @@ the wire and step time, each as a ratio to DDP at the same N, one line per strat
     python scripts/plot_scaling.py benchmarks/scaling-cpu/n2 benchmarks/scaling-cpu/n4 \\
         benchmarks/scaling-cpu/n8 --out benchmarks/scaling-cpu/scaling.png
 
-Each folder holds one bench.json. Strategies whose coverage is 2/N (k = 2 holders at every N) are
-drawn as one line, "C = 2/N".
+Each folder holds one bench.json. Runs whose coverage is 2/N (k = 2 holders at every N) are also
+joined into one line, "...@2/N".
 """
 
 from __future__ import annotations
@@ -24,12 +24,13 @@ PANELS = (("peak_tensor_mib", "peak tensor memory / DDP"), ("wire_mib_per_step",
           ("step_ms", "step time / DDP"))
 
 
-def label(strategy: str, workers: int) -> str:
-    """A line's name: the coverage 2/N becomes "C=2/N" so k = 2 runs at every N join up."""
+def labels(strategy: str, workers: int) -> list[str]:
+    """The lines a run belongs to: its own name, and "...@2/N" when its coverage is 2/N (k = 2
+    holders at every N; at N = 4 a C = 0.5 run is on both lines)."""
     match = re.fullmatch(r"(.*)@([0-9.]+)", strategy)
     if match and workers > 2 and abs(float(match.group(2)) - 2 / workers) < 1e-9:
-        return f"{match.group(1)}@2/N"
-    return strategy
+        return [strategy, f"{match.group(1)}@2/N"]
+    return [strategy]
 
 
 def ratios(folders: list[Path]) -> dict[str, dict[int, dict[str, float]]]:
@@ -43,8 +44,8 @@ def ratios(folders: list[Path]) -> dict[str, dict[int, dict[str, float]]]:
             raise SystemExit(f"{folder}: no ddp row to take ratios against")
         ddp = rows["ddp"]
         for name, row in rows.items():
-            if name != "ddp":
-                lines.setdefault(label(name, workers), {})[workers] = {
+            for line in labels(name, workers) if name != "ddp" else []:
+                lines.setdefault(line, {})[workers] = {
                     key: row[key] / ddp[key] if ddp[key] else float("nan") for key, _ in PANELS}
     return lines
 

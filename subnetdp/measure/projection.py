@@ -22,8 +22,9 @@ Inputs, from a ``subnetdp bench`` record (``bench.json``):
 Collectives per step, per worker (bucketed at 25 MiB, as DDP and our reducer do):
 - DDP: all-reduce of P over N;
 - FSDP2: all-gather of the parameters in forward and again in backward, reduce-scatter of the
-  gradients, each over N, one per wrapped block and one for the root. (FSDP2 keeps the root
-  unsharded between forward and backward, so on LLaMA-134m it sends 0.94x of this; not modelled.)
+  gradients, each over N, one per wrapped block and one for the root. (FSDP2 does not gather the
+  root again in backward: on LLaMA-134m, whose root is the embeddings and head, it hands 0.94x of
+  these bytes and sends 0.88x on the wire; not modelled.)
 - B-SDP at coverage C: all-reduce of S over N, and of the held units, C * U bytes, within holder
   sets of k = round(C * N) workers, one set per held block (round(C * blocks), at least 1).
 
@@ -33,8 +34,8 @@ NIC per GPU between nodes), placed p members per node on m nodes:
   go over NVLink: w / B_nvlink. Across nodes NCCL runs one ring per NIC, and each of a node's p
   members is the exit of 1/p of them, so w / p bytes per worker cross the network and the rest
   NVLink; the two pipeline: max((w - w/p) / B_nvlink, (w/p) / B_net). (This is also the
-  inter-node term of a hierarchical all-reduce: reduce-scatter in the node, all-reduce of S/p
-  between nodes, all-gather in the node.)
+  inter-node term of a hierarchical all-reduce: reduce-scatter in the node, all-reduce of 1/p of
+  the bytes between nodes, all-gather in the node.)
 - latency, NCCL's own cost model (src/graph/tuning.cc, Simple protocol): ring: a launch latency
   plus alpha per step, 2(g-1) steps for an all-reduce, g-1 for an all-gather or reduce-scatter,
   of which 2m (resp. m-1) cross nodes at the network's alpha; tree (all-reduce only, NCCL's
@@ -46,6 +47,9 @@ NIC per GPU between nodes), placed p members per node on m nodes:
 Step time: ``no overlap`` = forward + backward + optimizer + all communication; ``overlap`` (perfect
 overlap, what DDP's and our reducer's buckets aim at) = max(forward, forward comm) + max(backward,
 backward comm) + optimizer; only FSDP2 has forward communication.
+
+The network figures below are peak figures of a DGX H100/H200-class cluster and NCCL's latency
+table; docs/scaling.md gives their sources, every assumption and the results.
 """
 
 from __future__ import annotations
@@ -111,7 +115,9 @@ class Workload:
 
     def scaled(self, factor: float) -> Workload:
         """Every compute time times ``factor``: a what-if (faster hardware, a smaller batch per GPU)."""
-        scale = lambda p: Phases(p.forward * factor, p.backward * factor, p.optimizer * factor)  # noqa: E731
+        def scale(p: Phases) -> Phases:
+            return Phases(p.forward * factor, p.backward * factor, p.optimizer * factor)
+
         return replace(self, ddp=scale(self.ddp), fsdp=scale(self.fsdp) if self.fsdp else None,
                        sdp={c: scale(p) for c, p in self.sdp.items()})
 

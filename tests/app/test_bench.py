@@ -119,3 +119,22 @@ def test_gpu_script_runs_each_strategy_in_its_own_process_on_cpu(tmp_path: Path)
     bench = json.loads((tmp_path / "llama-debug" / "bench.json").read_text())
     assert {r["strategy"]: len(r["ranks"]) for r in bench["results"]} == {"ddp": 4, "sdp-block-fwd-ckpt-shard@0.5": 4}
     assert not any(r["failed"] for r in bench["results"]) and "allocated at start" in result.stdout
+
+
+def test_scaling_plot_over_committed_runs(tmp_path: Path) -> None:
+    """scripts/plot_scaling.py as benchmarks/scaling-cpu/README.md runs it."""
+    folders = [f"benchmarks/scaling-cpu/n{n}" for n in (2, 4, 8)]
+    result = subprocess.run([sys.executable, "scripts/plot_scaling.py", *folders, "--out", str(tmp_path / "s.png")],
+                            capture_output=True, text=True, env=ENV, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "s.png").stat().st_size > 20_000
+    sys.path.insert(0, "scripts")
+    try:
+        from plot_scaling import labels, ratios
+    finally:
+        sys.path.pop(0)
+    assert labels("sdp-block-fwd@0.25", 8) == ["sdp-block-fwd@0.25", "sdp-block-fwd@2/N"]
+    assert labels("sdp-block-fwd@0.5", 2) == ["sdp-block-fwd@0.5"]
+    lines = ratios([Path(f) for f in folders])
+    assert set(lines["sdp-block-fwd@0.5"]) == {2, 4, 8} and set(lines["sdp-block-fwd@2/N"]) == {4, 8}
+    assert all(0 < r["peak_tensor_mib"] < 1 for r in lines["sdp-block-fwd@0.5"].values())

@@ -103,7 +103,8 @@ def test_elastic_demo_script_runs_end_to_end(tmp_path: Path) -> None:
 def test_sharded_runs_train_as_unsharded_resume_exactly_and_move_to_unsharded(tmp_path: Path) -> None:
     """strategy.shard = true (AdamW state split over holders) logs the unsharded run's losses; a
     sharded checkpoint resumes exactly, and resumes unsharded through the re-plan-and-move path."""
-    config = _config(tmp_path, CONSTANT.replace("[optim]", "[optim]\nname = \"adamw\"").replace("lr = 0.05", "lr = 0.01"))
+    adamw = CONSTANT.replace("[optim]", "[optim]\nname = \"adamw\"").replace("lr = 0.05", "lr = 0.01")
+    config = _config(tmp_path, adamw)
     sets = ["--simulate", "4", "--set", "strategy.name=sdp", "--set", "strategy.level=neuron",
             "--set", "strategy.coverage=0.5"]
     _train(config, tmp_path / "plain", *sets)
