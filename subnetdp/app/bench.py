@@ -56,6 +56,7 @@ from ..engine.units import get_module, resolve_block_paths
 from ..measure import ByteCounter, optimizer_state_bytes, tensor_bytes
 from ..measure.comm import count_collective_bytes
 from ..measure.live import LiveTensorTracker
+from ..measure.memory import local_tensor
 from .baselines import StochasticDepth, checkpoint_blocks
 from .builders import Task, build_task
 from .config import from_dict
@@ -293,9 +294,13 @@ def measure(args: argparse.Namespace, strategy: Strategy, device: torch.device) 
         for i in range(args.warmup):
             step(i)
         timed: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": [], "step": []}
-        # the model's parameters and, sharded, the shards the optimizer steps (their gradients)
-        param_list = list(dict.fromkeys([*harness.model.parameters(),
-                                         *(p for g in harness.optimizer.param_groups for p in g["params"])]))
+        # sharded SDP: the optimizer steps shards, and a shard that is a view of the weights holds
+        # no memory of its own; gradients are read from both
+        model_params = list(harness.model.parameters())
+        stepped = [p for g in harness.optimizer.param_groups for p in g["params"]]
+        stored = {local_tensor(p).untyped_storage().data_ptr() for p in model_params}
+        param_list = model_params + [p for p in stepped if local_tensor(p).untyped_storage().data_ptr() not in stored]
+        grad_list = list({id(p): p for p in model_params + stepped}.values())
         grad_bytes = 0
         peak = PeakMemory(device)
         peak.start()
@@ -310,12 +315,12 @@ def measure(args: argparse.Namespace, strategy: Strategy, device: torch.device) 
             step(i, sync=False, times=unsynced)
         # one more step to read gradient bytes while they exist, and (CPU) live memory by kind
         x, y = (t.to(device) for t in batches[0])
-        tracker = LiveTensorTracker(param_list, harness.optimizer, extra=[x, y])
+        tracker = LiveTensorTracker(grad_list, harness.optimizer, extra=[x, y])
         with (tracker if device.type == "cpu" else contextlib.nullcontext()):
             with autocast(mixed_precision, device):
                 loss = task.forward_loss(harness.model, x, y)
             loss.backward()
-            grad_bytes = tensor_bytes(p.grad for p in param_list)
+            grad_bytes = tensor_bytes(p.grad for p in grad_list)
             harness.optimizer.step()
             harness.optimizer.zero_grad(set_to_none=True)
 

@@ -48,8 +48,22 @@ class Shard:
         self.padding = self.size * k - self.numel
         self.start = self.holders.index(rank) * self.size
         device = bucket.segments[0].tensor.device
-        self.param = nn.Parameter(torch.zeros(self.size, dtype=bucket.dtype, device=device))
-        self.read_weights()
+        self.weights: torch.Tensor | None = None  # the bucket's weights as one flat buffer, if they are
+        if all(s.dim is None for s in bucket.segments):
+            # whole parameters: they become views of one flat buffer and the shard a view of its
+            # part, so the optimizer updates the weights in place and the shard costs no memory
+            self.weights = torch.zeros(self.size * k, dtype=bucket.dtype, device=device)
+            offset = 0
+            with torch.no_grad():
+                for s in bucket.segments:
+                    n = s.tensor.numel()
+                    self.weights[offset:offset + n].copy_(s.tensor.reshape(-1))
+                    s.tensor.data = self.weights[offset:offset + n].view_as(s.tensor)
+                    offset += n
+            self.param = nn.Parameter(self.weights[self.start:self.start + self.size])
+        else:  # neuron slices are strided views: the shard is a copy, re-read at every sync
+            self.param = nn.Parameter(torch.zeros(self.size, dtype=bucket.dtype, device=device))
+            self.read_weights()
 
     def empty_part(self) -> torch.Tensor:
         return torch.empty(self.size, dtype=self.bucket.dtype, device=self.param.device)
@@ -57,6 +71,8 @@ class Shard:
     @torch.no_grad()
     def read_weights(self) -> None:
         """The shard's values from the weights (identical on every holder); padding stays zero."""
+        if self.weights is not None:
+            return  # the shard is a view of the weights
         self.param.zero_()
         offset, end = 0, self.start + self.size
         for view in self.bucket.weight_views():
@@ -109,11 +125,16 @@ def gather_weights(buckets: Mapping[int, Buckets], exchange: Exchange) -> None:
         local = {r: per_worker[holders] for r, per_worker in buckets.items() if holders in per_worker}
         for i in range(len(next(iter(local.values())))):
             shards = {r: lists[i].shard for r, lists in local.items()}
-            outputs = {r: s.gather_buffers() for r, s in shards.items()}  # type: ignore[union-attr]
-            inputs = {r: s.param.detach() for r, s in shards.items()}  # type: ignore[union-attr]
+            # flat weights are gathered into in place (from a copy of the part: the input must not
+            # alias the output), the others through a buffer
+            outputs = {r: s.weights if s.weights is not None else s.gather_buffers()  # type: ignore[union-attr]
+                       for r, s in shards.items()}
+            inputs = {r: s.param.detach().clone() if s.weights is not None else s.param.detach()  # type: ignore[union-attr]
+                      for r, s in shards.items()}
             exchange.all_gather(holders, inputs, outputs, "weight all_gather of shards").wait()
             for r, lists in local.items():
-                _unflatten(outputs[r], lists[i].weight_views())
+                if shards[r].weights is None:  # type: ignore[union-attr]
+                    _unflatten(outputs[r], lists[i].weight_views())
 
 
 def _unflatten(flat: torch.Tensor, views: list[torch.Tensor]) -> None:

@@ -161,3 +161,20 @@ def test_sharded_ranks_equal_the_sharded_simulator_and_issue_in_one_order() -> N
                                    rtol=1e-5, atol=1e-7)
     for key, value in sim.full_state_dict().items():
         torch.testing.assert_close(results[1]["full"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_shards_of_whole_parameters_are_views_of_the_weights() -> None:
+    """Block level: a bucket's whole parameters become views of one flat buffer and each shard a
+    view of its part, so sharding adds no copy of the weights; neuron slices keep a copy."""
+    sim = SubnetworkSimulator(make("mlp"), WORKERS, blocks="blocks", coverage=0.5, bucket_cap_mb=CAP_MB, shard=True)
+    for worker in sim.workers:
+        for shard in worker.shards:
+            assert shard.weights is not None
+            ptr = shard.weights.untyped_storage().data_ptr()
+            assert shard.param.untyped_storage().data_ptr() == ptr
+            assert all(s.tensor.untyped_storage().data_ptr() == ptr for s in shard.bucket.segments)
+    initial = make("mlp").state_dict()  # the views hold the values the parameters had
+    for key, value in sim.full_state_dict().items():
+        torch.testing.assert_close(value, initial[key], rtol=0, atol=0, msg=key)
+    neuron = SubnetworkSimulator(make("mlp"), WORKERS, neurons="blocks", coverage=0.5, shard=True)
+    assert any(shard.weights is None for shard in neuron.workers[0].shards)
