@@ -12,13 +12,20 @@ and their parameters are stepped as they are.
     loss_fn(sdp(x), y).backward(); opt.step(); opt.zero_grad()  # weights gathered after the step
 
 A shard is a flat parameter of ``ceil(n / k)`` entries: holder i steps entries
-``[i * size, (i + 1) * size)`` of the bucket (the last one padded with zeros). Its values are
-re-read from the weights at every gradient sync, so loading a state dict into the model needs no
-extra call. The optimizer must be elementwise (SGD, Adam, AdamW, ...): the shard boundary cuts
-through parameters.
+``[i * size, (i + 1) * size)`` of the bucket (the last one padded with zeros). When the bucket
+holds whole parameters (block level, shared parameters) they are re-pointed at one flat buffer
+and the shard is a view of its part: the optimizer updates the weights in place and sharding adds
+no memory for the weights. Neuron slices are strided, so there the shard is a copy, re-read from
+the weights at every gradient sync (loading a state dict needs no extra call either way). The
+optimizer must be elementwise (SGD, Adam, AdamW, ...): the shard boundary cuts through
+parameters. Move the model to its device before wrapping: ``.to()`` afterwards would re-allocate
+the parameters away from the flat buffers.
 
-Collectives keep the reducer's fixed order: reduce-scatters are issued as the all-reduces were,
-and the weights are gathered bucket by bucket in (holder set, bucket) order on every worker.
+Deadlock freedom: the reduce-scatters are issued as the all-reduces were (the reducer's fixed
+order), and a sharded bucket is finished mid-backward only once its collective has completed,
+never by waiting. After the step, weights (and, for assembly, optimizer state) are gathered in one
+global order, sorted holder sets then buckets, each rank running the subsequence of the sets it
+belongs to: a rank waiting on one collective never waits on a peer that waits for it.
 """
 
 from __future__ import annotations
