@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="the png to write")
     args = parser.parse_args(argv)
     lines = ratios(args.folders)
+    # a strategy run at one N only (e.g. C = 0.25 at N = 8) is drawn on its "@2/N" line
+    lines = {name: by_n for name, by_n in lines.items() if len(by_n) > 1} or lines
     fig, axes = plt.subplots(1, len(PANELS), figsize=(15, 4.5))
     for ax, (key, title) in zip(axes, PANELS):
         for name, by_n in sorted(lines.items()):

@@ -209,7 +209,9 @@ class _Work:
         self.work, self.exchange, self.what, self.ranks, self.tensor = work, exchange, what, ranks, tensor
 
     def done(self) -> bool:
-        return bool(self.work.is_completed())
+        # a fake process group's (benchmarks, tests) work does nothing, so it is done at once, but
+        # never says so
+        return bool(self.work.is_completed()) or type(self.work).__name__ == "FakeWork"
 
     def wait(self) -> None:
         ex = self.exchange
