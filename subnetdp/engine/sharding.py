@@ -126,22 +126,27 @@ def sharded_param_ids(buckets: Buckets) -> set[int]:
 @torch.no_grad()
 def gather_weights(buckets: Mapping[int, Buckets], exchange: Exchange) -> None:
     """After the optimizer step: every sharded bucket's updated parts, all-gathered into every
-    holder's weights, one bucket at a time in (holder set, bucket) order (one bucket's buffer alive)."""
+    holder's weights, in (holder set, bucket) order. Flat weights are gathered into in place, all
+    buckets in flight at once (from a copy of each part: an input must not alias its output);
+    neuron slices go through a buffer, one bucket at a time."""
     sets = sorted({h for per_worker in buckets.values() for h in per_worker if len(h) > 1})
+    in_place = []
     for holders in sets:
         local = {r: per_worker[holders] for r, per_worker in buckets.items() if holders in per_worker}
         for i in range(len(next(iter(local.values())))):
             shards = {r: lists[i].shard for r, lists in local.items()}
-            # flat weights are gathered into in place (from a copy of the part: the input must not
-            # alias the output), the others through a buffer
-            outputs = {r: s.weights if s.weights is not None else s.gather_buffers()  # type: ignore[union-attr]
-                       for r, s in shards.items()}
-            inputs = {r: s.param.detach().clone() if s.weights is not None else s.param.detach()  # type: ignore[union-attr]
-                      for r, s in shards.items()}
+            if all(s.weights is not None for s in shards.values()):  # type: ignore[union-attr]
+                inputs = {r: s.param.detach().clone() for r, s in shards.items()}  # type: ignore[union-attr]
+                outputs = {r: s.weights for r, s in shards.items()}  # type: ignore[union-attr]
+                in_place.append(exchange.all_gather(holders, inputs, outputs, "weight all_gather of shards"))
+                continue
+            inputs = {r: s.param.detach() for r, s in shards.items()}  # type: ignore[union-attr]
+            outputs = {r: s.gather_buffers() for r, s in shards.items()}  # type: ignore[union-attr]
             exchange.all_gather(holders, inputs, outputs, "weight all_gather of shards").wait()
             for r, lists in local.items():
-                if shards[r].weights is None:  # type: ignore[union-attr]
-                    _unflatten(outputs[r], lists[i].weight_views())
+                _unflatten(outputs[r], lists[i].weight_views())
+    for pending in in_place:
+        pending.wait()
 
 
 def _unflatten(flat: torch.Tensor, views: list[torch.Tensor]) -> None:
