@@ -64,6 +64,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
                      ("none", "inverse-coverage")),
         "neuron_groups": Key(0, "neuron level: groups per neuron site (0: one per worker)"),
         "plan_seed": Key(0, "seed of the plan (which worker holds which unit)"),
+        "reduce_dtype": Key("none", "sdp only: dtype gradients are sent in (none: their own; bfloat16 or float16: "
+                            "half the bytes, averaged to that precision, as DDP's compression hooks)",
+                            ("none", "bfloat16", "float16")),
         "shard": Key(False, "sdp only: ZeRO-2 inside holder sets: each unit's gradient and optimizer state "
                      "split over its k holders, the shared parameters' over all workers (same training, "
                      "less memory per worker; the optimizer must be elementwise: sgd, adamw)"),
@@ -261,6 +264,9 @@ def _check_ranges(s: dict[str, dict[str, Any]], source: str, origins: Origins) -
     need(s["strategy"]["stochastic_depth"] == 0 or s["strategy"]["name"] == "ddp",
          "[strategy] stochastic_depth is a DDP baseline: it needs name = 'ddp'",
          "strategy.stochastic_depth", "strategy.name")
+    need(s["strategy"]["reduce_dtype"] == "none" or s["strategy"]["name"] == "sdp",
+         "[strategy] reduce_dtype sets SDP's gradient buckets: it needs name = 'sdp'",
+         "strategy.reduce_dtype", "strategy.name")
     need(not s["strategy"]["shard"] or s["strategy"]["name"] == "sdp",
          "[strategy] shard splits SDP's holder-set state (for DDP use FSDP): it needs name = 'sdp'",
          "strategy.shard", "strategy.name")

@@ -167,7 +167,8 @@ def sdp_kwargs(config: Config, task: Task, device: torch.device) -> dict[str, An
     s = config.section("strategy")
     return {**level_kwargs(s["level"], task.blocks), "coverage": s["coverage"], "masking": s["masking"],
             "seed": s["plan_seed"], "scale": s["scale"], "neuron_groups": s["neuron_groups"] or None,
-            "example_input": task.example_input.to(device), "shard": s["shard"]}
+            "example_input": task.example_input.to(device), "shard": s["shard"],
+            "reduce_dtype": None if s["reduce_dtype"] == "none" else getattr(torch, s["reduce_dtype"])}
 
 
 def strategy_label(config: Config) -> str:

@@ -37,7 +37,7 @@ class Units:
 
 
 def check_arguments(*, blocks: Any, neurons: Any, coverage: Any, masking: str = "forward",
-                    scale: str = "none", timeout: float = 600.0) -> None:
+                    scale: str = "none", timeout: float = 600.0, reduce_dtype: Any = None) -> None:
     """The argument errors every entry point (wrapper, simulator, plan_for) reports the same way."""
     if (blocks is None) == (neurons is None):
         raise SDPConfigError("pass exactly one of blocks= (block level) or neurons= (neuron level)")
@@ -49,6 +49,9 @@ def check_arguments(*, blocks: Any, neurons: Any, coverage: Any, masking: str = 
         raise SDPConfigError(f"coverage must be in (0, 1], got {coverage!r}")
     if timeout <= 0:
         raise SDPConfigError(f"timeout must be positive seconds, got {timeout}")
+    if reduce_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+        raise SDPConfigError(f"reduce_dtype must be None, torch.bfloat16, torch.float16 or torch.float32, "
+                             f"got {reduce_dtype!r}")
 
 
 def find_units(model: nn.Module, world_size: int, *, blocks: str | Sequence[str] | None = None,

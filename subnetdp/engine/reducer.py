@@ -43,6 +43,7 @@ class Bucket:
         self.pending: set[int] = set()
         self.sync: BucketSync | None = None
         self.shard: Shard | None = None  # set when sharding: this worker's part of the bucket
+        self.reduce_dtype: torch.dtype | None = None  # set to send gradients in a narrower dtype
 
     @property
     def numel(self) -> int:
@@ -129,23 +130,37 @@ def make_buckets(layout: LocalLayout, cap_mb: float) -> dict[HolderSet, list[Buc
 
 class BucketSync:
     """One bucket's sync across the local workers that hold it: pack, all-reduce, unpack the mean
-    (sharded: pack, reduce-scatter into each holder's shard gradient, divide)."""
+    (sharded: pack, reduce-scatter into each holder's shard gradient, divide). With a
+    ``reduce_dtype`` the packed gradient is divided by k first (so fp16 cannot overflow), cast,
+    sent, and cast back, as DDP's bf16/fp16 compression hooks do."""
 
     def __init__(self, buckets: Mapping[int, Bucket], exchange: Exchange) -> None:
         self.buckets = buckets
         first = next(iter(buckets.values()))
-        self.holders = first.holders
+        self.holders, self.reduce_dtype = first.holders, first.reduce_dtype
         self.flats: dict[int, torch.Tensor] = {}
         if first.shard is not None:
             self.flats = {r: b.pack(b.shard.padding) for r, b in buckets.items()}  # type: ignore[union-attr]
-            self.parts = {r: b.shard.empty_part() for r, b in buckets.items()}  # type: ignore[union-attr]
-            self.pending: Pending = exchange.reduce_scatter(self.holders, self.flats, self.parts,
+            self.sent = self._to_wire(self.flats)
+            self.parts = {r: torch.empty(b.shard.size, dtype=self.sent[r].dtype,  # type: ignore[union-attr]
+                                         device=self.sent[r].device) for r, b in buckets.items()}
+            self.pending: Pending = exchange.reduce_scatter(self.holders, self.sent, self.parts,
                                                             "gradient reduce_scatter")
             return
         if len(self.holders) == 1:
             return  # one holder: its gradient is already the average, nothing is sent
         self.flats = {r: b.pack() for r, b in buckets.items()}
-        self.pending = exchange.all_reduce(self.holders, self.flats, "gradient all_reduce")
+        self.sent = self._to_wire(self.flats)
+        self.pending = exchange.all_reduce(self.holders, self.sent, "gradient all_reduce")
+
+    def _to_wire(self, flats: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        if self.reduce_dtype is None:
+            return flats
+        return {r: (f / len(self.holders)).to(self.reduce_dtype) for r, f in flats.items()}
+
+    def _mean(self, sent: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The average from what came back: divided already when sent in ``reduce_dtype``."""
+        return sent.to(dtype) if self.reduce_dtype is not None else sent.div_(len(self.holders))
 
     def done(self) -> bool:
         """Finished, or its collective has completed (finish() will not wait)."""
@@ -157,11 +172,14 @@ class BucketSync:
         self.pending.wait()
         for r, bucket in self.buckets.items():
             if bucket.shard is not None:
-                bucket.shard.take_gradient(self.parts[r].div_(len(self.holders)))
+                bucket.shard.take_gradient(self._mean(self.parts[r], bucket.dtype))
                 bucket.release_whole_grads()
             else:
-                bucket.unpack(self.flats[r].div_(len(self.holders)))
-        self.flats = {}
+                mean = self._mean(self.sent[r], bucket.dtype)
+                if mean is not self.flats[r]:
+                    self.flats[r].copy_(mean)  # whole gradients are views of the packed buffer
+                bucket.unpack(self.flats[r])
+        self.flats, self.sent = {}, {}
 
 
 def sync_all(buckets: Mapping[int, Mapping[HolderSet, list[Bucket]]], exchange: Exchange) -> None:

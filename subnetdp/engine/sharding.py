@@ -72,9 +72,6 @@ class Shard:
             self.param = nn.Parameter(torch.zeros(self.size, dtype=bucket.dtype, device=device))
             self.read_weights()
 
-    def empty_part(self) -> torch.Tensor:
-        return torch.empty(self.size, dtype=self.bucket.dtype, device=self.param.device)
-
     @torch.no_grad()
     def read_weights(self) -> None:
         """The shard's values from the weights (identical on every holder); padding stays zero."""

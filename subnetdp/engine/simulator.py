@@ -39,18 +39,19 @@ class SubnetworkSimulator:
                  neurons: str | Sequence[str] | None = None, coverage: float = 0.5, masking: str = "forward",
                  seed: int = 0, scale: str = "none", neuron_groups: int | None = None,
                  example_input: Any = None, bucket_cap_mb: float = 25.0, timeout: float = 600.0,
-                 sync_weights_after_step: bool = True, shard: bool = False) -> None:
+                 sync_weights_after_step: bool = True, shard: bool = False,
+                 reduce_dtype: torch.dtype | None = None) -> None:
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
         check_arguments(blocks=blocks, neurons=neurons, coverage=coverage, masking=masking, scale=scale,
-                        timeout=timeout)
+                        timeout=timeout, reduce_dtype=reduce_dtype)
         check_device(model, None)
         units, plan = plan_model(model, world_size, blocks=blocks, neurons=neurons, coverage=coverage, seed=seed,
                                  neuron_groups=neuron_groups, example_input=example_input)
         self.world_size, self.masking = world_size, masking
         self.workers: list[Subnetwork] = [
             Subnetwork(copy.deepcopy(model), units, plan, r, masking=masking, scale=scale, bucket_cap_mb=bucket_cap_mb,
-                       shard=shard)
+                       shard=shard, reduce_dtype=reduce_dtype)
             for r in range(world_size)]
         self.exchange = LocalExchange()
 

@@ -38,7 +38,8 @@ class Subnetwork(nn.Module):
     """Worker ``rank``'s subnetwork of ``model`` under ``plan`` (the model is cut in place)."""
 
     def __init__(self, model: nn.Module, units: Units, plan: Plan, rank: int, *, masking: str = "forward",
-                 scale: str = "none", bucket_cap_mb: float = 25.0, shard: bool = False) -> None:
+                 scale: str = "none", bucket_cap_mb: float = 25.0, shard: bool = False,
+                 reduce_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.device = check_device(model, None)
         self.module = model
@@ -46,6 +47,9 @@ class Subnetwork(nn.Module):
         self.level, self.coverage, self.masking, self.scale = units.level, plan.coverage, masking, scale
         self.layout = cut_model(model, units, plan, rank, masking, scale)
         self.buckets = make_buckets(self.layout, bucket_cap_mb)
+        for bucket_list in self.buckets.values():
+            for bucket in bucket_list:
+                bucket.reduce_dtype = reduce_dtype if reduce_dtype != bucket.dtype else None
         self.shards = sharding.make_shards(self.buckets, rank) if shard else []
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:

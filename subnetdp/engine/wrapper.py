@@ -75,6 +75,9 @@ class SubnetworkDataParallel(Subnetwork):
             is reduce-scattered, and each holder keeps the gradient and optimizer state of 1/k of
             it (shared parameters: 1/N). Build the optimizer over ``shard_parameters()``; it
             must be elementwise (SGD, Adam, AdamW, ...).
+        reduce_dtype: send gradients in this dtype (``torch.bfloat16`` or ``torch.float16``):
+            half the bytes; each bucket is divided by its holder count, cast, reduced and cast
+            back (DDP's compression hooks; FSDP2's ``reduce_dtype``). None: the gradients' dtype.
     """
 
     def __init__(self, model: nn.Module, *, blocks: str | Sequence[str] | None = None,
@@ -83,9 +86,9 @@ class SubnetworkDataParallel(Subnetwork):
                  process_group: dist.ProcessGroup | None = None, scale: str = "none",
                  neuron_groups: int | None = None, example_input: Any = None,
                  timeout: float = 600.0, sync_weights_after_step: bool = True, bucket_cap_mb: float = 25.0,
-                 shard: bool = False) -> None:
+                 shard: bool = False, reduce_dtype: torch.dtype | None = None) -> None:
         check_arguments(blocks=blocks, neurons=neurons, coverage=coverage, masking=masking, scale=scale,
-                        timeout=timeout)
+                        timeout=timeout, reduce_dtype=reduce_dtype)
         if not dist.is_available() or not dist.is_initialized():
             raise SDPConfigError("torch.distributed is not initialised: call dist.init_process_group() first "
                                  "(torchrun sets it up), or use subnetdp.SubnetworkSimulator for N virtual "
@@ -101,7 +104,7 @@ class SubnetworkDataParallel(Subnetwork):
         exchange.broadcast_from_first(list(model.state_dict().values()))
         exchange.create_groups(plan.holder_sets)
         super().__init__(model, units, plan, exchange.rank, masking=masking, scale=scale,
-                         bucket_cap_mb=bucket_cap_mb, shard=shard)
+                         bucket_cap_mb=bucket_cap_mb, shard=shard, reduce_dtype=reduce_dtype)
         self.seed, self.exchange = seed, exchange
         self.reducer = reducer.GradientReducer(self.rank, self.buckets, exchange)
         self._hook_handles = self._register_hooks(sync_weights_after_step and (masking == "backward" or shard))

@@ -161,3 +161,18 @@ def test_chunked_loss_trains_as_the_plain_loss_under_ddp_and_sdp(tmp_path: Path)
         for (_, a, _), (_, b, _) in zip(chunked, plain):
             if b is not None:  # a training-loss line
                 assert a == pytest.approx(b, rel=1e-5), (strategy, chunked, plain)
+
+
+def test_gradients_sent_in_bfloat16_train_close_to_float32(tmp_path: Path) -> None:
+    config = _config(tmp_path, SYNTHETIC.replace("steps = 12", "steps = 6").replace("eval_interval = 6",
+                                                                                   "eval_interval = 0"))
+    sets = ["--simulate", "4", "--set", "strategy.name=sdp", "--set", "strategy.coverage=0.5"]
+    _train(config, tmp_path / "fp32", *sets)
+    _train(config, tmp_path / "bf16", *sets, "--set", "strategy.reduce_dtype=bfloat16")
+    exact = [x[1] for x in _losses(tmp_path / "fp32") if x[1] is not None]
+    narrow = [x[1] for x in _losses(tmp_path / "bf16") if x[1] is not None]
+    assert len(exact) == 6 and narrow[0] == exact[0]  # the first loss comes before any sync
+    assert narrow == pytest.approx(exact, rel=2e-2) and narrow != exact
+    refused = _train(config, tmp_path / "ddp", "--simulate", "2", "--set", "strategy.name=ddp",
+                     "--set", "strategy.reduce_dtype=bfloat16", check=False)
+    assert refused.returncode == 2 and "reduce_dtype sets SDP's gradient buckets" in refused.stderr

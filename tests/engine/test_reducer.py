@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from subnetdp import SubnetworkDataParallel, SubnetworkSimulator
+from subnetdp import SDPConfigError, SubnetworkDataParallel, SubnetworkSimulator
 
 from _dist import run_distributed
 from _models import batch_for, loss_of, make
@@ -26,11 +28,15 @@ def test_buckets_respect_the_cap_and_never_split_a_parameter() -> None:
         assert sorted(bucketed) == sorted(id(p) for p in worker.parameters())
 
 
-def _grads_after_one_step(sim: SubnetworkSimulator) -> list[dict[str, torch.Tensor]]:
+def _backward_and_sync(sim: SubnetworkSimulator) -> None:
     for rank, worker in enumerate(sim.workers):
         x, y = batch_for("mlp", rank)
         loss_of("mlp", worker, x, y).backward()
     sim.sync_gradients()
+
+
+def _grads_after_one_step(sim: SubnetworkSimulator) -> list[dict[str, torch.Tensor]]:
+    _backward_and_sync(sim)
     return [{n: p.grad.clone() for n, p in w.named_parameters()} for w in sim.workers]
 
 
@@ -109,3 +115,43 @@ def test_bucket_issue_order_is_the_same_on_every_holder_whatever_order_gradients
             reference[name] = reference.get(name, 0) + p.grad / 2
     for name, grad in results[0]["grads"].items():
         torch.testing.assert_close(grad, reference[name.removeprefix("module.")], rtol=1e-5, atol=1e-6)
+
+
+def _stepped_grads(sim: SubnetworkSimulator) -> list[dict[str, torch.Tensor]]:
+    """The gradients each worker's optimizer would step (sharded: the shards')."""
+    _backward_and_sync(sim)
+    return [{str(i): p.grad.clone() for i, p in enumerate(w.shard_parameters())} for w in sim.workers]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shard", [False, True])
+def test_gradients_sent_in_a_narrower_dtype_average_to_its_precision(dtype: torch.dtype, shard: bool) -> None:
+    kwargs = dict(neurons="blocks", coverage=0.5, bucket_cap_mb=1e-3, shard=shard)
+    exact = _stepped_grads(SubnetworkSimulator(make("mlp"), 4, **kwargs))
+    narrow = _stepped_grads(SubnetworkSimulator(make("mlp"), 4, reduce_dtype=dtype, **kwargs))
+    differs = False
+    for rank, (e, n) in enumerate(zip(exact, narrow)):
+        assert e.keys() == n.keys()
+        for name in e:
+            assert n[name].dtype == torch.float32  # cast back: the optimizer steps fp32
+            torch.testing.assert_close(n[name], e[name], rtol=2e-2, atol=1e-3, msg=f"rank {rank} {name}")
+            differs |= not torch.equal(n[name], e[name])
+    assert differs  # the narrower dtype was used
+
+
+def test_narrower_gradients_hand_half_the_bytes_and_bad_dtypes_are_refused() -> None:
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=4)
+    try:
+        sent = {}
+        for dtype in (None, torch.bfloat16):
+            sdp = SubnetworkDataParallel(make("mlp"), blocks="blocks", coverage=0.5, reduce_dtype=dtype)
+            x, y = batch_for("mlp", 0)
+            loss_of("mlp", sdp, x, y).backward()
+            sent[dtype] = sdp.comm_bytes
+        assert sent[torch.bfloat16] * 2 == sent[None] > 0
+        with pytest.raises(SDPConfigError, match="reduce_dtype"):
+            SubnetworkDataParallel(make("mlp"), blocks="blocks", coverage=0.5, reduce_dtype=torch.int8)
+    finally:
+        dist.destroy_process_group()
