@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .. import __version__
 from ..engine import SDPConfigError, plan_for
 from ..engine.errors import PlanError
 
@@ -276,6 +278,8 @@ def _export_command(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="subnetdp", description="Subnetwork Data Parallelism for PyTorch.")
+    versions = f"subnetdp {__version__} (torch {torch.__version__}, python {platform.python_version()})"
+    parser.add_argument("--version", action="version", version=versions)
     sub = parser.add_subparsers(dest="command", required=True)
 
     plan = sub.add_parser("plan", help="print which worker holds which unit, and how balanced it is",

@@ -49,3 +49,14 @@ def test_demo_runs_ddp_and_sdp_through_torchrun(tmp_path) -> None:
     # measured, per worker: SDP holds fewer parameter bytes and moves fewer bytes than DDP
     assert max(r["trainable_param_bytes"] for r in sdp["per_rank"]) < ddp["per_rank"][0]["trainable_param_bytes"]
     assert max(r["comm_bytes_per_step"] for r in sdp["per_rank"]) < ddp["per_rank"][0]["comm_bytes_per_step"]
+
+
+def test_version_names_subnetdp_and_torch(capsys) -> None:
+    import pytest
+
+    import subnetdp
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"subnetdp {subnetdp.__version__} (torch ") and "python 3." in out
