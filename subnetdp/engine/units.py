@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -44,7 +45,10 @@ def get_module(model: nn.Module, path: str) -> nn.Module:
 
 
 def resolve_block_paths(model: nn.Module, spec: str | Sequence[str]) -> list[str]:
-    """Expand ``blocks=``/``neurons=``: a ModuleList/Sequential path, or a list of module paths."""
+    """Expand ``blocks=``/``neurons=``: a ModuleList/Sequential path, ``"auto"`` (see
+    :func:`find_block_stack`), or a list of module paths."""
+    if spec == "auto":
+        spec = find_block_stack(model)
     if isinstance(spec, str):
         container = get_module(model, spec)
         if not isinstance(container, (nn.ModuleList, nn.Sequential)):
@@ -162,6 +166,43 @@ def _keep_buffer_persistence(gm: torch.fx.GraphModule, original: nn.Module) -> t
         if attr in original_owner._non_persistent_buffers_set:
             gm.get_submodule(owner_path).register_buffer(attr, buffer, persistent=False)
     return gm
+
+
+def find_block_stack(model: nn.Module) -> str:
+    """``blocks="auto"``: the path of the model's stack of residual blocks, the longest
+    ModuleList/Sequential of two or more members of one class that are all residual (fx finds
+    their residual add) or all untraceable (as Hugging Face decoder layers are; their shape is
+    checked on the example input later). Traceable stacks win over untraceable ones. Raises
+    SDPConfigError naming the candidates when there is none, or several of the longest length."""
+    traced: dict[str, int] = {}
+    untraced: dict[str, int] = {}
+    for path, module in model.named_modules():
+        members = list(module.children())
+        if not isinstance(module, (nn.ModuleList, nn.Sequential)) or len(members) < 2 \
+                or len({type(m) for m in members}) != 1 or not any(True for _ in module.parameters()):
+            continue
+        try:
+            graphs = [trace_residual(m, f"{path}.{i}") for i, m in enumerate(members)]
+        except SDPConfigError:
+            continue  # traceable, and not residual
+        if all(g is not None for g in graphs):
+            traced[path] = len(members)
+        elif all(g is None for g in graphs):
+            untraced[path] = len(members)
+    candidates = traced or untraced
+    if not candidates:
+        raise SDPConfigError(
+            f'blocks="auto": {type(model).__name__} has no ModuleList/Sequential of two or more residual blocks of '
+            "one class; pass the container's path (blocks=\"model.layers\") or a list of block paths")
+    longest = max(candidates.values())
+    best = [p for p, n in candidates.items() if n == longest]
+    if len(best) > 1:
+        raise SDPConfigError(
+            f'blocks="auto": several stacks of {longest} residual blocks: {best}; pass one of them, or a list of '
+            "the block paths of all of them")
+    kind = type(next(get_module(model, best[0]).children())).__name__
+    warnings.warn(f'blocks="auto" chose {best[0]!r}: {longest} {kind} blocks', stacklevel=3)
+    return best[0]
 
 
 def trace_residual(block: nn.Module, name: str) -> ResidualGraph | None:

@@ -245,3 +245,28 @@ def test_scaled_llama_loads_its_own_state_dict_strictly() -> None:
     for worker in sim.workers:
         assert set(worker.module.state_dict()) <= set(state)
     assert set(sim.full_state_dict()) == set(state)
+
+
+def test_blocks_auto_finds_the_stack_of_residual_blocks_and_says_which() -> None:
+    from subnetdp.engine.units import find_block_stack
+    from subnetdp.models import resnet18, vit
+
+    from _models import MLPBlock, tiny_llama
+    assert find_block_stack(make("mlp")) == "blocks"
+    assert find_block_stack(resnet18(width=4)) == "blocks"
+    assert find_block_stack(tiny_llama()) == "model.layers"  # untraceable Hugging Face layers
+    assert find_block_stack(vit(preset="tiny32", num_classes=10, in_channels=1, patch_size=8)) == "blocks"
+    with pytest.warns(UserWarning, match="chose 'blocks': 4 MLPBlock blocks"):
+        sim = SubnetworkSimulator(make("mlp"), 4, blocks="auto", coverage=0.5)
+    assert sorted(sim.plan.holders) == [f"blocks.{i}" for i in range(4)]
+
+    class Stages(nn.Module):  # torchvision's layout: one Sequential per stage
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer1 = nn.Sequential(MLPBlock(8, 16), MLPBlock(8, 16))
+            self.layer2 = nn.Sequential(MLPBlock(8, 16), MLPBlock(8, 16))
+
+    with pytest.raises(SDPConfigError, match=r"several stacks of 2 residual blocks: \['layer1', 'layer2'\]"):
+        find_block_stack(Stages())
+    with pytest.raises(SDPConfigError, match="has no ModuleList/Sequential of two or more residual blocks"):
+        find_block_stack(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)))
