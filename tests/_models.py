@@ -195,3 +195,119 @@ def train_and_check_assembly(model: nn.Module, fresh: nn.Module, container: str,
         with torch.no_grad():
             torch.testing.assert_close(worker(x), ref(x), msg=f"worker {r}")
     return full
+
+
+# ---------------------------------------------------------------------------------------------
+# Model families for neuron-level and block-level compatibility (tests/engine/test_model_families.py,
+# scripts/models_table.py). Each builder returns (model, batch(seed), loss(model, batch)); the models
+# are tiny, randomly initialised, in eval mode with dropout 0 and eager attention, built in code.
+
+
+def _lm_batch(vocab: int, n: int = 4, length: int = 9):
+    def batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
+        return tokens[:, :-1], tokens[:, 1:]
+    return batch
+
+
+def _image_batch(channels: int, size: int, classes: int, n: int = 4):
+    def batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn(n, channels, size, size, generator=g), torch.randint(0, classes, (n,), generator=g)
+    return batch
+
+
+def _logits(out) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def _cross_entropy(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    x, y = batch
+    logits = _logits(model(x))
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+def family_resnet18(seed: int = 0):
+    from subnetdp.models import resnet18
+    torch.manual_seed(seed)
+    return resnet18(num_classes=10, in_channels=1, width=4).eval(), _image_batch(1, 16, 10), _cross_entropy
+
+
+def family_vit(seed: int = 0):
+    from subnetdp.models import vit
+    torch.manual_seed(seed)
+    model = vit("tiny32", image_size=16, dim=32, depth=2, heads=4, num_classes=10)
+    return model.eval(), _image_batch(3, 16, 10), _cross_entropy
+
+
+def family_llama(seed: int = 0):
+    from subnetdp.models import llama
+    torch.manual_seed(seed)
+    return llama("debug").eval(), _lm_batch(256), _cross_entropy
+
+
+def family_hf_llama(seed: int = 0):
+    torch.manual_seed(seed)
+    return tiny_llama(layers=2).eval(), _lm_batch(64), _cross_entropy
+
+
+def family_gpt2(seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(config).eval(), _lm_batch(64), _cross_entropy
+
+
+def family_bert(seed: int = 0):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=32, num_labels=3,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+
+    def batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        return torch.randint(0, 64, (4, 8), generator=g), torch.randint(0, 3, (4,), generator=g)
+    return BertForSequenceClassification(config).eval(), batch, _cross_entropy
+
+
+def family_hf_vit(seed: int = 0):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=4, intermediate_size=64, num_labels=10, hidden_dropout_prob=0.0,
+                       attention_probs_dropout_prob=0.0)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return ViTForImageClassification(config).eval(), _image_batch(3, 16, 10), _cross_entropy
+
+
+class PlainMLP(nn.Module):
+    """A stack of Linear + ReLU layers with no skip connection: neither residual (block level) nor
+    holding a recognised neuron pattern (neuron level)."""
+
+    def __init__(self, dim: int = 16, depth: int = 3, classes: int = 3) -> None:
+        super().__init__()
+        self.inp = nn.Linear(5, dim)
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(dim, dim), nn.ReLU()) for _ in range(depth))
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inp(x)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+def family_plain_mlp(seed: int = 0):
+    torch.manual_seed(seed)
+
+    def batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn(4, 5, generator=g), torch.randint(0, 3, (4,), generator=g)
+    return PlainMLP().eval(), batch, _cross_entropy

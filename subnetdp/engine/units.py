@@ -10,7 +10,10 @@ their dropped form returns that input unchanged.
 A *neuron site* is a recognised pattern inside a block whose hidden width can be cut without
 changing the block's input or output width: a plain MLP, a gated (SwiGLU) MLP, attention heads, or
 the inner channels of a residual conv block (conv, norm, conv). Its hidden units are split into
-groups; each group is one SDP unit.
+groups; each group is one SDP unit. Projections are ``nn.Linear`` or Hugging Face's ``Conv1D``
+(GPT-2; weight stored (in, out)); a pattern's layers may live in sibling submodules, as in BERT's
+``intermediate.dense`` / ``output.dense`` MLP and ``attention.self.{query,key,value}`` /
+``attention.output.dense`` attention.
 """
 
 from __future__ import annotations
@@ -375,11 +378,18 @@ class NeuronSite:
 _GATED_MLP = [("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2")]
 _PLAIN_MLP = [("fc1", "fc2"), ("c_fc", "c_proj"), ("up_proj", "down_proj"), ("lin1", "lin2"),
               ("linear1", "linear2"), ("dense_h_to_4h", "dense_4h_to_h"), ("w_in", "w_out")]
+# an MLP whose two projections live in sibling submodules (BERT, RoBERTa, ViT of transformers 4.x)
+_SPLIT_MLP = [("intermediate.dense", "output.dense")]
 _ATTENTION = [("q_proj", "k_proj", "v_proj", "o_proj"), ("wq", "wk", "wv", "wo"),
               ("query", "key", "value", "out_proj"), ("q", "k", "v", "o")]
-_FUSED_ATTENTION = [("qkv", "proj"), ("qkv", "out"), ("qkv_proj", "o_proj"), ("Wqkv", "out_proj")]
+# q/k/v in one child, the output projection in a sibling: (child holding q/k/v, q, k, v, output)
+_SPLIT_ATTENTION = [("self", "query", "key", "value", "output.dense"),
+                    ("attention", "query", "key", "value", "output.dense")]
+_FUSED_ATTENTION = [("qkv", "proj"), ("qkv", "out"), ("qkv_proj", "o_proj"), ("Wqkv", "out_proj"),
+                    ("c_attn", "c_proj")]
 _HEAD_COUNT_ATTRS = ("num_heads", "n_heads", "n_head", "num_attention_heads")
 _KV_HEAD_COUNT_ATTRS = ("num_key_value_heads", "n_kv_heads", "num_kv_heads")
+_HEAD_WIDTH_ATTRS = ("split_size", "all_head_size")  # heads x head size, read by the forward
 _HEAD_DIM_ATTRS = ("head_dim", "head_size", "attention_head_size")
 
 
@@ -387,11 +397,44 @@ def _children(module: nn.Module) -> dict[str, nn.Module]:
     return dict(module.named_children())
 
 
-def _linear_slices(path: str, name: str, layer: nn.Linear, dim: int, width: int,
-                   segments: int = 1) -> list[TensorSlice]:
-    out = [TensorSlice(f"{path}.{name}", "weight", dim, width, segments)]
-    if dim == 0 and layer.bias is not None:
-        out.append(TensorSlice(f"{path}.{name}", "bias", 0, width, segments))
+def _submodule(module: nn.Module, rel: str) -> nn.Module | None:
+    try:
+        return module.get_submodule(rel)
+    except AttributeError:
+        return None
+
+
+def is_conv1d(module: Any) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2): a linear layer whose weight is stored (in, out) = (nx, nf)."""
+    weight = getattr(module, "weight", None)
+    return (type(module).__name__ == "Conv1D" and isinstance(getattr(module, "nf", None), int)
+            and isinstance(getattr(module, "nx", None), int) and isinstance(weight, torch.Tensor)
+            and weight.dim() == 2 and tuple(weight.shape) == (module.nx, module.nf))
+
+
+def _is_projection(module: Any) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def _out_features(layer: nn.Module) -> int:
+    return layer.nf if is_conv1d(layer) else layer.out_features  # type: ignore[return-value]
+
+
+def _in_features(layer: nn.Module) -> int:
+    return layer.nx if is_conv1d(layer) else layer.in_features  # type: ignore[return-value]
+
+
+def _projection_slices(path: str, name: str, layer: nn.Module, side: str, width: int,
+                       segments: int = 1) -> list[TensorSlice]:
+    """The tensors of a projection cut along its outputs (``side="out"``: weight and bias) or its
+    inputs (``side="in"``: weight only). An nn.Linear's outputs are weight dim 0, a Conv1D's dim 1."""
+    module = _join(path, name)
+    out_dim, in_dim = (1, 0) if is_conv1d(layer) else (0, 1)
+    if side == "in":
+        return [TensorSlice(module, "weight", in_dim, width, segments)]
+    out = [TensorSlice(module, "weight", out_dim, width, segments)]
+    if getattr(layer, "bias", None) is not None:
+        out.append(TensorSlice(module, "bias", 0, width, segments))
     return out
 
 
@@ -402,24 +445,28 @@ def _join(path: str, name: str) -> str:
 def _match_site(module: nn.Module, path: str, block: str) -> NeuronSite | None:
     """Recognise a neuron pattern at ``module``; None if it is none of the known ones."""
     ch = _children(module)
-    is_linear = lambda n: isinstance(ch.get(n), nn.Linear)  # noqa: E731
+    is_proj = lambda n: _is_projection(ch.get(n))  # noqa: E731
     for gate, up, down in _GATED_MLP:
-        if is_linear(gate) and is_linear(up) and is_linear(down):
-            hidden = ch[up].out_features
-            slices = (_linear_slices(path, gate, ch[gate], 0, 1) + _linear_slices(path, up, ch[up], 0, 1)
-                      + _linear_slices(path, down, ch[down], 1, 1))
+        if is_proj(gate) and is_proj(up) and is_proj(down):
+            hidden = _out_features(ch[up])
+            slices = (_projection_slices(path, gate, ch[gate], "out", 1)
+                      + _projection_slices(path, up, ch[up], "out", 1)
+                      + _projection_slices(path, down, ch[down], "in", 1))
             return NeuronSite(path, block, "gated-mlp", hidden, slices, _join(path, down))
-    for up, down in _PLAIN_MLP:
-        if is_linear(up) and is_linear(down) and ch[up].out_features == ch[down].in_features:
-            slices = _linear_slices(path, up, ch[up], 0, 1) + _linear_slices(path, down, ch[down], 1, 1)
-            return NeuronSite(path, block, "mlp", ch[up].out_features, slices, _join(path, down))
+    for up, down in _PLAIN_MLP + _SPLIT_MLP:
+        up_layer, down_layer = _submodule(module, up), _submodule(module, down)
+        if _is_projection(up_layer) and _is_projection(down_layer) \
+                and _out_features(up_layer) == _in_features(down_layer):
+            slices = (_projection_slices(path, up, up_layer, "out", 1)
+                      + _projection_slices(path, down, down_layer, "in", 1))
+            return NeuronSite(path, block, "mlp", _out_features(up_layer), slices, _join(path, down))
     if isinstance(module, nn.Sequential) and len(module) >= 3:
         layers = list(module)
-        if (isinstance(layers[0], nn.Linear) and isinstance(layers[-1], nn.Linear)
+        if (_is_projection(layers[0]) and _is_projection(layers[-1])
                 and not any(True for m in layers[1:-1] for _ in m.parameters())):
-            slices = _linear_slices(path, "0", layers[0], 0, 1) + _linear_slices(
-                path, str(len(layers) - 1), layers[-1], 1, 1)
-            return NeuronSite(path, block, "mlp", layers[0].out_features, slices,
+            slices = _projection_slices(path, "0", layers[0], "out", 1) + _projection_slices(
+                path, str(len(layers) - 1), layers[-1], "in", 1)
+            return NeuronSite(path, block, "mlp", _out_features(layers[0]), slices,
                               _join(path, str(len(layers) - 1)))
     attention = _match_attention(module, ch, path, block)
     if attention is not None:
@@ -453,53 +500,78 @@ def _head_dim(module: nn.Module, q_rows: int, path: str) -> int:
         f"{_HEAD_DIM_ATTRS + _HEAD_COUNT_ATTRS})")
 
 
-def _head_attrs(module: nn.Module) -> dict[str, int]:
-    return {a: getattr(module, a) for a in _HEAD_COUNT_ATTRS + _KV_HEAD_COUNT_ATTRS
-            if isinstance(getattr(module, a, None), int)}
+def _head_attrs(module: nn.Module, prefix: str = "") -> dict[str, int]:
+    """The int attributes of ``module`` that count heads (or heads x head size), keyed by their
+    path relative to the site (``prefix`` is the owner's path relative to the site)."""
+    return {_join(prefix, a): getattr(module, a) for a in _HEAD_COUNT_ATTRS + _KV_HEAD_COUNT_ATTRS + _HEAD_WIDTH_ATTRS
+            if isinstance(getattr(module, a, None), int) and not isinstance(getattr(module, a), bool)}
 
 
 def _match_attention(module: nn.Module, ch: dict[str, nn.Module], path: str,
                      block: str) -> NeuronSite | None:
-    is_linear = lambda n: isinstance(ch.get(n), nn.Linear)  # noqa: E731
+    is_proj = lambda n: _is_projection(ch.get(n))  # noqa: E731
     for q, k, v, o in _ATTENTION:
-        if all(is_linear(n) for n in (q, k, v, o)):
-            q_rows, k_rows = ch[q].out_features, ch[k].out_features
-            hd = _head_dim(module, q_rows, path)
-            if q_rows % hd or k_rows % hd or q_rows % k_rows or ch[o].in_features != q_rows:
-                raise SDPConfigError(f"attention {path!r}: q/k/v/o shapes do not fit head size {hd}")
-            rep = q_rows // k_rows
-            slices = (_linear_slices(path, q, ch[q], 0, rep * hd) + _linear_slices(path, k, ch[k], 0, hd)
-                      + _linear_slices(path, v, ch[v], 0, hd) + _linear_slices(path, o, ch[o], 1, rep * hd))
-            return NeuronSite(path, block, "attention", k_rows // hd, slices, _join(path, o),
-                              head_attrs=_head_attrs(module), heads_per_unit=rep)
+        if all(is_proj(n) for n in (q, k, v, o)):
+            return _qkvo_site(module, "", (ch[q], ch[k], ch[v]), (q, k, v), ch[o], o, path, block)
+    for owner, q, k, v, o in _SPLIT_ATTENTION:
+        inner, out = ch.get(owner), _submodule(module, o)
+        if inner is None or not _is_projection(out):
+            continue
+        layers = [_submodule(inner, n) for n in (q, k, v)]
+        if all(_is_projection(m) for m in layers) and _in_features(out) == _out_features(layers[0]):
+            names = tuple(_join(owner, n) for n in (q, k, v))
+            return _qkvo_site(inner, owner, layers, names, out, o, path, block)  # type: ignore[arg-type]
     for qkv, o in _FUSED_ATTENTION:
-        if is_linear(qkv) and is_linear(o) and ch[qkv].out_features == 3 * ch[o].in_features:
-            rows = ch[o].in_features
+        if is_proj(qkv) and is_proj(o) and _out_features(ch[qkv]) == 3 * _in_features(ch[o]):
+            rows = _in_features(ch[o])
             hd = _head_dim(module, rows, path)
-            slices = (_linear_slices(path, qkv, ch[qkv], 0, hd, segments=3)
-                      + _linear_slices(path, o, ch[o], 1, hd))
+            slices = (_projection_slices(path, qkv, ch[qkv], "out", hd, segments=3)
+                      + _projection_slices(path, o, ch[o], "in", hd))
             return NeuronSite(path, block, "attention", rows // hd, slices, _join(path, o),
                               head_attrs=_head_attrs(module))
     return None
 
 
+def _qkvo_site(owner: nn.Module, owner_path: str, qkv: Sequence[nn.Module], names: Sequence[str],
+               o_layer: nn.Module, o: str, path: str, block: str) -> NeuronSite:
+    """Attention with separate q/k/v projections (held by ``owner``, at ``owner_path`` relative to
+    the site) and an output projection; one unit is one key/value head with its query heads."""
+    q_rows, k_rows = _out_features(qkv[0]), _out_features(qkv[1])
+    hd = _head_dim(owner, q_rows, path)
+    if q_rows % hd or k_rows % hd or q_rows % k_rows or _in_features(o_layer) != q_rows \
+            or _out_features(qkv[2]) != k_rows:
+        raise SDPConfigError(f"attention {path!r}: q/k/v/o shapes do not fit head size {hd}")
+    rep = q_rows // k_rows
+    slices = (_projection_slices(path, names[0], qkv[0], "out", rep * hd)
+              + _projection_slices(path, names[1], qkv[1], "out", hd)
+              + _projection_slices(path, names[2], qkv[2], "out", hd)
+              + _projection_slices(path, o, o_layer, "in", rep * hd))
+    return NeuronSite(path, block, "attention", k_rows // hd, slices, _join(path, o),
+                      head_attrs=_head_attrs(owner, owner_path), heads_per_unit=rep)
+
+
 def find_neuron_sites(model: nn.Module, block_path: str) -> list[NeuronSite]:
-    """All recognised neuron patterns inside a block (outermost match wins; no nesting)."""
+    """All recognised neuron patterns inside a block, outermost first. A pattern is taken unless
+    one of the modules it slices is already sliced by a pattern found before it, so a block whose
+    own children form an MLP (BERT's ``intermediate``/``output``) still has its attention found."""
     block = get_module(model, block_path)
     sites: list[NeuronSite] = []
-    matched: list[str] = []
+    claimed: set[str] = set()
     for rel, module in block.named_modules():
-        if "" in matched or any(rel == m or rel.startswith(m + ".") for m in matched):
-            continue
         site = _match_site(module, _join(block_path, rel), block_path)
-        if site is not None:
-            sites.append(site)
-            matched.append(rel)
+        if site is None:
+            continue
+        sliced = {s.module for s in site.slices}
+        if sliced & claimed:
+            continue
+        sites.append(site)
+        claimed |= sliced
     if not sites:
         layout = ", ".join(f"{n}: {type(m).__name__}" for n, m in block.named_children())
         raise SDPConfigError(
             f"block {block_path!r} ({type(block).__name__}) has no recognisable neuron pattern "
-            f"(plain MLP, gated MLP, attention q/k/v/o or fused qkv, conv-norm-conv); children: {layout}")
+            f"(plain MLP, gated MLP, attention q/k/v/o or fused qkv, conv-norm-conv; nn.Linear or Conv1D "
+            f"projections); children: {layout}")
     return sites
 
 
@@ -510,6 +582,8 @@ def refresh_shape_attributes(module: nn.Module) -> None:
     elif isinstance(module, nn.modules.conv._ConvNd):
         module.out_channels = module.weight.shape[0]
         module.in_channels = module.weight.shape[1] * module.groups
+    elif is_conv1d(module) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf")):
+        module.nx, module.nf = module.weight.shape
     elif isinstance(module, nn.modules.batchnorm._NormBase):
         ref = module.weight if module.weight is not None else module.running_mean
         module.num_features = ref.shape[0]

@@ -1,0 +1,72 @@
+"""Train a Hugging Face ``transformers`` model with SDP through ``Trainer``, under torchrun.
+
+    from subnetdp.integrations.hf_trainer import SDPTrainer
+    trainer = SDPTrainer(model=model, args=TrainingArguments(..., save_strategy="no"),
+                         train_dataset=dataset, sdp={"blocks": "model.layers", "coverage": 0.5})
+    trainer.train()
+    trainer.save_model("out")        # the assembled full model: from_pretrained("out") loads it
+
+What changes against the stock Trainer:
+- the model is wrapped in ``SubnetworkDataParallel`` when the Trainer is built (collective: every
+  rank builds it), and cut in place: ``trainer.model`` is this worker's subnetwork, still the
+  Hugging Face model class, so its forward signature, config and loss work as before;
+- Accelerate does not wrap it in DDP: SDP averages each gradient over its holders during backward;
+- the optimizer (Trainer's own, with its weight-decay groups) sees only what this worker holds;
+- gradient clipping uses the full model's norm (``sdp.clip_grad_norm_``), the same on every rank;
+- ``save_model`` assembles the full model (collective) and rank 0 writes it with
+  ``save_pretrained``. Intermediate checkpoints would need every rank's optimizer state, which the
+  Trainer saves from rank 0 only, so ``save_strategy`` must be ``"no"``.
+
+Evaluation runs each worker's subnetwork on its share of the data; assemble the model
+(``save_model``) to evaluate the full one. Example: examples/hf_trainer.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from ..engine import SDPConfigError, SubnetworkDataParallel
+
+
+class SDPTrainer(Trainer):
+    """``transformers.Trainer`` whose data parallelism is SDP. ``sdp``: the keyword arguments of
+    :class:`~subnetdp.SubnetworkDataParallel` (``blocks=`` or ``neurons=``, ``coverage``, ...)."""
+
+    def __init__(self, *args: Any, sdp: dict[str, Any], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if str(self.args.save_strategy).split(".")[-1].lower() != "no":
+            raise SDPConfigError("SDPTrainer: set save_strategy='no' (each rank holds its own optimizer state, which "
+                                 "Trainer checkpoints save from rank 0 only) and call trainer.save_model() at the end")
+        if not torch.distributed.is_initialized():
+            raise SDPConfigError("SDPTrainer: torch.distributed is not initialised; launch with torchrun "
+                                 "(gloo on CPU: TrainingArguments(use_cpu=True, ddp_backend='gloo'))")
+        self.sdp = SubnetworkDataParallel(self.model, **sdp)  # cuts self.model in place
+        accelerator = self.accelerator
+        prepare_model = accelerator.prepare_model
+
+        def prepare_without_ddp(model: torch.nn.Module, device_placement: bool | None = None,
+                                evaluation_mode: bool = False) -> torch.nn.Module:
+            # SDP already syncs gradients through hooks on the parameters: no DDP around it
+            return prepare_model(model, device_placement=device_placement, evaluation_mode=True)
+
+        def clip_full_norm(parameters: Any, max_norm: float, norm_type: float = 2) -> torch.Tensor:
+            if norm_type != 2:
+                raise SDPConfigError("SDPTrainer clips by the full model's 2-norm only")
+            return self.sdp.clip_grad_norm_(max_norm)
+
+        accelerator.prepare_model = prepare_without_ddp  # type: ignore[method-assign]
+        accelerator.clip_grad_norm_ = clip_full_norm  # type: ignore[method-assign]
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The assembled full model (collective: call it on every rank); rank 0 writes it with
+        ``save_pretrained``, so ``from_pretrained(output_dir)`` loads the plain model."""
+        output_dir = output_dir or self.args.output_dir
+        state = self.sdp.full_state_dict()
+        if self.args.should_save:
+            self.model.save_pretrained(output_dir, state_dict=state)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+        self.accelerator.wait_for_everyone()
