@@ -160,9 +160,10 @@ def _cut_site(model: nn.Module, site: NeuronSite, held_units: set[str], masking:
         else:
             _split_for_backward(module, spec.tensor, tensor, local, spec.dim, index)
     if masking == "forward":
-        attention = get_module(model, site.path)
-        for attr, value in site.head_attrs.items():
-            setattr(attention, attr, value // site.hidden * held_hidden)
+        for attr, value in site.head_attrs.items():  # "num_heads", or "self.all_head_size" (BERT)
+            owner, _, name = attr.rpartition(".")
+            setattr(get_module(model, f"{site.path}.{owner}" if owner else site.path), name,
+                    value // site.hidden * held_hidden)
         if scale == "inverse-coverage" and 0 < held_hidden < site.hidden:
             factor = site.hidden / held_hidden
             get_module(model, site.output).register_forward_pre_hook(lambda m, args, f=factor: (args[0] * f, *args[1:]))

@@ -361,7 +361,9 @@ class NeuronSite:
     hidden: int                  # hidden units: neurons, key/value heads, or inner channels
     slices: list[TensorSlice]
     output: str                  # module whose input is scaled at train time
-    head_attrs: dict[str, int] = field(default_factory=dict)  # int attributes counting heads
+    # int attributes counting heads (or heads x head size), by path relative to ``path``: each
+    # becomes value / hidden * held hidden units on a forward-masked worker
+    head_attrs: dict[str, int] = field(default_factory=dict)
     heads_per_unit: int = 1
     groups: list[tuple[int, int]] = field(default_factory=list)
 
@@ -538,8 +540,7 @@ def _qkvo_site(owner: nn.Module, owner_path: str, qkv: Sequence[nn.Module], name
     the site) and an output projection; one unit is one key/value head with its query heads."""
     q_rows, k_rows = _out_features(qkv[0]), _out_features(qkv[1])
     hd = _head_dim(owner, q_rows, path)
-    if q_rows % hd or k_rows % hd or q_rows % k_rows or _in_features(o_layer) != q_rows \
-            or _out_features(qkv[2]) != k_rows:
+    if q_rows % hd or k_rows % hd or q_rows % k_rows or _in_features(o_layer) != q_rows:
         raise SDPConfigError(f"attention {path!r}: q/k/v/o shapes do not fit head size {hd}")
     rep = q_rows // k_rows
     slices = (_projection_slices(path, names[0], qkv[0], "out", rep * hd)
@@ -582,7 +583,7 @@ def refresh_shape_attributes(module: nn.Module) -> None:
     elif isinstance(module, nn.modules.conv._ConvNd):
         module.out_channels = module.weight.shape[0]
         module.in_channels = module.weight.shape[1] * module.groups
-    elif is_conv1d(module) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf")):
+    elif type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx"):
         module.nx, module.nf = module.weight.shape
     elif isinstance(module, nn.modules.batchnorm._NormBase):
         ref = module.weight if module.weight is not None else module.running_mean
