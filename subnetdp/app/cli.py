@@ -276,6 +276,25 @@ def _export_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_command(args: argparse.Namespace) -> int:
+    from .report import comparison_table, plot_losses
+    runs = [Path(r) for r in args.runs]
+    unfinished = [str(r) for r in runs if not (r / "summary.json").is_file() or not (r / "metrics.jsonl").is_file()]
+    if unfinished:
+        print(f"error: not a finished run (no summary.json and metrics.jsonl): {', '.join(unfinished)}",
+              file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = comparison_table(runs)
+    (out / "report.md").write_text(f"# {args.title}\n\n" + "\n".join(f"- `{r}`" for r in runs) + f"\n\n{table}\n\n"
+                                   "![training loss](loss.png)\n")
+    plot_losses(runs, out / "loss.png", title=args.title)
+    print(table)
+    print(f"written: {out / 'report.md'}, {out / 'loss.png'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="subnetdp", description="Subnetwork Data Parallelism for PyTorch.")
     versions = f"subnetdp {__version__} (torch {torch.__version__}, python {platform.python_version()})"
@@ -364,6 +383,15 @@ def main(argv: list[str] | None = None) -> int:
                            help="gradient alignment of SDP variants with DDP along a run's checkpoints "
                            "(see `subnetdp align --help`)")
     align.set_defaults(func=None)
+
+    report = sub.add_parser("report", help="compare finished runs: one table and one loss plot",
+                            description="One markdown table (strategy, steps, final accuracy or loss, memory per "
+                            "worker, bytes per step, step time) and one plot of the training loss by step and by "
+                            "wall-clock time, from each run folder's summary.json and metrics.jsonl.")
+    report.add_argument("runs", nargs="+", help="run folders (the --out of finished `subnetdp train` runs)")
+    report.add_argument("--out", default="runs/report", help="where report.md and loss.png go (default runs/report)")
+    report.add_argument("--title", default="training loss", help="the plot's and the page's title")
+    report.set_defaults(func=_report_command)
 
     demo = sub.add_parser("demo", add_help=False, help="DDP vs B-SDP on 4 CPU workers (see `subnetdp demo --help`)")
     demo.set_defaults(func=None)

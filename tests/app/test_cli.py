@@ -60,3 +60,18 @@ def test_version_names_subnetdp_and_torch(capsys) -> None:
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith(f"subnetdp {subnetdp.__version__} (torch ") and "python 3." in out
+
+
+def test_report_compares_finished_runs_and_refuses_unfinished_ones(tmp_path, capsys) -> None:
+    from _runs import _config, _train
+
+    config = _config(tmp_path)
+    _train(config, tmp_path / "ddp", "--simulate", "2", "--set", "strategy.name=ddp", "--set", "run.steps=4")
+    _train(config, tmp_path / "sdp", "--simulate", "2", "--set", "run.steps=4")
+    out = tmp_path / "report"
+    assert main(["report", str(tmp_path / "ddp"), str(tmp_path / "sdp"), "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert "| DDP | 4 |" in text and "| B-SDP fwd C=0.5 | 4 |" in text and "loss.png" in text
+    assert (out / "loss.png").stat().st_size > 10_000
+    assert main(["report", str(tmp_path / "ddp"), str(tmp_path), "--out", str(out)]) == 2
+    assert "not a finished run" in capsys.readouterr().err
