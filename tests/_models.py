@@ -254,8 +254,8 @@ def family_hf_llama(seed: int = 0):
 def family_gpt2(seed: int = 0):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0,
-                        embd_pdrop=0.0, attn_pdrop=0.0)
+    config = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0, bos_token_id=0,
+                        eos_token_id=0, embd_pdrop=0.0, attn_pdrop=0.0)
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     return GPT2LMHeadModel(config).eval(), _lm_batch(64), _cross_entropy

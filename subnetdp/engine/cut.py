@@ -145,8 +145,9 @@ def _cut_site(model: nn.Module, site: NeuronSite, held_units: set[str], masking:
         is_param = isinstance(tensor, nn.Parameter)
         if masking == "backward" and not is_param:
             continue  # buffers stay whole: the full forward updates them all
-        index = torch.cat([torch.arange(a, b) for g in held
-                           for a, b in spec.full_ranges(tensor.shape[spec.dim], *site.groups[g])]
+        # segment-major (a fused q/k/v keeps its held q heads, then k, then v), as local_ranges reads it
+        ranges = [spec.full_ranges(tensor.shape[spec.dim], *site.groups[g]) for g in held]
+        index = torch.cat([torch.arange(*r[s]) for s in range(spec.segments) for r in ranges]
                           or [torch.empty(0, dtype=torch.long)]).to(tensor.device)
         local = tensor.detach().index_select(spec.dim, index).clone()
         out[(spec.module, spec.tensor)] = HeldSlice(spec, spans, index)
