@@ -37,6 +37,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "name": Key("run", "a label for the run, written into summary.json"),
         "seed": Key(0, "seeds model initialisation, data order and dropout (same on every rank)"),
         "steps": Key(100, "optimizer steps of the DDP baseline; see schedule"),
+        "tensorboard": Key(False, "also write metrics.jsonl's figures as TensorBoard events in OUT/tensorboard "
+                           "(needs pip install 'subnetdp[tensorboard]')"),
         "schedule": Key("iteration", "iteration: every strategy runs `steps`; flops: SDP runs "
                         "round(steps / C) steps, so it spends about the FLOPs of DDP (the paper's choice)",
                         ("iteration", "flops")),

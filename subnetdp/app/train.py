@@ -368,6 +368,20 @@ def run_training(config: Config, out: Path, simulate: int | None = None, resume:
             lock.release()
 
 
+def open_tensorboard(out: Path | None, start_step: int) -> Any:
+    """A TensorBoard writer for OUT/tensorboard (None: only check that one can be made); on
+    resume, events after ``start_step`` (the steps trained again) are purged, as metrics.jsonl is
+    truncated."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise ConfigError("run.tensorboard = true needs the tensorboard package: pip install "
+                          "'subnetdp[tensorboard]'") from exc
+    if out is None:
+        return None
+    return SummaryWriter(str(out / "tensorboard"), purge_step=start_step if start_step else None)
+
+
 class TrainingRun:
     """One run from its first (or resumed) step to its summary: the step loop, its log records,
     evaluations and checkpoints, and the switch to the full-model phase."""
@@ -375,6 +389,7 @@ class TrainingRun:
     # made by train(): the progress bar, metrics.jsonl (rank 0 only), the throughput window
     bar: tqdm
     metrics_file: TextIO | None
+    tensorboard: Any = None  # rank 0's SummaryWriter with run.tensorboard
     window_start: float
     window_steps: int
 
@@ -391,6 +406,8 @@ class TrainingRun:
         self.stats = StepStats(PeakMemory(ctx.device))
         self.evals: list[dict[str, Any]] = []
         self.sdp_phase_per_rank: list[dict[str, Any]] | None = None
+        if config["run.tensorboard"]:  # fail before training, not at the first log record
+            open_tensorboard(None, 0)
 
     def begin_full_phase(self) -> None:
         """SDP ends here: every worker continues with the assembled full model, as DDP."""
@@ -440,8 +457,14 @@ class TrainingRun:
         main = self.ctx.is_main
         self.bar = tqdm(total=self.steps, initial=self.start_step, disable=not (progress and main),
                         unit="step", desc=strategy_label(self.config), dynamic_ncols=True)
-        with open(self.out / "metrics.jsonl", "a") if main else contextlib.nullcontext() as self.metrics_file:
-            self._step_loop()
+        self.tensorboard = open_tensorboard(self.out, self.start_step) if main and self.config["run.tensorboard"] \
+            else None
+        try:
+            with open(self.out / "metrics.jsonl", "a") if main else contextlib.nullcontext() as self.metrics_file:
+                self._step_loop()
+        finally:
+            if self.tensorboard is not None:
+                self.tensorboard.close()
         self.bar.close()
 
     def _step_loop(self) -> None:
@@ -506,6 +529,15 @@ class TrainingRun:
         if self.metrics_file is not None:
             self.metrics_file.write(json.dumps(record) + "\n")
             self.metrics_file.flush()
+        if self.tensorboard is not None:
+            # every number of the record, tagged by its key (nested ones as "eval/accuracy")
+            flat = {f"{key}/{k}": v for key, value in record.items() if isinstance(value, dict)
+                    for k, v in value.items()}
+            flat.update({k: v for k, v in record.items() if not isinstance(v, dict)})
+            for tag, value in flat.items():
+                if tag != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tensorboard.add_scalar(tag, value, record["step"])
+            self.tensorboard.flush()
 
     def _log(self, done: int) -> None:
         """A metrics.jsonl record: the mean loss over all workers since the last one, and throughput."""

@@ -176,3 +176,15 @@ def test_gradients_sent_in_bfloat16_train_close_to_float32(tmp_path: Path) -> No
     refused = _train(config, tmp_path / "ddp", "--simulate", "2", "--set", "strategy.name=ddp",
                      "--set", "strategy.reduce_dtype=bfloat16", check=False)
     assert refused.returncode == 2 and "reduce_dtype sets SDP's gradient buckets" in refused.stderr
+
+
+def test_tensorboard_events_mirror_metrics_jsonl(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    _train(_config(tmp_path), out, "--simulate", "2", "--set", "run.tensorboard=true", "--set", "run.steps=4")
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    logged = [x for x in _losses(out) if x[1] is not None]
+    assert [(e.step, round(e.value, 5)) for e in events.Scalars("loss")] == [(s, round(v, 5)) for s, v, _ in logged]
+    assert "eval/accuracy" in events.Tags()["scalars"]  # the evaluation records too
