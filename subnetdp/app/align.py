@@ -41,6 +41,7 @@ import torch
 from ..engine import SDPConfigError
 from ..engine.errors import PlanError
 from ..measure.alignment import ddp_gradient, gradient_alignment
+from ..plotting import pyplot
 from . import checkpoint as ckpt
 from .builders import build_task, rebuild_model
 from .config import from_dict
@@ -96,11 +97,11 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
-    """Cosine against training step, one line per (level, masking, coverage)."""
-    import matplotlib
-    matplotlib.use("Agg")  # files only: no display on servers
-    import matplotlib.pyplot as plt
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path | None:
+    """Cosine against training step, one line per (level, masking, coverage); None without matplotlib."""
+    plt = pyplot("the alignment curves are")
+    if plt is None:
+        return None
 
     fig, ax = plt.subplots(figsize=(8, 4.8), dpi=120)
     variants = sorted({(r["level"], r["masking"], r["coverage"]) for r in rows if r.get("cosine") is not None})
@@ -210,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot is not None:
         title = (f"{manifest['model']} {manifest['strategy']} run, N={workers}, batch {batch_size}"
                  f"{f' x {args.batches_per_worker}' if args.batches_per_worker > 1 else ''} per worker")
-        print(f"written: {plot(rows, args.plot, title)}")
+        written = plot(rows, args.plot, title)
+        if written:
+            print(f"written: {written}")
     return 0
 
 

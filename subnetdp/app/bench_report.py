@@ -8,6 +8,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from ..plotting import pyplot
+
 MiB = 2 ** 20
 KINDS = ("parameters", "gradients", "optimizer_state", "saved_activations", "other")
 
@@ -141,9 +143,9 @@ def _stacked_bars(ax: Any, names: list[str], layers: list[tuple[str, list[float]
 
 
 def charts(rows: list[dict[str, Any]], out: Path) -> list[Path]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("the bench charts are")
+    if plt is None:
+        return []
 
     names = [r["strategy"] for r in rows]
     paths = []

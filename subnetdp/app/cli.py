@@ -287,11 +287,11 @@ def _report_command(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table = comparison_table(runs)
-    (out / "report.md").write_text(f"# {args.title}\n\n" + "\n".join(f"- `{r}`" for r in runs) + f"\n\n{table}\n\n"
-                                   "![training loss](loss.png)\n")
-    plot_losses(runs, out / "loss.png", title=args.title)
+    plot = plot_losses(runs, out / "loss.png", title=args.title)
+    (out / "report.md").write_text(f"# {args.title}\n\n" + "\n".join(f"- `{r}`" for r in runs) + f"\n\n{table}\n"
+                                   + ("\n![training loss](loss.png)\n" if plot else ""))
     print(table)
-    print(f"written: {out / 'report.md'}, {out / 'loss.png'}")
+    print(f"written: {out / 'report.md'}" + (f", {plot}" if plot else ""))
     return 0
 
 

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{summary['machine']['cpus']} CPUs, torch {summary['machine']['torch']}.")
     (out / "table.md").write_text(table + "\n\n" + note + "\n")
     print("\n" + table + "\n\n" + note)
-    print(f"\nwritten: {out}/table.md, {plot}, {out}/ddp/, {out}/sdp/")
+    print(f"\nwritten: {out}/table.md, " + (f"{plot}, " if plot else "") + f"{out}/ddp/, {out}/sdp/")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from ..plotting import pyplot
+
 MiB = 2 ** 20
 
 
@@ -53,11 +55,12 @@ def comparison_table(run_dirs: list[Path]) -> str:
     return "\n".join(lines)
 
 
-def plot_losses(run_dirs: list[Path], path: Path, title: str = "training loss") -> Path:
-    """Training loss against step (and the evaluation points) of each run, one PNG."""
-    import matplotlib
-    matplotlib.use("Agg")  # files only: no display on servers
-    import matplotlib.pyplot as plt
+def plot_losses(run_dirs: list[Path], path: Path, title: str = "training loss") -> Path | None:
+    """Training loss against step (and the evaluation points) of each run, one PNG (None without
+    matplotlib)."""
+    plt = pyplot("the loss curves are")
+    if plt is None:
+        return None
 
     fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120, sharey=True)
     for run_dir in run_dirs:

@@ -65,6 +65,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from ..plotting import pyplot
 from .config import RESUMABLE_CHANGES, ConfigError, from_dict, load_config, parse_override, total_steps
 from .launch import worker_env
 
@@ -538,10 +539,9 @@ def results_markdown(results: dict[str, Any]) -> str:
 def plot_results(results: dict[str, Any], out: Path) -> list[Path]:
     """metric_vs_coverage.png, loss_by_step.png and (when summaries have train_flops_per_step)
     loss_by_flops.png."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot("the sweep's plots are")
+    if plt is None:
+        return []
     rows, metric, written = results["conditions"], results["main_metric"], []
     is_ddp = lambda r: r["config"]["strategy"]["name"] == "ddp"  # noqa: E731
     # overrides that differ between conditions, besides those already in the label

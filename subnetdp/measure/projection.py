@@ -65,6 +65,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..engine.exchange import ring_wire_bytes
+from ..plotting import pyplot
 
 MiB = 2 ** 20
 BUCKET_BYTES = 25 * MiB        # DDP's bucket_cap_mb default, and our reducer's
@@ -424,10 +425,10 @@ def markdown(rows: list[dict[str, Any]], work: Workload, net: Network, meta: dic
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path | None:
+    plt = pyplot("the projection plot is")
+    if plt is None:
+        return None
 
     names = list(dict.fromkeys(r["strategy"] for r in rows))
     by = {name: [r for r in rows if r["strategy"] == name] for name in names}
@@ -474,6 +475,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -549,9 +551,10 @@ def main(argv: list[str] | None = None) -> int:
         {"command": command, "bench": meta, "workload": asdict(work), "network": asdict(net), "settings": settings,
          "rows": rows}, indent=1, default=str))
     title = args.title or _title(meta, args)
-    plot(rows, args.out / "projection.png", title)
+    drawn = plot(rows, args.out / "projection.png", title)
     print(text)
-    print("written: " + ", ".join(str(args.out / f) for f in ("projection.md", "projection.json", "projection.png")))
+    print("written: " + ", ".join(str(args.out / f) for f in ("projection.md", "projection.json"))
+          + (f", {drawn}" if drawn else ""))
     return 0
 
 

@@ -75,3 +75,15 @@ def test_report_compares_finished_runs_and_refuses_unfinished_ones(tmp_path, cap
     assert (out / "loss.png").stat().st_size > 10_000
     assert main(["report", str(tmp_path / "ddp"), str(tmp_path), "--out", str(out)]) == 2
     assert "not a finished run" in capsys.readouterr().err
+
+
+def test_without_matplotlib_figures_are_skipped_and_tables_written(tmp_path, capsys, monkeypatch) -> None:
+    import sys as _sys
+
+    from subnetdp.app.bench_report import charts
+    from subnetdp.app.report import plot_losses
+
+    monkeypatch.setitem(_sys.modules, "matplotlib", None)  # as if not installed
+    assert plot_losses([], tmp_path / "loss.png") is None and not (tmp_path / "loss.png").exists()
+    assert charts([{"strategy": "ddp"}], tmp_path) == []
+    assert "pip install 'subnetdp[plots]'" in capsys.readouterr().err
