@@ -169,21 +169,20 @@ class ProcessGroupExchange:
         return _Work(dist.all_reduce(tensor, group=self.groups[holders], async_op=True), self, what, holders, tensor)
 
     def all_gather(self, holders: tuple[int, ...], inputs: Buffers, outputs: Buffers, what: str) -> Pending:
-        tensor, output = inputs[self.rank], outputs[self.rank]
-        if len(holders) == 1:
-            output.copy_(tensor)
-            return _Done()
-        self._count("all_gather", tensor, len(holders))
-        work = _all_gather_single(output, tensor, group=self.groups[holders], async_op=True)
-        return _Work(work, self, what, holders, tensor)
+        return self._input_to_output("all_gather", _all_gather_single, holders, inputs, outputs, what)
 
     def reduce_scatter(self, holders: tuple[int, ...], inputs: Buffers, outputs: Buffers, what: str) -> Pending:
+        return self._input_to_output("reduce_scatter", _reduce_scatter_single, holders, inputs, outputs, what)
+
+    def _input_to_output(self, kind: str, collective: Any, holders: tuple[int, ...], inputs: Buffers,
+                         outputs: Buffers, what: str) -> Pending:
+        """A collective from this rank's input into its output over a holder set (one holder: a copy)."""
         tensor, output = inputs[self.rank], outputs[self.rank]
         if len(holders) == 1:
             output.copy_(tensor)
             return _Done()
-        self._count("reduce_scatter", tensor, len(holders))
-        work = _reduce_scatter_single(output, tensor, group=self.groups[holders], async_op=True)
+        self._count(kind, tensor, len(holders))
+        work = collective(output, tensor, group=self.groups[holders], async_op=True)
         return _Work(work, self, what, holders, tensor)
 
     def broadcast(self, source: int, buffers: Buffers, what: str) -> Pending:

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from .exchange import Exchange
-from .layout import flatten
+from .layout import flatten, unflatten_into
 from .reducer import Bucket, HolderSet
 
 Buckets = Mapping[HolderSet, list[Bucket]]
@@ -141,16 +141,9 @@ def gather_weights(buckets: Mapping[int, Buckets], exchange: Exchange) -> None:
             outputs = {r: s.gather_buffers() for r, s in shards.items()}  # type: ignore[union-attr]
             exchange.all_gather(holders, inputs, outputs, "weight all_gather of shards").wait()
             for r, lists in local.items():
-                _unflatten(outputs[r], lists[i].weight_views())
+                unflatten_into(outputs[r][:lists[i].numel], lists[i].weight_views())  # padding dropped
     for pending in in_place:
         pending.wait()
-
-
-def _unflatten(flat: torch.Tensor, views: list[torch.Tensor]) -> None:
-    offset = 0
-    for view in views:
-        view.copy_(flat[offset:offset + view.numel()].view_as(view))
-        offset += view.numel()
 
 
 class UnshardedState:
@@ -193,7 +186,7 @@ def unsharded_state(buckets: Mapping[int, Buckets], optimizers: Mapping[int, tor
                         if name not in states:
                             states[name] = torch.zeros_like(segment.tensor)
                         views += segment.views(states[name])
-                    _unflatten(outputs[r], views)
+                    unflatten_into(outputs[r][:lists[i].numel], views)
     return out
 
 
