@@ -39,6 +39,7 @@ import json
 import os
 import platform
 import re
+import signal
 import socket
 import statistics
 import subprocess
@@ -60,7 +61,7 @@ from ..measure.memory import local_tensor
 from .baselines import StochasticDepth, checkpoint_blocks
 from .builders import Task, build_task
 from .config import from_dict
-from .launch import torchrun_command, worker_env
+from .launch import run_process_tree, torchrun_command, worker_env
 from .parallelism import Parallelism, RealDDP, RealSDP, level_kwargs
 from .runtime import PeakMemory, autocast, choose_device, machine_info, percentiles
 
@@ -374,17 +375,32 @@ def _launch(args: argparse.Namespace, strategy: str, log: Any) -> int:
     env = worker_env(1 if args.device == "cpu" else None)
     log.write(f"$ {' '.join(cmd)}\n")
     log.flush()
-    return subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    # torchrun in its own session, dying with this process (even of SIGKILL), its workers with it
+    result = run_process_tree(cmd, env, stdout=log, stderr=subprocess.STDOUT)
+    if result.stopped_by:  # SIGINT, SIGTERM or SIGHUP: passed on to torchrun; the strategies left are not run
+        raise _Stopped(result.stopped_by, f"stopped by {signal.Signals(result.stopped_by).name}: torchrun and its "
+                       f"{args.workers} workers ({strategy}) are stopped; see {log.name}")
+    return result.returncode
+
+
+class _Stopped(Exception):
+    def __init__(self, sig: int, message: str) -> None:
+        super().__init__(message)
+        self.sig = sig
 
 
 def run_launched(args: argparse.Namespace, strategies: list[str], out: Path) -> None:
     """One torchrun job (a fresh process group) per strategy; their output goes to bench.log."""
     from tqdm import tqdm
-    with open(out / "bench.log", "w") as log:
-        for name in tqdm(strategies, desc="strategies", unit="run"):
-            code = _launch(args, name, log)
-            if code != 0:
-                tqdm.write(f"{name}: failed (exit {code}); see {out / 'bench.log'}")
+    try:
+        with open(out / "bench.log", "w") as log, tqdm(strategies, desc="strategies", unit="run") as bar:
+            for name in bar:
+                code = _launch(args, name, log)
+                if code != 0:
+                    tqdm.write(f"{name}: failed (exit {code}); see {out / 'bench.log'}")
+    except _Stopped as stop:  # its line last, after the progress bar's
+        print(stop, file=sys.stderr)
+        raise SystemExit(128 + stop.sig) from None
 
 
 def collect(out: Path, strategies: list[str]) -> list[dict[str, Any]]:

@@ -171,14 +171,14 @@ class Task:
         return self.loss(model(x), y)
 
     def eval_batches(self, batch_size: int, rank: int, world: int, max_batches: int | None) -> Iterator:
-        if self.kind == "lm":
-            yield from self.data.eval_batches(batch_size, rank, world, max_batches)
-            return
-        per_rank = None if max_batches is None else math.ceil(max_batches / world)
-        for i, batch in enumerate(self.data.eval_batches(batch_size, rank, world)):
-            if per_rank is not None and i >= per_rank:
-                return
-            yield batch
+        """This rank's share of the evaluated examples: the first ``max_batches * batch_size`` of
+        the split (all of it when None), the same ones for any ``world``."""
+        return self.data.eval_batches(batch_size, rank, world, max_batches)
+
+    def eval_batch_count(self, batch_size: int, rank: int, world: int, max_batches: int | None) -> int:
+        """How many batches ``eval_batches`` yields on this rank (for progress bars)."""
+        size = self.data.eval_size(batch_size, max_batches)
+        return math.ceil((size * (rank + 1) // world - size * rank // world) / batch_size)
 
     def eval_sums(self, output: torch.Tensor, target: torch.Tensor) -> list[float]:
         """(loss sum, correct, count) of one batch."""

@@ -90,17 +90,56 @@ def _prune(root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+class ManifestError(CheckpointError):
+    """A complete checkpoint whose manifest.json lacks a key every reader needs (or holds a value of
+    the wrong type). Not skipped in favour of an older checkpoint as a torn file is: a manifest is
+    written whole (atomically, after the files), so this one was edited or written by another
+    version, and so, most likely, were the older ones."""
+
+
+# key -> type of what every reader of a manifest needs (train --resume, export, reshard, sweep, align)
+MANIFEST_KEYS: dict[str, type | tuple[type, ...]] = {
+    "step": int, "world_size": int, "files": dict, "config": dict, "virtual_world_size": int, "simulate": bool,
+    "model": str, "model_kwargs": dict, "strategy": str, "example_input_shape": list,
+    "plan_fingerprint": (str, type(None))}
+FILE_KEYS: dict[str, type] = {"name": str, "bytes": int, "sha256": str}
+
+
+def check_manifest(manifest: Any, path: Path) -> None:
+    """ManifestError naming ``path`` and the first key that is missing or has the wrong type."""
+    def wrong(name: str, value: Any) -> ManifestError:
+        return ManifestError(f"{path}: {name} holds a {type(value).__name__}: this checkpoint manifest is "
+                             "damaged or was edited")
+
+    def check(where: dict, keys: dict[str, Any], prefix: str = "") -> None:
+        for key, kind in keys.items():
+            name = f"the key {prefix}{json.dumps(key)}"
+            if key not in where:
+                raise ManifestError(f"{path}: {name} is missing: this checkpoint manifest was edited or written "
+                                    "by another version of subnetdp")
+            if not isinstance(where[key], kind) or (kind is int and isinstance(where[key], bool)):
+                raise wrong(name, where[key])
+
+    if not isinstance(manifest, dict):
+        raise ManifestError(f"{path}: not a checkpoint manifest (a JSON object) but a {type(manifest).__name__}")
+    check(manifest, MANIFEST_KEYS)
+    for rank, entry in manifest["files"].items():
+        if not isinstance(entry, dict):
+            raise wrong(f'the key "files": {json.dumps(rank)}', entry)
+        check(entry, FILE_KEYS, f'"files": {json.dumps(rank)}: ')
+
+
 def read_manifest(folder: Path, verify: bool = True) -> dict[str, Any]:
-    """The manifest of a complete checkpoint; CheckpointError when it is missing or does not match."""
+    """The manifest of a complete checkpoint; CheckpointError when it is missing or does not match
+    its files (``latest`` then passes over it), ManifestError when it lacks a key (see there)."""
     if folder.name.endswith(PARTIAL):
         raise CheckpointError(f"{folder} is a partial checkpoint")
     path = folder / "manifest.json"
     try:
         manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8 text
         raise CheckpointError(f"{folder}: no readable manifest.json ({exc})") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or "step" not in manifest:
-        raise CheckpointError(f"{folder}: manifest.json is not a checkpoint manifest")
+    check_manifest(manifest, path)
     for rank, entry in manifest["files"].items():
         file = folder / entry["name"]
         if not file.is_file() or file.stat().st_size != entry["bytes"]:
@@ -113,7 +152,8 @@ def read_manifest(folder: Path, verify: bool = True) -> dict[str, Any]:
 def latest(root: Path, verify: bool = True, skipped: list[tuple[Path, str]] | None = None
            ) -> tuple[Path, dict[str, Any]] | None:
     """The newest complete, verified checkpoint under ``root``; damaged ones are skipped, and
-    appended to ``skipped`` (when given) as (folder, why), newest first."""
+    appended to ``skipped`` (when given) as (folder, why), newest first. A manifest that lacks a
+    key is not skipped: ManifestError."""
     if not root.is_dir():
         return None
     candidates = sorted((p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(PARTIAL)),
@@ -121,6 +161,8 @@ def latest(root: Path, verify: bool = True, skipped: list[tuple[Path, str]] | No
     for folder in candidates:
         try:
             return folder, read_manifest(folder, verify)
+        except ManifestError:
+            raise
         except CheckpointError as exc:
             if skipped is not None:
                 skipped.append((folder, str(exc).removeprefix(f"{folder}: ")))
@@ -137,6 +179,8 @@ def complete_checkpoints(root: Path, verify: bool = True) -> list[tuple[Path, di
     for folder in sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(PARTIAL)):
         try:
             found.append((folder, read_manifest(folder, verify)))
+        except ManifestError:
+            raise
         except CheckpointError:
             continue
     return found

@@ -18,17 +18,17 @@ import json
 import platform
 import sys
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from .. import __version__
-from ..engine import SDPConfigError, plan_for
-from ..engine.errors import PlanError
+
+if TYPE_CHECKING:  # torch is imported by the commands that need it: `--help` starts without it
+    from torch import nn
 
 
 def _build(args: argparse.Namespace) -> tuple[nn.Module, str, object]:
     """The model, its block container path, and an example input for counting FLOPs."""
+    import torch
     if args.model == "resnet18":
         from ..models import resnet18
         model = resnet18(num_classes=args.classes, in_channels=args.in_channels, width=args.width)
@@ -65,6 +65,7 @@ def _plan_problem(args: argparse.Namespace) -> str | None:
 
 
 def _plan_command(args: argparse.Namespace) -> int:
+    from ..engine import PlanError, SDPConfigError, plan_for
     from .parallelism import level_kwargs
     problem = _plan_problem(args)
     if problem is not None:
@@ -109,15 +110,48 @@ config keys: `subnetdp train --list-keys`; a wrong key or value is an error list
 """
 
 
+def _resumed_config(args: argparse.Namespace, out: Path, first: bool) -> object:
+    """The config a resume of ``out`` trains with: the one its newest checkpoint recorded (how the
+    run was started, with the changes of earlier resumes), and this command's ``--set`` on top.
+    A CONFIG file given as well is not applied; ``first`` says, in one line, where it differs.
+    Without --nproc or --simulate, the run continues on the workers it had."""
+    import os
+
+    from . import checkpoint as ckpt
+    from .config import load_config, with_overrides
+    skipped: list[tuple[Path, str]] = []
+    found = ckpt.latest(out / "checkpoints", verify=False, skipped=skipped)  # sizes only: hashes come at load
+    if found is None:
+        why = "; ".join(f"{folder.name}: {reason}" for folder, reason in skipped)
+        raise ckpt.CheckpointError(f"--resume: no complete checkpoint under {out / 'checkpoints'}"
+                                   + (f" (skipped {why})" if why else ""))
+    folder, manifest = found
+    config = with_overrides(manifest["config"], args.set, f"{folder / 'manifest.json'}")
+    if args.config is not None and first:
+        differ = load_config(args.config, args.set).differences(config)
+        if differ:
+            listed = ", ".join(f"{s}.{k} = {a!r} (the run's: {b!r})" for s, k, a, b in differ)
+            print(f"note: --resume continues the run as it was started ({folder.name}'s recorded config), not "
+                  f"{args.config} as it reads now; not applied: {listed}. Change what a resume may change with "
+                  "--set", file=sys.stderr)
+    if args.nproc is None and args.simulate is None and "RANK" not in os.environ:
+        if manifest["simulate"]:
+            args.simulate = manifest["virtual_world_size"]
+        else:
+            args.nproc = manifest["virtual_world_size"]
+    return config
+
+
 def _check_train(args: argparse.Namespace) -> tuple[object, Path] | int:
     """Everything `train` can check before it launches or removes anything, in the launcher and
     again in each worker: the arguments, the config (with the builders' keys), the coverage for
-    the number of workers, and the run folder (see ``run_folder.check_run_folder``). Returns (config,
-    out), or the exit code after one line: ``error: ...`` (2), or that a resumed run is complete (0)."""
+    the number of workers, and the run folder (see ``run_folder.check_run_folder``). A resume takes
+    the run's own config (``_resumed_config``). Returns (config, out), or the exit code after one
+    line: ``error: ...`` (2), or that a resumed run is complete (0)."""
     import os
 
+    from . import checkpoint as ckpt
     from .builders import check_builder_keys
-    from .checkpoint import CheckpointError
     from .config import ConfigError, check_workers, config_warnings, load_config
     from .lock import check_unlocked
     from .run_folder import check_run_folder
@@ -126,28 +160,37 @@ def _check_train(args: argparse.Namespace) -> tuple[object, Path] | int:
         if value is not None and value < 1:
             print(f"error: {flag} must be >= 1 workers, got {value}", file=sys.stderr)
             return 2
-    if args.simulate is not None:
-        workers = args.simulate
-    elif under_torchrun:
-        workers = int(os.environ.get("WORLD_SIZE", "1"))
-    else:
-        workers = args.nproc
     first = os.environ.get("RANK", "0") == "0"  # the process that speaks for the run
     try:
-        config = load_config(args.config, args.set)
+        if args.auto_resume and (args.resume or args.overwrite):
+            raise ConfigError("--auto-resume decides between --resume and --overwrite: give it alone")
+        if args.out is None and (args.resume or args.auto_resume):
+            raise ConfigError("--resume continues the run in --out: give its folder, e.g. --out runs/r18")
+        if args.out is not None:
+            check_unlocked(Path(args.out))  # first: a run in progress there explains everything else
+        if args.auto_resume:  # decided once here: the launcher hands its workers --resume or --overwrite
+            args.resume = ckpt.latest(Path(args.out) / "checkpoints", verify=False) is not None
+            args.overwrite = not args.resume
+        if args.resume:
+            config = _resumed_config(args, Path(args.out), first)
+        elif args.config is None:
+            raise ConfigError("give a CONFIG.toml (see configs/), --resume with --out, or --list-keys")
+        else:
+            config = load_config(args.config, args.set)
+        out = Path(args.out or f"runs/{config['run.name']}")
+        check_unlocked(out)
+        if args.simulate is not None:
+            workers = args.simulate
+        elif under_torchrun:
+            workers = int(os.environ.get("WORLD_SIZE", "1"))
+        else:
+            args.nproc = args.nproc or 1
+            workers = args.nproc
         check_builder_keys(config)
         check_workers(config, workers)
-        out = Path(args.out or f"runs/{config['run.name']}")
-        check_unlocked(out)  # first: a run in progress there explains everything else
-        if args.auto_resume:  # decided once here: the launcher hands its workers --resume or --overwrite
-            if args.resume or args.overwrite:
-                raise ConfigError("--auto-resume decides between --resume and --overwrite: give it alone")
-            from . import checkpoint as ckpt
-            args.resume = ckpt.latest(out / "checkpoints", verify=False) is not None
-            args.overwrite = not args.resume
         complete = check_run_folder(out, config, resume=args.resume, overwrite=args.overwrite, workers=workers,
                                     simulate=args.simulate is not None)
-    except (ConfigError, CheckpointError) as exc:
+    except (ConfigError, ckpt.CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if complete is not None:
@@ -155,7 +198,7 @@ def _check_train(args: argparse.Namespace) -> tuple[object, Path] | int:
             print(complete)
         return 0
     if first and (args.simulate is not None or under_torchrun):  # the launcher leaves it to rank 0
-        for warning in config_warnings(config):
+        for warning in config_warnings(config, workers):
             print(f"warning: {warning}", file=sys.stderr)
     return config, out
 
@@ -167,6 +210,8 @@ def _train_command(args: argparse.Namespace) -> int:
     from .launch import torchrun_command, worker_env
     if args.list_keys:
         import inspect
+        import re
+        import textwrap
 
         from .builders import DATASETS, MODELS
         print(describe_schema())
@@ -176,18 +221,17 @@ def _train_command(args: argparse.Namespace) -> int:
             for name, fn in table.items():
                 params = [f"{p.name} = {p.default!r}" for p in inspect.signature(fn).parameters.values()
                           if p.name not in ("data", "out")]
-                print(f"  {name}: {', '.join(params)}\n      {(fn.__doc__ or '').strip().splitlines()[0]}")
+                first_paragraph = " ".join(re.split(r"\n\s*\n", inspect.getdoc(fn) or "")[0].split())
+                print(f"  {name}: {', '.join(params)}\n"
+                      + textwrap.fill(first_paragraph, 100, initial_indent=" " * 6, subsequent_indent=" " * 6))
         return 0
-    if args.config is None:
-        print("error: give a CONFIG.toml (see configs/), or --list-keys", file=sys.stderr)
-        return 2
     checked = _check_train(args)
     if isinstance(checked, int):
         return checked
     config, out = checked
     under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ or "RANK" in os.environ
     if args.simulate is None and not under_torchrun:
-        worker_args = ["train", str(args.config), "--out", str(out)]
+        worker_args = [*(["train", str(args.config)] if args.config else ["train"]), "--out", str(out)]
         for item in args.set:
             worker_args += ["--set", item]
         if args.resume:
@@ -199,13 +243,16 @@ def _train_command(args: argparse.Namespace) -> int:
         cmd = torchrun_command(args.nproc, "subnetdp.app.cli", *worker_args, quiet_stop=True)
         return _launch_workers(cmd, worker_env(config["run.threads"], keep_if_set=True), args, out)
     from .checkpoint import CheckpointError
-    from .train import run_training
+    from .train import DivergedError, run_training
     try:
         summary = run_training(config, out, simulate=args.simulate, resume=args.resume,
                                progress=not args.no_progress)
     except (ConfigError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except DivergedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     if summary is not None:
         final = summary["final_eval"] or {}
         print(f"{summary['strategy']}: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items() if k != "step")
@@ -217,6 +264,7 @@ def _train_command(args: argparse.Namespace) -> int:
 def _launch_workers(cmd: list[str], env: dict[str, str], args: argparse.Namespace, out: Path) -> int:
     """Run torchrun with the run folder locked; nothing it started outlives it. Ends with one
     line when it did not succeed: stopped (by a signal), or the first error a worker noted."""
+    import re
     import shlex
     import signal
 
@@ -235,16 +283,25 @@ def _launch_workers(cmd: list[str], env: dict[str, str], args: argparse.Namespac
         if lock is not None:
             lock.release()
     if result.failures and not result.stopped_by:  # the first error a worker noted (a stuck peer: killed since)
-        print(f"error: {result.failures[0]}", file=sys.stderr)
+        first = result.failures[0]
+        # errors every rank reaches alike (bad input a worker found, a divergence): as if found here
+        for kind, code in (("ConfigError: ", 2), ("CheckpointError: ", 2), ("DivergedError: ", 1)):
+            if first.startswith(kind):
+                print(f"error: {re.sub(r'^rank [0-9]+: ', '', first.removeprefix(kind))}", file=sys.stderr)
+                return code
+        print(f"error: {first}", file=sys.stderr)
         return result.returncode if result.returncode > 0 else 1
     sig = result.stopped_by or (-result.returncode if result.returncode < 0 else None)
     if sig is not None:
         found = latest(out / "checkpoints", verify=False)
-        resume = ["subnetdp", "train", str(args.config), "--nproc", str(args.nproc), "--out", str(out)]
-        for item in args.set:
-            resume += ["--set", item]
-        how = (f"continue from its checkpoint of step {found[1]['step']} with: {shlex.join(resume + ['--resume'])}"
-               if found else f"it wrote no checkpoint yet: start it again with: {shlex.join(resume + ['--overwrite'])}")
+        if found:  # a resume continues the run as it was started: its folder says everything else
+            how = (f"continue from its checkpoint of step {found[1]['step']} with: "
+                   f"{shlex.join(['subnetdp', 'train', '--out', str(out), '--resume'])}")
+        else:
+            again = ["subnetdp", "train", str(args.config), "--nproc", str(args.nproc), "--out", str(out)]
+            for item in args.set:
+                again += ["--set", item]
+            how = f"it wrote no checkpoint yet: start it again with: {shlex.join(again + ['--overwrite'])}"
         try:
             name = signal.Signals(sig).name
         except ValueError:
@@ -277,7 +334,7 @@ def _export_command(args: argparse.Namespace) -> int:
 
 
 def _report_command(args: argparse.Namespace) -> int:
-    from .report import comparison_table, plot_losses
+    from .report import RunReadError, comparison_table, plot_losses
     runs = [Path(r) for r in args.runs]
     unfinished = [str(r) for r in runs if not (r / "summary.json").is_file() or not (r / "metrics.jsonl").is_file()]
     if unfinished:
@@ -285,8 +342,13 @@ def _report_command(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     out = Path(args.out)
+    try:
+        table = comparison_table(runs)
+    except (RunReadError, KeyError) as exc:
+        print(f"error: {exc if isinstance(exc, RunReadError) else f'a summary.json lacks the key {exc}'}",
+              file=sys.stderr)
+        return 2
     out.mkdir(parents=True, exist_ok=True)
-    table = comparison_table(runs)
     plot = plot_losses(runs, out / "loss.png", title=args.title)
     (out / "report.md").write_text(f"# {args.title}\n\n" + "\n".join(f"- `{r}`" for r in runs) + f"\n\n{table}\n"
                                    + ("\n![training loss](loss.png)\n" if plot else ""))
@@ -295,9 +357,19 @@ def _report_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _torch_version() -> str:
+    """The installed torch's version, read from its metadata: importing torch takes seconds."""
+    from importlib import metadata
+    try:
+        return metadata.version("torch")
+    except metadata.PackageNotFoundError:  # not installed as a distribution (a source build on the path)
+        import torch
+        return torch.__version__
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="subnetdp", description="Subnetwork Data Parallelism for PyTorch.")
-    versions = f"subnetdp {__version__} (torch {torch.__version__}, python {platform.python_version()})"
+    versions = f"subnetdp {__version__} (torch {_torch_version()}, python {platform.python_version()})"
     parser.add_argument("--version", action="version", version=versions)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -335,18 +407,21 @@ def main(argv: list[str] | None = None) -> int:
                            description="Train the experiment described by CONFIG.toml: DDP or SDP as its "
                            "[strategy] says, on N workers.", epilog=TRAIN_EPILOG,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    train.add_argument("config", nargs="?", help="a TOML config, e.g. configs/resnet18_fashion_mnist.toml")
-    train.add_argument("--nproc", type=int, default=1,
-                       help="local worker processes started through torchrun (default 1)")
+    train.add_argument("config", nargs="?", help="a TOML config, e.g. configs/resnet18_fashion_mnist.toml (not "
+                       "needed, and not applied, with --resume: the run continues as it was started)")
+    train.add_argument("--nproc", type=int, default=None,
+                       help="local worker processes started through torchrun (default 1; with --resume, the "
+                       "run's own number of workers)")
     train.add_argument("--simulate", type=int, metavar="N", default=None,
                        help="run N virtual workers in this one process instead of N processes")
     train.add_argument("--out", help="output folder (default runs/<run.name>)")
     train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a config key, e.g. --set strategy.coverage=0.25 (repeatable)")
     train.add_argument("--resume", action="store_true",
-                       help="continue from the newest complete checkpoint in --out (same config; another number "
-                       "of workers or strategy.coverage re-plans the run and moves its state); a run that is "
-                       "already complete is left as it is")
+                       help="continue the run in --out from its newest complete checkpoint, with the config and "
+                       "workers it was started with; --set changes what a resume may change (run.steps, intervals, "
+                       "[eval] keys; strategy.coverage or another --nproc/--simulate re-plans the run and moves "
+                       "its state), and every change is printed; a run that is already complete is left as it is")
     train.add_argument("--auto-resume", action="store_true",
                        help="--resume when --out holds a complete checkpoint, else start from scratch (replacing "
                        "what a start killed before its first checkpoint left): for torchrun --max-restarts, "
@@ -408,8 +483,7 @@ def main(argv: list[str] | None = None) -> int:
         return align_main(rest)
     if args.command == "demo":
         from .demo import main as demo_main
-        demo_main(rest)
-        return 0
+        return demo_main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return args.func(args)

@@ -74,7 +74,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
                      "less memory per worker; the optimizer must be elementwise: sgd, adamw)"),
         "full_phase": Key(0.0, "sdp only: fraction of the DDP step budget spent at the end training the "
                           "assembled full model on every worker (as DDP): the SDP phase runs (1 - f) of its "
-                          "steps, then the full model runs f x run.steps steps (0: off)"),
+                          "steps, then the full model runs round(f x run.steps) steps (0: off). With masking = "
+                          "'backward' it is allowed and simply ends the run as DDP (the forward pass was already "
+                          "the full model's). Fixed when the run starts: a resume may not move the switch"),
         "full_phase_checkpointing": Key(False, "recompute each block's activations in backward during the "
                                         "full phase (activation checkpointing): less activation memory; the "
                                         "full model's parameters, gradients and optimizer state remain"),
@@ -98,7 +100,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "eval": {
         "batch_size": Key(256, "evaluation batch size per worker"),
-        "max_batches": Key(0, "evaluation batches in all, split over the workers (0: the whole test/validation split)"),
+        "max_batches": Key(0, "evaluate only the first max_batches x batch_size examples (images, or windows of "
+                           "seq_len tokens) of the test/validation split, the same ones for any number of workers, "
+                           "simulated or real, split over them (0: the whole split)"),
+        "periodic_max_batches": Key(0, "the same cap for the evaluations during training (every run.eval_interval "
+                                    "steps) only, so they stay cheap; the final evaluation uses max_batches (0: as "
+                                    "max_batches)"),
         "residual_scale": Key(
             "both", "'coverage': evaluate the assembled B-SDP model with each residual branch x k/N (the "
             "fraction of workers that trained it), as stochastic depth does at test time (also the survival "
@@ -127,7 +134,8 @@ EVAL_VIEWS = ("subnetworks", "ensemble")
 # Keys that a resumed run may change: they do not alter the trained values.
 RESUMABLE_CHANGES = {("run", "steps"), ("run", "log_interval"), ("run", "eval_interval"),
                      ("run", "checkpoint_interval"), ("run", "keep_checkpoints"), ("run", "timeout"),
-                     ("eval", "batch_size"), ("eval", "max_batches"), ("eval", "views")}
+                     ("eval", "batch_size"), ("eval", "max_batches"), ("eval", "periodic_max_batches"),
+                     ("eval", "views")}
 
 
 def _type_ok(value: Any, default: Any) -> bool:
@@ -249,6 +257,8 @@ def _check_ranges(s: dict[str, dict[str, Any]], source: str, origins: Origins) -
     need(s["optim"]["weight_decay"] >= 0, "[optim] weight_decay must be >= 0", "optim.weight_decay")
     need(s["eval"]["batch_size"] >= 1, "[eval] batch_size must be >= 1", "eval.batch_size")
     need(s["eval"]["max_batches"] >= 0, "[eval] max_batches must be >= 0 (0: the whole split)", "eval.max_batches")
+    need(s["eval"]["periodic_max_batches"] >= 0, "[eval] periodic_max_batches must be >= 0 (0: as max_batches)",
+         "eval.periodic_max_batches")
     need(s["eval"]["recalibrate_norm_batches"] >= 0, "[eval] recalibrate_norm_batches must be >= 0 (0: off)",
          "eval.recalibrate_norm_batches")
     views = s["eval"]["views"]
@@ -293,13 +303,30 @@ def check_workers(config: Config, workers: int) -> None:
                            f"{smallest_coverage(workers):.4g}")
 
 
-def config_warnings(config: Config) -> list[str]:
-    """Settings that are valid but probably not meant (printed as warnings before training)."""
+def config_warnings(config: Config, workers: int | None = None) -> list[str]:
+    """Settings that are valid but probably not meant (printed as warnings before training);
+    ``workers``: the number of workers N, for what depends on it."""
     out = []
     warmup, steps = config["optim.warmup_steps"], total_steps(config)
     if warmup > steps:
         out.append(f"optim.warmup_steps = {warmup} is more than the run's {steps} steps: the learning rate "
                    f"never leaves warm-up and peaks at {steps}/{warmup} of optim.lr = {config['optim.lr']:g}")
+    strategy = config.section("strategy")
+    if strategy["name"] == "sdp" and strategy["full_phase"] > 0:
+        if phase_steps(config)[1] == 0:
+            out.append(f"strategy.full_phase = {strategy['full_phase']:g} of run.steps = {config['run.steps']} "
+                       "rounds to 0 steps: the run has no full-model phase")
+        if strategy["masking"] == "backward":
+            out.append("strategy.full_phase with masking = 'backward': the workers already train with the full "
+                       "model's forward pass, so the full phase only makes the end of the run plain DDP (full "
+                       "gradients and optimizer state on every worker)")
+    if workers is not None and workers > 1 and strategy["name"] == "sdp":
+        holders = math.floor(strategy["coverage"] * workers + 0.5)
+        if holders == 1:
+            out.append(f"strategy.coverage = {strategy['coverage']:g} on {workers} workers gives each unit a single "
+                       f"holder (k = 1): no two workers share a unit, so the worker-overlap graph is disconnected "
+                       f"and each unit trains on 1/{workers} of the data; only the shared parameters are averaged "
+                       f"over all workers (a coverage of at least {2 / workers:.3g} gives k >= 2)")
     return out
 
 
@@ -336,26 +363,46 @@ def parse_override(text: str) -> tuple[str, str, Any]:
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a TOML config (or start from the defaults when ``path`` is None) and apply ``--set``s."""
     raw: dict[str, Any] = {}
-    origins: Origins = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
-            raw = tomllib.loads(path.read_text())
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    for text in overrides:
-        section, key, value = parse_override(text)
-        if not isinstance(raw.get(section, {}), dict):
-            raise ConfigError(f"--set {text.strip()}: [{section}] is not a table in {path}")
-        raw.setdefault(section, {})[key] = value
-        origins[(section, key)] = text.strip()
+        except UnicodeDecodeError as exc:  # TOML is UTF-8
+            raise ConfigError(f"{path}: not a TOML file: byte {exc.start} is not UTF-8 text "
+                              f"({exc.object[exc.start:exc.start + 1]!r})") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read it: {exc.strerror or exc}") from None
+    origins = _apply_overrides(raw, overrides, str(path))
     return validate(raw, str(path) if path else "", origins)
 
 
 def from_dict(sections: dict[str, dict[str, Any]]) -> Config:
     return validate(copy.deepcopy(sections))
+
+
+def _apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...], where: str) -> Origins:
+    """Apply ``--set section.key=value`` texts to ``raw`` in place; returns their origins."""
+    origins: Origins = {}
+    for text in overrides:
+        section, key, value = parse_override(text)
+        if not isinstance(raw.get(section, {}), dict):
+            raise ConfigError(f"--set {text.strip()}: [{section}] is not a table in {where}")
+        raw.setdefault(section, {})[key] = value
+        origins[(section, key)] = text.strip()
+    return origins
+
+
+def with_overrides(sections: dict[str, dict[str, Any]], overrides: list[str] | tuple[str, ...], source: str
+                   ) -> Config:
+    """A recorded config (a run folder's, e.g. a checkpoint manifest's) with ``--set``s applied on
+    top; ``source`` names where it was recorded, for errors."""
+    raw = copy.deepcopy(sections)
+    origins = _apply_overrides(raw, overrides, source)
+    return validate(raw, source, origins)
 
 
 def describe_schema() -> str:

@@ -17,17 +17,17 @@ the test accuracy of the assembled full model on the 10,000 test images.
 from __future__ import annotations
 
 import argparse
-import subprocess
+import signal
 import sys
 from pathlib import Path
 
-from .launch import worker_env
+from .launch import run_process_tree, worker_env
 from .report import comparison_table, plot_losses, read_run
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.toml"
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="subnetdp demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, default=4, help="gloo worker processes (default 4)")
@@ -55,7 +55,18 @@ def main(argv: list[str] | None = None) -> None:
             cmd += ["--set", item]
         if args.no_progress:
             cmd.append("--no-progress")
-        subprocess.run(cmd, env=env, check=True)
+        # its own session, dying with this process (even of SIGKILL); a stop signal is passed on
+        result = run_process_tree(cmd, env, grace_s=10.0)  # `train --nproc` gives torchrun 5 s
+        if result.stopped_by or result.returncode < 0:
+            sig = result.stopped_by or -result.returncode
+            print(f"{'stopped' if result.stopped_by else 'error: the run was killed'} by {signal.Signals(sig).name}: "
+                  f"the demo's {name.upper()} run is stopped, with its workers; run the demo again to start over",
+                  file=sys.stderr)
+            return 128 + sig
+        if result.returncode != 0:
+            print(f"error: the demo's {name.upper()} run failed (exit code {result.returncode}; its output is above)",
+                  file=sys.stderr)
+            return result.returncode
     dirs = [out / name for name in runs]
     table = comparison_table(dirs)
     plot = plot_losses(dirs, out / "loss.png", title="ResNet-18 on Fashion-MNIST, 4 workers")
@@ -69,7 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     (out / "table.md").write_text(table + "\n\n" + note + "\n")
     print("\n" + table + "\n\n" + note)
     print(f"\nwritten: {out}/table.md, " + (f"{plot}, " if plot else "") + f"{out}/ddp/, {out}/sdp/")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

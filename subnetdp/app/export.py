@@ -103,7 +103,13 @@ def export(run_dir: Path, out: Path, step: int | None = None, force: bool = Fals
     tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        # the mode any new file gets here (0666 less the umask, as every other output); safetensors
+        # creates its file 0600
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        mode = os.fstat(fd).st_mode & 0o777
+        os.close(fd)
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
+        os.chmod(tmp, mode)
         os.replace(tmp, out)
     except Exception as exc:  # noqa: BLE001 - any failure to write (disk full, permissions) is one line
         raise ExportError(f"cannot write {out}: {exc}") from exc

@@ -3,7 +3,8 @@ starts N workers with one thread each, and running that process tree so that it 
 launcher (signals forwarded, stragglers killed, workers dying with their parent, the workers'
 errors reported last).
 
-Used by `subnetdp train --nproc`, `bench`, `demo` and `sweep`; nothing here knows SDP.
+Used by `subnetdp train --nproc`, `bench`, `demo` (``run_process_tree``: one tree) and `sweep`
+(``ProcessTrees``: several side by side); nothing here knows SDP.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 # torchrun, but stopped by a signal it exits with 128 + the signal instead of a traceback
 _TORCHRUN_QUIET_STOP = """import sys
@@ -114,10 +115,10 @@ def _process_table() -> dict[int, tuple[int, int]]:
     return table
 
 
-def descendants(pid: int) -> dict[int, int]:
+def descendants(pid: int, table: dict[int, tuple[int, int]] | None = None) -> dict[int, int]:
     """Every process below ``pid`` (children, their children, ...): pid -> start time. Linux only
-    (elsewhere empty)."""
-    table = _process_table()
+    (elsewhere empty). ``table``: a ``_process_table()`` read beforehand, for several pids."""
+    table = _process_table() if table is None else table
     children: dict[int, list[int]] = {}
     for child, (parent, _) in table.items():
         children.setdefault(parent, []).append(child)
@@ -150,7 +151,7 @@ class TreeResult:
 
 
 def run_process_tree(cmd: Sequence[str], env: dict[str, str], grace_s: float = 5.0,
-                     poll_s: float = 0.25) -> TreeResult:
+                     poll_s: float = 0.25, stdout: Any = None, stderr: Any = None) -> TreeResult:
     """Run ``cmd`` (torchrun) in its own session, so that only this process decides what it
     gets, and make sure nothing it started outlives it:
 
@@ -163,7 +164,8 @@ def run_process_tree(cmd: Sequence[str], env: dict[str, str], grace_s: float = 5
     * it dies with this process (``prctl(PR_SET_PDEATHSIG, SIGTERM)``), even of SIGKILL.
 
     Workers find a file to note their errors in under ``FAILURE_FILE``; they come back as
-    ``failures``. POSIX; the signals are handled only when called from the main thread."""
+    ``failures``. ``stdout``, ``stderr``: as subprocess.Popen's (default: this process's). POSIX;
+    the signals are handled only when called from the main thread."""
     # named after this process: if it is SIGKILLed, the (empty) file it leaves says whose it was
     fd, failure_file = tempfile.mkstemp(prefix=f"subnetdp-failures-{os.getpid()}-", suffix=".txt")
     os.close(fd)
@@ -195,7 +197,8 @@ def run_process_tree(cmd: Sequence[str], env: dict[str, str], grace_s: float = 5
     try:
         if not received:
             proc = subprocess.Popen(list(cmd), env={**env, FAILURE_FILE: failure_file}, start_new_session=True,
-                                    preexec_fn=(lambda: die_with_parent(signal.SIGTERM, prctl)) if prctl else None)
+                                    preexec_fn=(lambda: die_with_parent(signal.SIGTERM, prctl)) if prctl else None,
+                                    stdout=stdout, stderr=stderr)
         deadline = None
         while proc is not None and proc.poll() is None:
             known.update(descendants(proc.pid))
@@ -221,3 +224,111 @@ def run_process_tree(cmd: Sequence[str], env: dict[str, str], grace_s: float = 5
             signal.signal(s, handler)
         with contextlib.suppress(OSError):
             os.unlink(failure_file)
+
+
+# ---------------------------------------------------------------------------------------------
+# several process trees side by side (a sweep's cells): none outlives its launcher either
+
+
+@contextlib.contextmanager
+def stop_signals() -> Iterator[list[int]]:
+    """While inside, SIGINT, SIGTERM and SIGHUP do not end this process: each is appended to the
+    list this yields, for the caller's loop to act on (stop its children, then leave). Only in the
+    main thread, the only one that may set handlers; elsewhere nothing changes."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {s: signal.signal(s, lambda signum, _frame: received.append(signum)) for s in STOP_SIGNALS}
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+class ProcessTrees:
+    """Commands that run side by side under one launcher (a sweep's cells), none of which, nor
+    anything it starts, outlives the launcher:
+
+    * each starts in a session of its own (a Ctrl-C in the terminal reaches only the launcher,
+      which decides) and dies with the launcher (``prctl(PR_SET_PDEATHSIG, SIGTERM)``), even of
+      SIGKILL: the kernel sends that signal when the *thread* that started the process exits, so
+      ``start`` only runs in the thread that made this object, which must wait for its processes
+      (the main thread, whose exit is the process's), never in a pool thread that may end first;
+    * ``stop()`` sends SIGTERM to each command (which stops its own children: `subnetdp train`
+      does); what is still alive ``grace_s`` later is SIGKILLed, and at once on a second ``stop()``;
+    * what a command left behind when it ends (``poll``), and every process of every tree when the
+      ``with`` block is left (an error of the launcher's own included), is SIGKILLed: the trees are
+      followed from /proc as they grow. POSIX; following and PR_SET_PDEATHSIG need Linux."""
+
+    def __init__(self, grace_s: float = 10.0) -> None:
+        self.grace_s = grace_s
+        self.running: list[subprocess.Popen] = []
+        self.known: dict[int, dict[int, int]] = {}  # a command's pid -> its processes seen: pid -> start time
+        self.stops = 0
+        self.deadline: float | None = None
+        self._thread = threading.get_ident()
+        self._prctl = _prctl()
+
+    def start(self, cmd: Sequence[str], env: dict[str, str], **popen: Any) -> subprocess.Popen:
+        """Start ``cmd`` (``popen``: stdout, stderr, stdin... as subprocess.Popen's)."""
+        if threading.get_ident() != self._thread:
+            raise RuntimeError("ProcessTrees.start from another thread than the one that made it: its "
+                               "processes would die when that thread ends (PR_SET_PDEATHSIG)")
+        if self.stops:
+            raise RuntimeError("ProcessTrees.start after stop()")
+        prctl = self._prctl
+        proc = subprocess.Popen(list(cmd), env=env, start_new_session=True,
+                                preexec_fn=(lambda: die_with_parent(signal.SIGTERM, prctl)) if prctl else None,
+                                **popen)
+        self.running.append(proc)
+        self.known[proc.pid] = {}
+        return proc
+
+    def poll(self) -> list[subprocess.Popen]:
+        """Follow the trees; the commands that ended since the last call (what they left behind is
+        killed). Past the grace after ``stop()``, kills everything still there."""
+        table = _process_table()
+        ended = []
+        for proc in list(self.running):
+            self.known[proc.pid].update(descendants(proc.pid, table))
+            if proc.poll() is not None:
+                self._kill(proc)
+                self.running.remove(proc)
+                ended.append(proc)
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            self.kill()
+        return ended
+
+    def stop(self) -> None:
+        """SIGTERM to each command (the first call); SIGKILL to every tree (a second call)."""
+        self.stops += 1
+        if self.stops > 1:
+            self.kill()
+            return
+        self.deadline = time.monotonic() + self.grace_s
+        for proc in self.running:
+            if proc.poll() is None:
+                with contextlib.suppress(OSError):
+                    os.kill(proc.pid, signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL every process of every tree."""
+        for proc in self.running:
+            self._kill(proc)
+
+    def _kill(self, proc: subprocess.Popen) -> None:
+        with contextlib.suppress(OSError):  # its group: the pid stays taken while the group lives
+            os.killpg(proc.pid, _SIGKILL)
+        kill_processes(self.known.get(proc.pid, {}))
+
+    def __enter__(self) -> "ProcessTrees":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.poll()
+        self.kill()
+        for proc in self.running:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)

@@ -23,6 +23,7 @@ are the two set-up pieces `subnetdp bench` shares with it.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..engine import Plan, SubnetworkDataParallel, SubnetworkSimulator
+from ..engine.errors import DisconnectedPlanWarning
 from ..measure import ByteCounter, counting_allreduce_hook
 
 
@@ -217,10 +219,12 @@ def parallelize(model: nn.Module, *, sdp: bool, device: torch.device, virtual_wo
     group, or over ``virtual_workers`` workers in this process. ``sdp_kwargs`` go to the engine
     (``blocks=``/``neurons=``, ``coverage``, ``masking``, ...); ``timeout`` bounds real SDP's
     collectives (the engine's default when None)."""
-    if sdp and virtual_workers is not None:
-        return SimulatedSDP(model, virtual_workers, **sdp_kwargs)
-    if sdp:
-        return RealSDP(model, **sdp_kwargs, **({} if timeout is None else {"timeout": timeout}))
+    with warnings.catch_warnings():  # `subnetdp train` says it once, before it starts (config_warnings)
+        warnings.simplefilter("ignore", DisconnectedPlanWarning)
+        if sdp and virtual_workers is not None:
+            return SimulatedSDP(model, virtual_workers, **sdp_kwargs)
+        if sdp:
+            return RealSDP(model, **sdp_kwargs, **({} if timeout is None else {"timeout": timeout}))
     if virtual_workers is not None:
         return SimulatedDDP(model, virtual_workers)
     return RealDDP(model, device)

@@ -17,9 +17,21 @@ from ..plotting import pyplot
 MiB = 2 ** 20
 
 
+class RunReadError(ValueError):
+    """A run folder whose summary.json or metrics.jsonl cannot be read; the message names it."""
+
+
 def read_run(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    summary = json.loads((run_dir / "summary.json").read_text())
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    """(summary.json, the records of metrics.jsonl) of a finished run; RunReadError when either is
+    not UTF-8 JSON of the expected shape."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+        metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+                   if line.strip()]
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise RunReadError(f"{run_dir}: cannot read its summary.json and metrics.jsonl: {exc}") from None
+    if not isinstance(summary, dict) or not all(isinstance(m, dict) for m in metrics):
+        raise RunReadError(f"{run_dir}: summary.json or metrics.jsonl is not what `subnetdp train` writes")
     return summary, metrics
 
 

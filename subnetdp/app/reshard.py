@@ -15,6 +15,7 @@ number of workers. The assembly holds the whole model and optimizer state in eac
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -22,7 +23,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..engine import SubnetworkSimulator
+from ..engine import DisconnectedPlanWarning, SubnetworkSimulator
 from . import checkpoint as ckpt
 from .builders import MODELS, rebuild_model
 from .config import Config, from_dict
@@ -48,10 +49,12 @@ def rebuild_simulator(manifest: dict[str, Any]) -> SubnetworkSimulator:
     model = rebuild_model(manifest["model"], manifest["model_kwargs"])
     example = torch.zeros(manifest["example_input_shape"],
                           dtype=torch.long if MODELS[manifest["model"]][2] == "lm" else torch.float32)
-    sim = SubnetworkSimulator(model, manifest["virtual_world_size"],
-                              **level_kwargs(s["level"], MODELS[manifest["model"]][1]), coverage=s["coverage"],
-                              masking=s["masking"], seed=s["plan_seed"], scale=s["scale"],
-                              neuron_groups=s["neuron_groups"] or None, example_input=example, shard=s["shard"])
+    with warnings.catch_warnings():  # the run's plan, rebuilt: the run itself said whether it was disconnected
+        warnings.simplefilter("ignore", DisconnectedPlanWarning)
+        sim = SubnetworkSimulator(model, manifest["virtual_world_size"],
+                                  **level_kwargs(s["level"], MODELS[manifest["model"]][1]), coverage=s["coverage"],
+                                  masking=s["masking"], seed=s["plan_seed"], scale=s["scale"],
+                                  neuron_groups=s["neuron_groups"] or None, example_input=example, shard=s["shard"])
     if sim.plan.fingerprint() != manifest["plan_fingerprint"]:
         raise ckpt.CheckpointError("the rebuilt plan does not match the one the run trained with")
     return sim

@@ -58,6 +58,8 @@ def check_run_folder(out: Path, config: Config, resume: bool, overwrite: bool = 
         if found is None:
             raise ckpt.CheckpointError(f"--resume: no complete checkpoint under {root}")
         folder, manifest = found
+        if workers is not None:  # a resume under another config is refused, complete or not
+            check_resume(config, manifest, workers, simulate, folder)
         steps = sum(phase_steps(config))
         if manifest["step"] < steps:
             return None
@@ -65,13 +67,14 @@ def check_run_folder(out: Path, config: Config, resume: bool, overwrite: bool = 
             ckpt.read_manifest(folder, verify=True)
         except ckpt.CheckpointError:
             return None  # damaged: resuming falls back to an older checkpoint and trains again from there
-        if workers is not None:  # a resume under another config is refused, complete or not
-            check_resume(config, manifest, workers, simulate, folder)
         summary = out / "summary.json"
         kept = ("summary.json and the checkpoints are kept" if summary.exists() else
                 "it has no summary.json (stopped in its final evaluation?): `subnetdp export` still works")
+        longer = (f"to train longer, resume with --set run.steps=N larger than {config['run.steps']}"
+                  if config["strategy.full_phase"] == 0 else
+                  "a run that ends with a full-model phase cannot be extended: start a new run to train longer")
         return (f"{out}: the run is already complete (checkpoint at step {manifest['step']} of {steps}); nothing "
-                f"to resume, {kept}; to train longer, resume with --set run.steps=N larger than {manifest['step']}")
+                f"to resume, {kept}; {longer}")
     held = [name + ("/" if name == "checkpoints" else "") for name in RUN_OUTPUTS if (out / name).exists()]
     if held and not overwrite:
         raise ConfigError(f"--out {out} already holds a run ({', '.join(held)}): continue it with --resume, "
@@ -79,14 +82,16 @@ def check_run_folder(out: Path, config: Config, resume: bool, overwrite: bool = 
     return None
 
 
-def prepare_run_folder(out: Path, ctx: Context, resume: bool) -> tuple[Path, dict[str, Any]] | None:
+def prepare_run_folder(out: Path, ctx: Context, resume: bool, skipped: list[tuple[Path, str]] | None = None
+                       ) -> tuple[Path, dict[str, Any]] | None:
     """Create ``out``; with ``resume`` return the newest complete checkpoint (folder, manifest),
-    else remove what an earlier run left there (metrics, summary, checkpoints) and return None.
-    `subnetdp train` calls ``check_run_folder`` first: it removes nothing without --overwrite."""
+    appending the newer damaged ones it passed over to ``skipped``; else remove what an earlier run
+    left there (metrics, summary, checkpoints) and return None. `subnetdp train` calls
+    ``check_run_folder`` first: it removes nothing without --overwrite."""
     out.mkdir(parents=True, exist_ok=True)
     root = out / "checkpoints"
     if resume:
-        found = ckpt.latest(root)
+        found = ckpt.latest(root, skipped=skipped)
         if found is None:
             raise ckpt.CheckpointError(f"--resume: no complete checkpoint under {root}")
         return found
@@ -110,21 +115,22 @@ def metrics_record(line: str) -> dict[str, Any] | None:
     return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
 
 
-def truncate_metrics(path: Path, step: int) -> None:
+def truncate_metrics(path: Path, step: int) -> list[dict[str, Any]]:
     """On resume: drop the lines a killed run logged after its last checkpoint, and torn lines
-    (a partial last write), which are reported on stderr."""
+    (a partial last write), which are reported on stderr. Returns the records kept."""
     if not path.exists():
-        return
+        return []
     lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
     records = [(line, metrics_record(line)) for line in lines]
     torn = sum(record is None for _, record in records)
     if torn:
         print(f"warning: {path}: dropped {torn} unreadable line{'s' if torn > 1 else ''} (torn by an "
               "interrupted write)", file=sys.stderr)
-    kept = [line for line, record in records if record is not None and record["step"] <= step]
+    kept = [(line, record) for line, record in records if record is not None and record["step"] <= step]
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.write_text("".join(line + "\n" for line, _ in kept))
     tmp.replace(path)
+    return [record for _, record in kept]
 
 
 # a resume may also change these: the state is then re-planned and moved (reshard.py)
@@ -132,8 +138,9 @@ RESHARDABLE_CHANGES = {("strategy", "coverage"), ("strategy", "shard")}
 
 
 def check_resume(config: Config, manifest: dict[str, Any], world_size: int, simulate: bool, folder: Path) -> bool:
-    """Refuse a resume under a different config; return whether the state must be re-planned and
-    moved (another worker count, coverage, or simulated versus real workers)."""
+    """Refuse a resume under a different config, or one that would move the switch to the
+    full-model phase; return whether the state must be re-planned and moved (another worker
+    count, coverage, or simulated versus real workers)."""
     saved = from_dict(manifest["config"])
     allowed = RESUMABLE_CHANGES | RESHARDABLE_CHANGES
     differences = config.differences(saved)
@@ -143,8 +150,26 @@ def check_resume(config: Config, manifest: dict[str, Any], world_size: int, simu
         may_change = sorted(".".join(x) for x in allowed)
         raise ckpt.CheckpointError(f"--resume: the config differs from the one {folder} was written with:\n"
                                    f"{lines}\nresume with the same config (only {may_change} may change)")
+    if saved["strategy.full_phase"] > 0 and phase_steps(config) != phase_steps(saved):
+        own, full = phase_steps(saved)
+        keys = ", ".join(f"{s}.{k} {b!r} -> {a!r}" for s, k, a, b in differences)
+        raise ckpt.CheckpointError(
+            f"--resume: this run ends with a full-model phase (strategy.full_phase = {saved['strategy.full_phase']:g})"
+            ": "
+            f"SDP trains steps 1-{own} and the full model steps {own + 1}-{own + full}; {keys} would move that "
+            "switch, so it cannot change on resume. Resume without it, or start a new run")
     return (manifest["virtual_world_size"] != world_size or manifest["simulate"] != simulate
             or any((d[0], d[1]) in RESHARDABLE_CHANGES for d in differences))
+
+
+def resume_changes(config: Config, manifest: dict[str, Any]) -> list[str]:
+    """One line per config value a resume changes from its checkpoint's (``run.steps changed 8
+    -> 40``), and what follows from it (a schedule stretched, a re-plan)."""
+    saved = from_dict(manifest["config"])
+    lines = [f"{s}.{k} changed {b!r} -> {a!r}" for s, k, a, b in config.differences(saved)]
+    if config["run.steps"] != saved["run.steps"] and config["optim.lr_schedule"] != "constant":
+        lines.append(f"the {config['optim.lr_schedule']} learning-rate schedule now spans the new length")
+    return lines
 
 
 def lock_run_folder(out: Path, ctx: Context) -> RunFolderLock | None:

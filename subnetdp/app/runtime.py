@@ -92,3 +92,4 @@ def percentiles(values: Sequence[float], qs: Sequence[float]) -> list[float] | N
     if not values:
         return None
     return [float(v) for v in np.percentile(values, list(qs))]
+

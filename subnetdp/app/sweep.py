@@ -46,7 +46,6 @@ Layout of --out:
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import datetime
 import itertools
 import json
@@ -55,6 +54,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -63,15 +63,17 @@ import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import IO, Any, Iterable
 
 from ..plotting import pyplot
 from .config import RESUMABLE_CHANGES, ConfigError, from_dict, load_config, parse_override, total_steps
-from .launch import worker_env
+from .jsonfile import strict_json
+from .launch import ProcessTrees, stop_signals, worker_env
 
 LAUNCHES = ("simulate", "nproc")
 MAIN_METRICS = ("accuracy", "accuracy_recalibrated", "test_loss", "val_loss", "perplexity")
 GROUP_KEYS = {"name", "seeds", "workers"}
+STOP_GRACE_S = 10.0  # stopped: seconds the cells get to stop (train --nproc gives torchrun 5) before SIGKILL
 
 
 class SweepError(ValueError):
@@ -155,9 +157,12 @@ def load_sweep(sweep_path: str | Path, extra_sets: Iterable[str] = ()) -> Sweep:
 
     path = Path(sweep_path)
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise SweepError(f"{path}: {exc}") from None
+    except UnicodeDecodeError as exc:  # TOML is UTF-8
+        raise SweepError(f"{path}: not a TOML file: byte {exc.start} is not UTF-8 text "
+                         f"({exc.object[exc.start:exc.start + 1]!r})") from None
     unknown = set(raw) - {"sweep", "grid"}
     if unknown or "sweep" not in raw:
         raise SweepError(f"{path}: expected a [sweep] table and [[grid]] tables, got {sorted(raw)}")
@@ -267,7 +272,7 @@ def cell_state(cell: Cell, out: Path, launch: str) -> str:
     if summary.exists():
         try:
             recorded = json.loads(summary.read_text()).get("config")
-        except json.JSONDecodeError:
+        except (ValueError, AttributeError):  # not JSON, not UTF-8, not an object
             recorded = None
         if _same_config(recorded, cell.config):
             return "complete"
@@ -280,29 +285,39 @@ def cell_state(cell: Cell, out: Path, launch: str) -> str:
                          + "; use a different --out (a sweep never overwrites results)")
     if not folder.exists():
         return "new"
-    from .checkpoint import latest
-    found = latest(folder / "checkpoints", verify=False)
-    if found is None:
-        return "restart"
-    manifest = found[1]
-    if manifest["step"] >= _steps(cell):
-        return "restart"  # `train --resume` from the final checkpoint would not evaluate again
-    changed = [d for d in from_dict(cell.config).differences(from_dict(manifest["config"]))
-               if (d[0], d[1]) not in RESUMABLE_CHANGES]
+    from .checkpoint import CheckpointError, latest
+    try:
+        found = latest(folder / "checkpoints", verify=False)
+        if found is None:
+            return "restart"
+        manifest = found[1]
+        if manifest["step"] >= _steps(cell):
+            return "restart"  # `train --resume` from the final checkpoint would not evaluate again
+        changed = [d for d in from_dict(cell.config).differences(from_dict(manifest["config"]))
+                   if (d[0], d[1]) not in RESUMABLE_CHANGES]
+    except (CheckpointError, ConfigError):  # a manifest that lacks a key, or another version's config
+        return "restart"  # the folder is moved aside, never deleted
     same_world = (manifest.get("virtual_world_size") == cell.workers
                   and manifest.get("simulate") == (launch == "simulate"))
     return "resume" if not changed and same_world else "restart"
 
 
 def train_command(cell: Cell, base: Path, out: Path, launch: str, resume: bool) -> list[str]:
+    """The cell's `subnetdp train`. A resume continues the run as it was started, so it also
+    names every key a resume may change with the cell's value: the resumed run is the cell."""
     cmd = [sys.executable, "-m", "subnetdp.app.cli", "train", str(base), "--out", str(out / "cells" / cell.id),
            "--no-progress", f"--{launch}", str(cell.workers)]
-    for item in cell.sets():
+    sets = cell.sets()
+    if resume:
+        sets += [f"{section}.{key}={_toml(cell.config[section][key])}" for section, key in sorted(RESUMABLE_CHANGES)]
+    for item in sets:
         cmd += ["--set", item]
     return cmd + (["--resume"] if resume else [])
 
 
-def _run_cell(cell: Cell, base: Path, out: Path, launch: str, state: str) -> tuple[int, float]:
+def _start_cell(trees: ProcessTrees, cell: Cell, base: Path, out: Path, launch: str, state: str
+                ) -> tuple[subprocess.Popen, IO[str], float]:
+    """Start the cell's `subnetdp train` (its output to the cell's train.log): (process, log, start)."""
     folder = out / "cells" / cell.id
     if state == "restart":  # killed before its first checkpoint, or a checkpoint we cannot resume
         if folder.is_dir() and not any(folder.iterdir()):
@@ -311,16 +326,17 @@ def _run_cell(cell: Cell, base: Path, out: Path, launch: str, state: str) -> tup
             aside = folder.with_name(f"{folder.name}.incomplete-{time.strftime('%Y%m%d-%H%M%S')}")
             folder.rename(aside)
     folder.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    env = worker_env(1)  # cells may run side by side: one thread per worker
-    with open(folder / "train.log", "a" if state == "resume" else "w") as log:
-        log.write("$ " + shlex.join(train_command(cell, base, out, launch, state == "resume")) + "\n")
+    cmd = train_command(cell, base, out, launch, state == "resume")
+    log = open(folder / "train.log", "a" if state == "resume" else "w")
+    try:
+        log.write("$ " + shlex.join(cmd) + "\n")
         log.flush()
-        rc = subprocess.run(train_command(cell, base, out, launch, state == "resume"), stdout=log,
-                            stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL).returncode
-    if rc == 0 and not (folder / "summary.json").exists():
-        rc = 1
-    return rc, time.perf_counter() - started
+        # cells may run side by side: one thread per worker
+        proc = trees.start(cmd, worker_env(1), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    except BaseException:
+        log.close()
+        raise
+    return proc, log, time.perf_counter()
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -340,10 +356,12 @@ def write_manifest(sweep: Sweep, out: Path, command: str) -> None:
 
 
 def run_sweep(sweep_path: str | Path, out: str | Path, extra_sets: Iterable[str] = (), only: Iterable[str] = (),
-              jobs: int = 1, keep_checkpoints: bool = False, progress: bool = True,
+              jobs: int = 1, keep_checkpoints: bool = True, progress: bool = True,
               command: str | None = None) -> dict[str, Any]:
     """Run every cell not yet complete (and matching --only), then aggregate. Returns
-    {"ran", "skipped", "failed": lists of ids, "results": aggregate(out)}."""
+    {"ran", "skipped", "failed": lists of ids, "results": aggregate(out), "stopped_by": None}; stopped
+    by a signal, {..., "results": None, "stopped_by": the signal, "stopped": the ids of the cells it
+    stopped, "not_started": how many cells it did not start}."""
     from tqdm import tqdm
 
     out = Path(out)
@@ -359,37 +377,54 @@ def run_sweep(sweep_path: str | Path, out: str | Path, extra_sets: Iterable[str]
     ran, failed = [], []
     bar = tqdm(total=len(todo), unit="cell", disable=not progress or not todo, dynamic_ncols=True)
 
-    def one(cell: Cell) -> tuple[int, float]:
-        bar.set_description_str(cell.id)
-        return _run_cell(cell, sweep.base, out, sweep.launch, states[cell.id])
+    def finished(cell: Cell, rc: int, seconds: float) -> None:
+        folder = out / "cells" / cell.id
+        if rc == 0 and (folder / "summary.json").exists():
+            ran.append(cell.id)
+            final = json.loads((folder / "summary.json").read_text()).get("final_eval") or {}
+            resumed = ", resumed" if states[cell.id] == "resume" else ""
+            bar.write(f"done   {cell.id} ({seconds:.0f} s{resumed}): "
+                      + ", ".join(f"{k} {v:.4f}" for k, v in final.items() if k != "step"))
+            if not keep_checkpoints:  # the user asked for it (--remove-checkpoints)
+                shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+        else:
+            failed.append(cell.id)
+            bar.write(f"FAILED {cell.id} (exit {rc or 1}); the end of {folder / 'train.log'}:\n"
+                      + _tail(folder / "train.log"))
+        bar.update(1)
+        bar.set_postfix_str(f"{len(failed)} failed" if failed else "")
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        futures = {pool.submit(one, c): c for c in todo}
-        try:
-            for future in concurrent.futures.as_completed(futures):
-                cell = futures[future]
-                rc, seconds = future.result()
-                folder = out / "cells" / cell.id
-                if rc == 0:
-                    ran.append(cell.id)
-                    final = json.loads((folder / "summary.json").read_text()).get("final_eval") or {}
-                    resumed = ", resumed" if states[cell.id] == "resume" else ""
-                    bar.write(f"done   {cell.id} ({seconds:.0f} s{resumed}): "
-                              + ", ".join(f"{k} {v:.4f}" for k, v in final.items() if k != "step"))
-                    if not keep_checkpoints:
-                        shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+    # Every cell is a process started from this thread, which waits for all of them: a cell never
+    # outlives the sweep (see ProcessTrees), whether the sweep is stopped (SIGINT, SIGTERM, SIGHUP:
+    # its cells get SIGTERM, and SIGKILL 10 s later or on a second signal), killed (SIGKILL: the
+    # kernel sends them SIGTERM) or fails.
+    queue, running, interrupted = list(todo), {}, []
+    with ProcessTrees(grace_s=STOP_GRACE_S) as trees, stop_signals() as received:
+        while queue or running:
+            if trees.stops < len(received):  # a (further) stop signal
+                queue.clear()
+                trees.stop()
+            while queue and len(running) < max(1, jobs):
+                cell = queue.pop(0)
+                bar.set_description_str(cell.id)
+                proc, log, started = _start_cell(trees, cell, sweep.base, out, sweep.launch, states[cell.id])
+                running[proc.pid] = (cell, log, started)
+            for proc in trees.poll():
+                cell, log, started = running.pop(proc.pid)
+                log.close()
+                done = proc.returncode == 0 and (out / "cells" / cell.id / "summary.json").exists()
+                if received and not done:
+                    interrupted.append(cell.id)
                 else:
-                    failed.append(cell.id)
-                    bar.write(f"FAILED {cell.id} (exit {rc}); the end of {folder / 'train.log'}:\n"
-                              + _tail(folder / "train.log"))
-                bar.update(1)
-                bar.set_postfix_str(f"{len(failed)} failed" if failed else "")
-        except KeyboardInterrupt:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
+                    finished(cell, proc.returncode, time.perf_counter() - started)
+            if running:
+                time.sleep(0.25)
     bar.close()
+    if received:
+        return {"ran": ran, "skipped": skipped, "failed": failed, "results": None, "stopped_by": received[0],
+                "stopped": interrupted, "not_started": len(todo) - len(ran) - len(failed) - len(interrupted)}
     results = aggregate(out)
-    return {"ran": ran, "skipped": skipped, "failed": failed, "results": results}
+    return {"ran": ran, "skipped": skipped, "failed": failed, "results": results, "stopped_by": None}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,17 +434,6 @@ def run_sweep(sweep_path: str | Path, out: str | Path, extra_sets: Iterable[str]
 def _stats(values: list[float]) -> dict[str, Any]:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
             "n": len(values)}
-
-
-def _finite(obj: Any) -> Any:
-    """NaN/inf (a diverged run) as null, so results.json is strict JSON."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 def _number(value: Any) -> bool:
@@ -422,7 +446,7 @@ def aggregate(out_dir: str | Path) -> dict[str, Any]:
     out = Path(out_dir)
     try:
         manifest = json.loads((out / "sweep.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8 text
         raise SweepError(f"{out}/sweep.json: not a sweep folder ({exc})") from None
     conditions: dict[tuple[int, str], dict[str, Any]] = {}
     machine = None
@@ -431,7 +455,7 @@ def aggregate(out_dir: str | Path) -> dict[str, Any]:
         try:
             summary = json.loads((folder / "summary.json").read_text())
             metrics = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines() if x.strip()]
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError):  # ValueError: not JSON, or not UTF-8 text
             continue
         if not _same_config(summary.get("config"), cell["config"]):
             continue
@@ -480,7 +504,7 @@ def aggregate(out_dir: str | Path) -> dict[str, Any]:
     results = {"sweep": manifest["sweep"], "name": manifest["name"], "command": manifest["command"],
                "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine,
                "main_metric": main_metric, "conditions": rows}
-    (out / "results.json").write_text(json.dumps(_finite(results), indent=1))
+    (out / "results.json").write_text(strict_json(results, indent=1))  # a diverged cell's NaN as null
     (out / "results.md").write_text(results_markdown(results))
     if rows:
         plot_results(results, out)
@@ -630,10 +654,11 @@ resume (killed after a checkpoint: rerun with --resume), restart (killed before 
 moved aside to <id>.incomplete-<time> and the cell starts afresh). A summary.json with another
 config is an error: a sweep never overwrites results; use another --out.
 
-checkpoints: after a cell completes, the sweep deletes its checkpoints/ folder (the sweep wrote it;
-the results are summary.json and metrics.jsonl, which are small enough to commit) unless
---keep-checkpoints. Set run.checkpoint_interval (e.g. --set run.checkpoint_interval=100) so that a
-killed long cell resumes instead of restarting.
+checkpoints: a completed cell keeps its checkpoints/ folder (`subnetdp align` and `subnetdp export`
+read it) unless --remove-checkpoints asks the sweep to delete it once the cell is complete (the
+results are summary.json and metrics.jsonl, which are small enough to commit). Set
+run.checkpoint_interval (e.g. --set run.checkpoint_interval=100) so that a killed long cell resumes
+instead of restarting.
 """
 
 
@@ -654,8 +679,10 @@ def main(argv: list[str] | None = None) -> int:
                         "state, overrides) and exit")
     parser.add_argument("--report-only", action="store_true",
                         help="train nothing: aggregate the complete cells in --out (results.json, results.md, plots)")
+    parser.add_argument("--remove-checkpoints", action="store_true",
+                        help="delete each cell's checkpoints/ once the cell is complete (default: kept, see below)")
     parser.add_argument("--keep-checkpoints", action="store_true",
-                        help="keep each completed cell's checkpoints/ (default: deleted, see below)")
+                        help="keep each completed cell's checkpoints/ (the default; accepted for older commands)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     command = shlex.join(["subnetdp", "sweep", *(argv if argv is not None else sys.argv[1:])])
@@ -680,12 +707,22 @@ def main(argv: list[str] | None = None) -> int:
             results = aggregate(out)
             failed: list[str] = []
         else:
-            report = run_sweep(args.sweep, out, args.set, args.only, args.jobs, args.keep_checkpoints,
+            if args.remove_checkpoints and args.keep_checkpoints:
+                raise SweepError("--remove-checkpoints and --keep-checkpoints contradict each other: give one")
+            report = run_sweep(args.sweep, out, args.set, args.only, args.jobs, not args.remove_checkpoints,
                                progress=not args.no_progress, command=command)
             results, failed = report["results"], report["failed"]
     except SweepError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if not args.report_only and report["stopped_by"]:
+        sig = report["stopped_by"]
+        stopped = report["stopped"]
+        print(f"stopped by {signal.Signals(sig).name}: {len(stopped)} running cell{'s' if len(stopped) != 1 else ''} "
+              f"stopped ({', '.join(stopped) or 'none'}), {len(report['ran'])} done, {report['not_started']} not "
+              f"started; rerun the same command to continue (a cell resumes from its last checkpoint, or starts "
+              f"again without one): {command}", file=sys.stderr)
+        return 128 + sig
     print(f"{len(results['conditions'])} conditions; written: {out}/results.md, {out}/results.json")
     if failed:
         print(f"{len(failed)} cells failed: {', '.join(failed)} (their train.log is in {out}/cells/<id>/)",

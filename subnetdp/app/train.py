@@ -22,6 +22,7 @@ import os
 import random
 import socket
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,11 +43,17 @@ from . import reshard
 from .baselines import StochasticDepth, checkpoint_blocks
 from .builders import Task, build_task
 from .config import Config, ConfigError, phase_steps
-from .evaluation import evaluate, inference_flops, make_eval_models
+from .evaluation import eval_cap, evaluate, inference_flops, make_eval_models
+from .jsonfile import strict_json
 from .launch import die_with_parent, note_failure
 from .parallelism import Parallelism, level_kwargs, parallelize
-from .run_folder import check_resume, lock_run_folder, prepare_run_folder, truncate_metrics
+from .run_folder import check_resume, lock_run_folder, prepare_run_folder, resume_changes, truncate_metrics
 from .runtime import PeakMemory, autocast, choose_device, machine_info, percentiles
+
+
+class DivergedError(RuntimeError):
+    """The training loss or gradient norm became NaN or infinite: the run stops before that step's
+    update, so nothing non-finite is applied or checkpointed."""
 
 # ---------------------------------------------------------------------------------------------
 # set-up
@@ -209,6 +216,17 @@ class Trainer:
             o.load_state_dict(state["optimizer"])
             s.load_state_dict(state["scheduler"])
 
+    def apply_schedule(self) -> None:
+        """Set each optimizer's learning rate from its schedule at the schedule's current step. A
+        loaded optimizer carries the rate its checkpoint was taken at; a resume that changes
+        run.steps changes the schedule, and its first step must already follow the new one."""
+        for optimizer, scheduler in zip(self.optimizers, self.schedulers):
+            step = scheduler.last_epoch
+            rates = [base * factor(step) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+            for group, rate in zip(optimizer.param_groups, rates):
+                group["lr"] = rate
+            scheduler._last_lr = rates  # what get_last_lr() reports
+
 
 def build_trainer(config: Config, task: Task, ctx: Context, steps: int,
                   full_phase_from: dict[str, torch.Tensor] | None = None, first_step: int = 0) -> Trainer:
@@ -232,8 +250,27 @@ def build_trainer(config: Config, task: Task, ctx: Context, steps: int,
                    stochastic_depth=depth, full_phase=full_phase)
 
 
+def _not_finite(losses: list[float], grads: list[torch.Tensor]) -> torch.Tensor:
+    """[any loss not finite, the gradient norm not finite] of this process, as 0/1 floats."""
+    norm = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
+    return torch.tensor([float(not all(math.isfinite(v) for v in losses)), float(not torch.isfinite(norm).item())])
+
+
+def check_finite(tr: Trainer, step: int, losses: list[float], grads: list[torch.Tensor]) -> None:
+    """DivergedError on every rank when any worker's loss or gradient norm is NaN or infinite
+    (collective: one all-reduce of two numbers), before the optimizer applies it."""
+    bad = tr.ctx.all_reduce_sum(_not_finite(losses, grads))
+    if bad.any():
+        what = " and ".join(name for name, n in zip(("loss", "gradient norm"), bad.tolist()) if n)
+        where = "" if tr.ctx.simulate else f" on {int(bad.max().item())} of {tr.ctx.world_size} workers"
+        raise DivergedError(f"the run diverged at step {step + 1}: the training {what} is not finite (NaN or "
+                            f"infinite){where}; stopped before that step's update, nothing non-finite was "
+                            "checkpointed. Lower optim.lr, or set optim.grad_clip or optim.warmup_steps")
+
+
 def train_step(tr: Trainer, step: int) -> float:
-    """One optimizer step of every local worker; returns the mean loss over this process's workers."""
+    """One optimizer step of every local worker; returns the mean loss over this process's workers.
+    A non-finite loss or gradient norm on any worker raises DivergedError before the update."""
     cfg, ctx, task, par = tr.config, tr.ctx, tr.task, tr.par
     batch_size, seed = cfg["data.batch_size"], cfg["run.seed"]
     losses = []
@@ -249,9 +286,10 @@ def train_step(tr: Trainer, step: int) -> float:
     par.after_backward()
     if cfg["optim.grad_clip"] > 0:
         par.clip_grad_norm_(cfg["optim.grad_clip"])
+    grads = [p.grad for m in par.models for p in par.optimized_parameters(m) if p.grad is not None]
+    check_finite(tr, step, losses, grads)
     # gradients are freed at zero_grad: their size is read here, while they exist
-    tr.peak_grad_bytes = max(tr.peak_grad_bytes, tensor_bytes(p.grad for m in par.models
-                                                               for p in par.optimized_parameters(m)))
+    tr.peak_grad_bytes = max(tr.peak_grad_bytes, tensor_bytes(grads))
     for optimizer, scheduler in zip(tr.optimizers, tr.schedulers):
         optimizer.step()  # backward-masked SDP broadcasts updated units from an optimizer hook
         scheduler.step()
@@ -320,6 +358,22 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def check_task_fits(config: Config, task: Task, world_size: int) -> None:
+    """ConfigError when the data cannot feed one step: a global batch (workers x data.batch_size)
+    larger than the image train set."""
+    steps_per_epoch = getattr(task.data, "steps_per_epoch", None)
+    if steps_per_epoch is None:  # token streams draw windows at random: any batch fits
+        return
+    try:
+        steps_per_epoch(world_size, config["data.batch_size"])
+    except ValueError:
+        batch = config["data.batch_size"]
+        raise config.error("data", "batch_size", f"[data] batch_size = {batch} on {world_size} workers is a global "
+                           f"batch of {world_size * batch} examples, more than the {task.data.train_size} of the "
+                           f"train set: lower data.batch_size (at most {task.data.train_size // world_size}) or "
+                           "the number of workers") from None
+
+
 def build_task_once(config: Config, out: Path, ctx: Context) -> Task:
     """Rank 0 first: it downloads data or trains a tokenizer once, the others then read its files."""
     task = build_task(config, out) if ctx.is_main else None
@@ -346,12 +400,15 @@ def run_training(config: Config, out: Path, simulate: int | None = None, resume:
     try:
         lock = lock_run_folder(out, ctx)
         started = time.perf_counter()
-        found = prepare_run_folder(out, ctx, resume)
-        run = TrainingRun(config, out, ctx, build_task_once(config, out, ctx), started)
+        task = build_task_once(config, out, ctx)
+        check_task_fits(config, task, ctx.world_size)  # before the folder changes: a corrected re-run works
+        skipped: list[tuple[Path, str]] = []
+        found = prepare_run_folder(out, ctx, resume, skipped)
+        run = TrainingRun(config, out, ctx, task, started, progress)
         if found is not None:
-            run.resume(*found)
+            run.resume(*found, skipped)
         run.write_run_config()
-        run.train(progress)
+        run.train()
         summary = run.summary()
         # leave together: tearing gloo down under a busy peer was seen to abort. Only here: a
         # failing run leaves at once, as its peers may be dead or stuck (a second timeout)
@@ -393,8 +450,10 @@ class TrainingRun:
     window_start: float
     window_steps: int
 
-    def __init__(self, config: Config, out: Path, ctx: Context, task: Task, started: float) -> None:
+    def __init__(self, config: Config, out: Path, ctx: Context, task: Task, started: float,
+                 progress: bool = True) -> None:
         self.config, self.out, self.ctx, self.task, self.started = config, out, ctx, task, started
+        self.progress = progress
         self.ckpt_root = out / "checkpoints"
         self.own_steps, self.full_steps = phase_steps(config)
         self.steps = self.own_steps + self.full_steps
@@ -406,22 +465,35 @@ class TrainingRun:
         self.stats = StepStats(PeakMemory(ctx.device))
         self.evals: list[dict[str, Any]] = []
         self.sdp_phase_per_rank: list[dict[str, Any]] | None = None
+        self.full_phase_from: int | None = None  # the step the full-model phase began at, once it has
+        self.seconds = {"eval": 0.0, "checkpoint": 0.0}
+        self.eval_seconds: list[float] = []  # of each evaluation of this process's run (not before a resume)
         if config["run.tensorboard"]:  # fail before training, not at the first log record
             open_tensorboard(None, 0)
 
-    def begin_full_phase(self) -> None:
-        """SDP ends here: every worker continues with the assembled full model, as DDP."""
+    def begin_full_phase(self, at: int) -> None:
+        """SDP ends at step ``at``: every worker continues with the assembled full model, as DDP,
+        its learning-rate schedule continuing from there."""
         self.tr = build_trainer(self.config, self.task, self.ctx, self.steps,
-                                full_phase_from=self.tr.par.full_state_dict(), first_step=self.own_steps)
+                                full_phase_from=self.tr.par.full_state_dict(), first_step=at)
+        self.full_phase_from = at
 
-    def resume(self, folder: Path, manifest: dict[str, Any]) -> None:
-        """Continue from a checkpoint: its phase, weights, optimizers, RNG states and log window."""
+    def resume(self, folder: Path, manifest: dict[str, Any], skipped: list[tuple[Path, str]] | None = None) -> None:
+        """Continue from a checkpoint: its phase, weights, optimizers, RNG states and log window.
+        Rank 0 says which step of how many it resumes, every config value that changed, and the
+        newer checkpoints it skipped because they were damaged."""
         ctx = self.ctx
         moved = check_resume(self.config, manifest, ctx.world_size, ctx.simulate, folder)
         if not moved and self.plan is not None and manifest.get("plan_fingerprint") != self.plan.fingerprint():
             raise ckpt.CheckpointError(f"--resume: {folder} was written under a different SDP plan")
-        if manifest.get("phase") == "full":
-            self.begin_full_phase()  # its weights and optimizer come from the checkpoint below
+        if ctx.is_main:
+            for damaged, why in skipped or []:
+                print(f"warning: skipped the newer checkpoint {damaged}: {why}", file=sys.stderr, flush=True)
+            changes = "".join(f"; {line}" for line in resume_changes(self.config, manifest))
+            print(f"resuming {self.out} at step {manifest['step']} of {self.steps} (checkpoint {folder.name}){changes}",
+                  flush=True)
+        if manifest.get("phase") == "full":  # its weights and optimizer come from the checkpoint below
+            self.begin_full_phase(manifest.get("full_phase_from", self.own_steps))
         if moved:  # another worker count or coverage: assemble the old state, cut it for the new plan
             own = ckpt.load_rank_state(folder, min(ctx.rank, manifest["world_size"] - 1))
             tr = self.tr
@@ -436,10 +508,12 @@ class TrainingRun:
             # DDP replicas are identical: rank 0's file holds the model and optimizer for all of them
             holder = own if "workers" in own else ckpt.load_rank_state(folder, 0)
             self.tr.load_state(holder["workers"])
+        self.tr.apply_schedule()
         _set_rng_state(own["rng"], ctx.device)
         self.start_step, self.log_acc = manifest["step"], own["log_accumulator"]
         if ctx.is_main:
-            truncate_metrics(self.out / "metrics.jsonl", self.start_step)
+            records = truncate_metrics(self.out / "metrics.jsonl", self.start_step)
+            self.evals = [{"step": r["step"], **r["eval"]} for r in records if isinstance(r.get("eval"), dict)]
 
     def write_run_config(self) -> None:
         if not self.ctx.is_main:
@@ -452,10 +526,10 @@ class TrainingRun:
 
     # -- the step loop ---------------------------------------------------------------------
 
-    def train(self, progress: bool) -> None:
+    def train(self) -> None:
         """Every remaining step, metrics.jsonl open for appending on rank 0 meanwhile."""
         main = self.ctx.is_main
-        self.bar = tqdm(total=self.steps, initial=self.start_step, disable=not (progress and main),
+        self.bar = tqdm(total=self.steps, initial=self.start_step, disable=not (self.progress and main),
                         unit="step", desc=strategy_label(self.config), dynamic_ncols=True)
         self.tensorboard = open_tensorboard(self.out, self.start_step) if main and self.config["run.tensorboard"] \
             else None
@@ -472,7 +546,7 @@ class TrainingRun:
         self.window_start, self.window_steps = time.perf_counter(), 0
         peak.start()
         for step in range(self.start_step, self.steps):
-            if step == self.own_steps and not self.tr.full_phase:
+            if step >= self.own_steps and not self.tr.full_phase:
                 self._switch_to_full_phase(step)
             self._timed_step(step)
             done = step + 1
@@ -486,7 +560,9 @@ class TrainingRun:
             if needs_eval or needs_ckpt:
                 peak.stop()
                 if needs_ckpt:  # first: an evaluation that fails must never cost the training
+                    began = time.perf_counter()
                     self._checkpoint(done)
+                    self.seconds["checkpoint"] += time.perf_counter() - began
                 if needs_eval:
                     self._evaluate(done)
                 peak.start()
@@ -497,7 +573,7 @@ class TrainingRun:
         peak = self.stats.peak
         peak.stop()
         self.sdp_phase_per_rank = _gather_figures(self.tr, rank_figures(self.tr, self.stats))
-        self.begin_full_phase()
+        self.begin_full_phase(step)
         peak.start()
         if self.ctx.is_main:
             self.bar.write(f"step {step}: SDP phase done; the assembled full model trains for {self.full_steps} steps")
@@ -527,7 +603,7 @@ class TrainingRun:
 
     def _write(self, record: dict[str, Any]) -> None:
         if self.metrics_file is not None:
-            self.metrics_file.write(json.dumps(record) + "\n")
+            self.metrics_file.write(strict_json(record) + "\n")
             self.metrics_file.flush()
         if self.tensorboard is not None:
             # every number of the record, tagged by its key (nested ones as "eval/accuracy")
@@ -555,15 +631,29 @@ class TrainingRun:
         self.log_acc, self.window_start, self.window_steps = [0.0, 0], time.perf_counter(), 0
 
     def _evaluate(self, done: int) -> None:
-        metrics = evaluate(self.tr, self.eval_models)
+        began = time.perf_counter()
+        metrics = evaluate(self.tr, self.eval_models, self.progress, desc=f"evaluation at step {done}",
+                           final=done == self.steps)
+        seconds = time.perf_counter() - began
+        self.seconds["eval"] += seconds
         self.evals.append({"step": done, **metrics})
-        self._write({"step": done, "eval": metrics})
+        self.eval_seconds.append(seconds)
+        # how many test examples (or validation windows) it covered
+        examples = self.task.data.eval_size(self.config["eval.batch_size"], eval_cap(self.config, done == self.steps))
+        self._write({"step": done, "eval": metrics, "eval_s": seconds, "eval_examples": examples})
         if self.ctx.is_main:
-            self.bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            self.bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+                           + f" ({seconds:.1f} s)")
 
     def _checkpoint(self, done: int) -> None:
-        """Every rank writes what it holds (DDP: rank 0 speaks for all), then rank 0 the manifest."""
+        """Every rank writes what it holds (DDP: rank 0 speaks for all), then rank 0 the manifest.
+        A state with a NaN or infinite weight is never written (DivergedError on every rank)."""
         ctx, tr, root = self.ctx, self.tr, self.ckpt_root
+        not_finite = sum(not torch.isfinite(t).all().item() for m in tr.par.models for t in m.state_dict().values()
+                         if t.is_floating_point())
+        if ctx.all_reduce_sum(torch.tensor([float(not_finite)])).item():
+            raise DivergedError(f"the run diverged at step {done}: the weights hold NaN or infinite values; "
+                                "this state was not checkpointed. Lower optim.lr, or set optim.grad_clip")
         per_rank: dict[str, Any] = {"rng": _rng_state(ctx.device), "log_accumulator": self.log_acc, "step": done}
         if ctx.rank == 0 or not tr.par.replicated:
             per_rank["workers"] = tr.state()
@@ -577,6 +667,7 @@ class TrainingRun:
                            "example_input_shape": list(self.task.example_input.shape),
                            "plan_fingerprint": self.plan.fingerprint() if self.plan is not None else None,
                            "phase": "full" if tr.full_phase else "own",
+                           "full_phase_from": self.full_phase_from,
                            "virtual_world_size": ctx.world_size},
                           self.config["run.keep_checkpoints"])
         ctx.barrier()
@@ -604,14 +695,20 @@ class TrainingRun:
             # measured (FlopCounterMode) on one step: forward + backward of every worker
             "train_flops_per_step": own,
             "train_flops": own * self.own_steps + full * self.full_steps,
-            "full_phase": ({"from_step": self.own_steps, "steps": self.full_steps, "flops_per_step": full,
-                            "sdp_phase_per_rank": self.sdp_phase_per_rank} if self.full_steps else None),
+            # the step the full phase really began at (recorded when it began, or in the checkpoint)
+            "full_phase": ({"from_step": self.full_phase_from, "steps": self.steps - self.full_phase_from,
+                            "flops_per_step": full, "sdp_phase_per_rank": self.sdp_phase_per_rank}
+                           if self.full_phase_from is not None else None),
             "inference_flops_per_sample": inference,
             "per_rank": per_rank,
             "plan": self.plan.to_dict() if self.plan is not None else None,
             "config": config.to_dict(),
             "machine": machine_info(ctx.device, backend=ctx.backend),
             "wall_s": time.perf_counter() - self.started,
+            # where this process's time went (since its start or resume): training steps, each
+            # evaluation, checkpoints
+            "time_s": {"train_steps": sum(self.stats.step_times), "eval": self.seconds["eval"],
+                       "evals": self.eval_seconds, "checkpoint": self.seconds["checkpoint"]},
         }
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        (self.out / "summary.json").write_text(strict_json(summary, indent=1, default=str))
         return summary

@@ -17,7 +17,9 @@ the r-th block of batch_size, so the ranks' batches are disjoint and make up the
 remainder of an epoch is dropped. Tokens follow nanoGPT: each rank draws random window starts from
 a generator seeded by (seed, step, rank). Evaluation gives each rank a contiguous shard, and the
 shards cover the test set exactly once (their sizes differ by at most one example, so ranks may
-yield different numbers of batches: reduce sums and counts after the loop, not per batch).
+yield different numbers of batches: reduce sums and counts after the loop, not per batch). A cap
+(``max_batches``) keeps the first ``max_batches * batch_size`` examples or windows before sharding,
+so the evaluated set does not depend on the number of ranks.
 """
 
 from __future__ import annotations
@@ -170,18 +172,27 @@ class ImageClassification:
         g = _generator("augment", seed, step, rank) if self.augment else None
         return self._prepare(self._train_x[idx], g), self._train_y[idx]
 
-    def eval_batches(self, batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
-        """This rank's contiguous shard of the test set, in batches of at most ``batch_size``."""
-        start, end = _shard(self.test_size, rank, world_size)
+    def eval_size(self, batch_size: int, max_batches: int | None = None) -> int:
+        """Test examples evaluated in all: the whole test set, or its first ``max_batches *
+        batch_size`` examples."""
+        return self.test_size if max_batches is None else min(self.test_size, max_batches * batch_size)
+
+    def eval_batches(self, batch_size: int, rank: int = 0, world_size: int = 1,
+                     max_batches: int | None = None) -> Iterator[Batch]:
+        """This rank's contiguous shard of the test set (of its first ``max_batches * batch_size``
+        examples: the same examples whatever world_size), in batches of at most ``batch_size``."""
+        start, end = _shard(self.eval_size(batch_size, max_batches), rank, world_size)
         for i in range(start, end, batch_size):
             j = min(i + batch_size, end)
             yield self._prepare(self._test_x[i:j]), self._test_y[i:j]
 
-    def calibration_batches(self, count: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+    def calibration_batches(self, count: int, batch_size: int, seed: int, rank: int = 0,
+                            world_size: int = 1) -> Iterator[torch.Tensor]:
         """``count`` batches of train inputs (no labels, no augmentation), e.g. to re-estimate
-        BatchNorm statistics with ``engine.evaluation.recalibrate_norm_statistics``."""
+        BatchNorm statistics with ``engine.evaluation.recalibrate_norm_statistics``; with
+        ``world_size`` > 1, rank's share of them (batches rank, rank + world_size, ...)."""
         perm = torch.randperm(self.train_size, generator=_generator("calibration", seed))
-        for b in range(count):
+        for b in range(rank, count, world_size):
             idx = perm[torch.arange(b * batch_size, (b + 1) * batch_size) % self.train_size]
             yield self._prepare(self._train_x[idx])
 
@@ -214,15 +225,18 @@ class TokenStream:
         w = self.train_tokens[starts[:, None] + self._window]
         return w[:, :-1], w[:, 1:]
 
+    def eval_size(self, batch_size: int, max_batches: int | None = None) -> int:
+        """Validation windows evaluated in all: every non-overlapping window, or the first
+        ``max_batches * batch_size`` of them."""
+        windows = (len(self.val_tokens) - 1) // self.seq_len
+        return windows if max_batches is None else min(windows, max_batches * batch_size)
+
     def eval_batches(self, batch_size: int, rank: int = 0, world_size: int = 1,
                      max_batches: int | None = None) -> Iterator[Batch]:
         """Non-overlapping consecutive windows of the validation tokens, this rank's contiguous
         share. ``max_batches`` caps the windows at the first ``max_batches * batch_size`` (over all
         ranks together, so the evaluated set is the same whatever world_size)."""
-        windows = (len(self.val_tokens) - 1) // self.seq_len
-        if max_batches is not None:
-            windows = min(windows, max_batches * batch_size)
-        start, end = _shard(windows, rank, world_size)
+        start, end = _shard(self.eval_size(batch_size, max_batches), rank, world_size)
         for i in range(start, end, batch_size):
             starts = torch.arange(i, min(i + batch_size, end)) * self.seq_len
             w = self.val_tokens[starts[:, None] + self._window]

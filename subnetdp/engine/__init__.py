@@ -2,7 +2,7 @@
 single-process simulator (see docs/architecture.md). It knows nothing of models, data or the
 training application."""
 
-from .errors import CollectiveError, PlanError, PlanMismatchError, SDPConfigError
+from .errors import CollectiveError, DisconnectedPlanWarning, PlanError, PlanMismatchError, SDPConfigError
 from .evaluation import recalibrate_norm_statistics, scale_residual_branches
 from .plan import Plan, UnitCost, holders_needed, make_plan
 from .planning import plan_for
@@ -10,6 +10,6 @@ from .simulator import SubnetworkSimulator
 from .subnetwork import Subnetwork
 from .wrapper import SubnetworkDataParallel
 
-__all__ = ["CollectiveError", "Plan", "PlanError", "PlanMismatchError", "SDPConfigError",
+__all__ = ["CollectiveError", "DisconnectedPlanWarning", "Plan", "PlanError", "PlanMismatchError", "SDPConfigError",
            "Subnetwork", "SubnetworkDataParallel", "SubnetworkSimulator", "UnitCost", "holders_needed", "make_plan",
            "plan_for", "recalibrate_norm_statistics", "scale_residual_branches"]

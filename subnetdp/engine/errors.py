@@ -17,3 +17,8 @@ class PlanMismatchError(RuntimeError):
 
 class CollectiveError(RuntimeError):
     """A collective failed or timed out, most often because a peer died or is stuck."""
+
+
+class DisconnectedPlanWarning(UserWarning):
+    """The plan's worker-overlap graph is disconnected (each unit has one holder, k = 1): groups
+    of workers share no unit, and exchange only the shared parameters' gradients."""

@@ -12,6 +12,8 @@ running statistics are untouched).
 from __future__ import annotations
 
 import math
+import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -19,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .errors import SDPConfigError
+from .errors import DisconnectedPlanWarning, SDPConfigError
 from .plan import Plan, UnitCost, make_plan
 from .units import BlockInfo, NeuronSite, analyse_block, find_neuron_sites, get_module, resolve_block_paths
 
@@ -92,6 +94,19 @@ def plan_model(model: nn.Module, world_size: int, *, blocks: str | Sequence[str]
     return units, plan
 
 
+def warn_if_disconnected(plan: Plan) -> None:
+    """A DisconnectedPlanWarning when no unit links some workers to the others (k = 1, or a
+    plan whose overlap graph falls apart): legal, but rarely what is meant."""
+    if plan.world_size > 1 and plan.algebraic_connectivity < 1e-9:
+        fix = (f"a coverage of at least {min(1.0, 2 / plan.world_size):.3g} gives k >= 2" if plan.k == 1 else
+               "the model has too few units to link every worker at this coverage")
+        warnings.warn(DisconnectedPlanWarning(
+            f"the SDP plan's worker-overlap graph is disconnected (coverage {plan.coverage:g} on {plan.world_size} "
+            f"workers gives k = {plan.k} holder{'s' if plan.k > 1 else ''} per unit): some workers share no unit, so "
+            "they exchange only the shared parameters' gradients and each unit trains on the data of its "
+            f"holders alone; {fix}"), stacklevel=3)
+
+
 def plan_for(model: nn.Module, world_size: int, **kwargs: Any) -> Plan:
     """The plan SubnetworkDataParallel would use for ``model`` on ``world_size`` workers, computed
     without torch.distributed and without changing ``model``. Keyword arguments as the wrapper's
@@ -153,9 +168,53 @@ def run_example(model: nn.Module, example_input: Any, grad: bool = False) -> Any
             module.training = training
 
 
+def _dispatch_mode_without_dynamo() -> type | None:
+    """torch's FLOP-counting dispatch mode with its own ``__torch_dispatch__``, minus the
+    ``torch._disable_dynamo`` wrapper that every TorchDispatchMode subclass gets: that wrapper's
+    first call imports torch._dynamo (about 1 s, most of `subnetdp plan`'s time after importing
+    torch) only to keep torch.compile out of the mode, and nothing compiles in an example forward.
+    The counting code is torch's, unchanged, so the counts (and the plan) are the same. None
+    where this torch is laid out otherwise (then FlopCounterMode as it is)."""
+    from torch.utils import flop_counter
+    base = getattr(flop_counter, "_FlopCounterMode", None)
+    dispatch = getattr(getattr(base, "__dict__", {}).get("__torch_dispatch__"), "__wrapped__", None)
+    if base is None or dispatch is None:
+        return None
+
+    class _Mode(base):  # type: ignore[misc, valid-type]
+        @classmethod
+        def _should_skip_dynamo(cls) -> bool:  # read once, by __init_subclass__: no wrapper
+            return False
+
+        __torch_dispatch__ = dispatch
+
+    return _Mode
+
+
+class _FlopCounter(FlopCounterMode):
+    """FlopCounterMode whose dispatch mode does not import torch._dynamo (see above). Once
+    torch._dynamo is imported (something may compile: transformers imports it) it is
+    FlopCounterMode as it is, which then costs nothing more."""
+
+    _mode: type | None | bool = False  # False: not looked up yet
+
+    def __enter__(self) -> "_FlopCounter":
+        if "torch._dynamo" in sys.modules:
+            return super().__enter__()
+        if _FlopCounter._mode is False:
+            _FlopCounter._mode = _dispatch_mode_without_dynamo()
+        if _FlopCounter._mode is None:
+            return super().__enter__()
+        self.flop_counts.clear()  # FlopCounterMode.__enter__, with that mode
+        self.mod_tracker.__enter__()
+        self.mode = _FlopCounter._mode(self)
+        self.mode.__enter__()
+        return self
+
+
 def count_flops(model: nn.Module, example_input: Any) -> dict[str, float]:
     """Forward FLOPs per module path ("" is the whole model) on the example input."""
-    with FlopCounterMode(display=False) as counter:
+    with _FlopCounter(display=False) as counter:
         run_example(model, example_input)
     root = type(model).__name__
     return {name[len(root) + 1:] if name != root else "": float(sum(v.values()))

@@ -25,7 +25,7 @@ from torch import nn
 from . import assembly, evaluation, reducer, sharding, weights
 from .exchange import LocalExchange
 from .plan import Plan
-from .planning import check_arguments, plan_model
+from .planning import check_arguments, plan_model, warn_if_disconnected
 from .subnetwork import Subnetwork, check_device
 
 
@@ -48,6 +48,7 @@ class SubnetworkSimulator:
         check_device(model, None)
         units, plan = plan_model(model, world_size, blocks=blocks, neurons=neurons, coverage=coverage, seed=seed,
                                  neuron_groups=neuron_groups, example_input=example_input)
+        warn_if_disconnected(plan)
         self.world_size, self.masking = world_size, masking
         self.workers: list[Subnetwork] = [
             Subnetwork(copy.deepcopy(model), units, plan, r, masking=masking, scale=scale, bucket_cap_mb=bucket_cap_mb,

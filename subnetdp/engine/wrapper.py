@@ -38,7 +38,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 from . import assembly, evaluation, reducer, sharding, weights
 from .errors import SDPConfigError
 from .exchange import ProcessGroupExchange
-from .planning import check_arguments, plan_model
+from .planning import check_arguments, plan_model, warn_if_disconnected
 from .subnetwork import Subnetwork, check_device
 
 
@@ -100,6 +100,7 @@ class SubnetworkDataParallel(Subnetwork):
                           "so SDP is plain (non-distributed) training", stacklevel=2)
         units, plan = plan_model(model, exchange.world_size, blocks=blocks, neurons=neurons, coverage=coverage,
                                  seed=seed, neuron_groups=neuron_groups, example_input=example_input)
+        warn_if_disconnected(plan)
         exchange.check_same_plan(plan, device)  # before any group exists: a mismatch never hangs
         exchange.broadcast_from_first(list(model.state_dict().values()))
         exchange.create_groups(plan.holder_sets)

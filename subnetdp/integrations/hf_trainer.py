@@ -11,6 +11,11 @@ What changes against the stock Trainer:
   rank builds it), and cut in place: ``trainer.model`` is this worker's subnetwork, still the
   Hugging Face model class, so its forward signature, config and loss work as before;
 - Accelerate does not wrap it in DDP: SDP averages each gradient over its holders during backward;
+- gradient accumulation (``gradient_accumulation_steps=K``): the micro-batches before the last of
+  each optimizer step run under ``sdp.no_sync()`` (the Trainer's ``accelerator.no_sync``, which
+  falls back to a null context for a model not in DDP), so gradients add up locally and the last
+  micro-batch's backward averages the sum once: one sync per optimizer step, as DDP under Trainer
+  (``sync_each_batch=True`` in ``gradient_accumulation_kwargs`` syncs every micro-batch instead);
 - the optimizer (Trainer's own, with its weight-decay groups) sees only what this worker holds;
 - gradient clipping uses the full model's norm (``sdp.clip_grad_norm_``), the same on every rank;
 - ``save_model`` assembles the full model (collective) and rank 0 writes it with
@@ -23,6 +28,7 @@ Evaluation runs each worker's subnetwork on its share of the data; assemble the 
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -57,8 +63,15 @@ class SDPTrainer(Trainer):
                 raise SDPConfigError("SDPTrainer clips by the full model's 2-norm only")
             return self.sdp.clip_grad_norm_(max_norm)
 
+        def no_sync_sdp(model: torch.nn.Module | None = None) -> contextlib.AbstractContextManager[None]:
+            # the Trainer enters accelerator.no_sync(model) (accelerator.accumulate in older releases)
+            # for every micro-batch but the last of an accumulation window; accelerate's falls back
+            # to a null context for a model not in DDP, which would average every micro-batch
+            return self.sdp.no_sync()
+
         accelerator.prepare_model = prepare_without_ddp  # type: ignore[method-assign]
         accelerator.clip_grad_norm_ = clip_full_norm  # type: ignore[method-assign]
+        accelerator.no_sync = no_sync_sdp  # type: ignore[method-assign]
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """The assembled full model (collective: call it on every rank); rank 0 writes it with

@@ -31,6 +31,7 @@ def test_strategy_names() -> None:
         parse_strategy("zero3")
 
 
+@pytest.mark.slow
 def test_every_strategy_on_a_fake_process_group(tmp_path: Path) -> None:
     main(["--model", "resnet18", "--width", "4", "--batch-size", "4", "--workers", "4", "--backend", "fake",
           "--steps", "2", "--warmup", "1", "--out", str(tmp_path)])
@@ -54,6 +55,7 @@ def test_every_strategy_on_a_fake_process_group(tmp_path: Path) -> None:
         assert (tmp_path / png).stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_sharded_sdp_keeps_less_optimizer_state_for_the_same_wire_bytes(tmp_path: Path) -> None:
     main(["--model", "llama", "--preset", "debug", "--seq-len", "32", "--vocab", "256", "--batch-size", "2",
           "--workers", "4", "--backend", "fake", "--steps", "2", "--warmup", "1", "--out", str(tmp_path),
@@ -68,6 +70,7 @@ def test_sharded_sdp_keeps_less_optimizer_state_for_the_same_wire_bytes(tmp_path
     assert not rows["sdp-neuron-bwd-shard@0.5"].get("failed")
 
 
+@pytest.mark.slow
 def test_real_gloo_ranks_through_torchrun(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "subnetdp.app.cli", "bench", "--model", "llama", "--preset", "debug",
                              "--seq-len", "32", "--vocab", "64", "--batch-size", "2", "--workers", "2",
@@ -99,6 +102,7 @@ def test_checkpointed_blocks_are_the_ones_the_plan_runs_forward() -> None:
             dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_chunked_loss_option_on_a_language_model(tmp_path: Path) -> None:
     for chunk in ("0", "8"):
         main(["--model", "llama", "--preset", "debug", "--vocab", "64", "--seq-len", "16", "--batch-size", "2",
@@ -109,6 +113,7 @@ def test_chunked_loss_option_on_a_language_model(tmp_path: Path) -> None:
     assert bench["args"]["loss_chunk"] == 8
 
 
+@pytest.mark.slow
 def test_gpu_script_runs_each_strategy_in_its_own_process_on_cpu(tmp_path: Path) -> None:
     """benchmarks/gpu/bench_final.sh as its docstring's CPU line runs it (a shorter strategy list)."""
     env = {**ENV, "OUT": str(tmp_path), "DEVICE": "cpu", "PRESETS": "debug", "SEQ": "32", "VOCAB": "256",

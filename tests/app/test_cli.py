@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from subnetdp.app.cli import main
 
 
@@ -19,6 +21,7 @@ def test_plan_prints_a_table_and_writes_json(tmp_path, capsys) -> None:
     assert plan["k"] == 2 and len(plan["holders"]) == 8
 
 
+@pytest.mark.slow
 def test_plan_neuron_level_on_hugging_face_llama(capsys) -> None:
     assert main(["plan", "--model", "hf-llama", "--level", "neuron", "--layers", "2", "--hidden", "64",
                  "--heads", "4", "--kv-heads", "2", "--workers", "2"]) == 0
@@ -30,6 +33,7 @@ def test_plan_reports_impossible_plans_as_errors(capsys) -> None:
     assert "cannot give all 64 workers a unit" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_demo_runs_ddp_and_sdp_through_torchrun(tmp_path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # the demo's own config, on synthetic images so the test needs no dataset
@@ -62,6 +66,7 @@ def test_version_names_subnetdp_and_torch(capsys) -> None:
     assert out.startswith(f"subnetdp {subnetdp.__version__} (torch ") and "python 3." in out
 
 
+@pytest.mark.slow
 def test_report_compares_finished_runs_and_refuses_unfinished_ones(tmp_path, capsys) -> None:
     from _runs import _config, _train
 
@@ -87,3 +92,62 @@ def test_without_matplotlib_figures_are_skipped_and_tables_written(tmp_path, cap
     assert plot_losses([], tmp_path / "loss.png") is None and not (tmp_path / "loss.png").exists()
     assert charts([{"strategy": "ddp"}], tmp_path) == []
     assert "pip install 'subnetdp[plots]'" in capsys.readouterr().err
+
+
+def test_a_config_that_is_not_utf8_is_one_line(tmp_path, capsys) -> None:
+    """Issue 17, item 7: was a UnicodeDecodeError traceback."""
+    config = tmp_path / "latin1.toml"
+    config.write_bytes('[run]\nname = "café"\n'.encode("latin-1"))
+    for argv in (["train", str(config), "--simulate", "1", "--out", str(tmp_path / "run")],
+                 ["train", str(config), "--nproc", "2", "--out", str(tmp_path / "run")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: {config}: not a TOML file: byte 17 is not UTF-8 text (b'\\xe9')\n", err[-3000:]
+    assert not (tmp_path / "run").exists()
+
+
+def _descriptions(text: str) -> list[tuple[str, str]]:
+    """(what, description) of every key --list-keys prints: a line indented by 2 names it, the
+    lines indented by 6 under it describe it."""
+    found: list[tuple[str, list[str]]] = []
+    for line in text.splitlines():
+        if line.startswith("      "):
+            found[-1][1].append(line.strip())
+        elif line.startswith("  "):
+            found.append((line.strip(), []))
+    return [(what, " ".join(lines).split("  one of: ")[0]) for what, lines in found]
+
+
+def test_list_keys_describes_every_key_in_whole_sentences(capsys) -> None:
+    """Issue 17, item 9: the builders' descriptions were cut after their docstring's first line."""
+    import re
+
+    from subnetdp.app.builders import DATASETS, MODELS
+    assert main(["train", "--list-keys"]) == 0
+    described = _descriptions(capsys.readouterr().out)
+    builders = [(what, doc) for what, doc in described if re.match(r"[\w-]+: ", what)]
+    assert sorted(what.split(":")[0] for what, _ in builders) == sorted([*MODELS, *DATASETS])
+    assert len(described) > 40
+    for what, doc in described:
+        assert doc, what
+        opened, closed = sum(map(doc.count, "([")), sum(map(doc.count, ")]"))  # (0, 1] is an interval
+        assert opened == closed and doc.count('"') % 2 == 0, (what, doc)  # nothing cut inside brackets
+        last = doc.rstrip(".").split()[-1].lower()
+        assert not doc.endswith((",", ";", ":", "(", "-")) and last not in (
+            "a", "an", "the", "and", "or", "of", "to", "for", "with", "from", "in", "on", "by", "e.g."), (what, doc)
+    for what, doc in builders:  # the first paragraph of the builder's docstring: sentences
+        assert doc.endswith("."), (what, doc)
+    llama = dict(builders)[next(w for w, _ in builders if w.startswith("llama:"))]
+    assert llama.endswith("loss_chunk > 0: the training loss computes the logits of that many tokens at a time, "
+                          "recomputed in backward.")
+
+
+def test_report_of_a_run_whose_files_are_not_json_is_one_line(tmp_path, capsys) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_bytes(b'{"strategy": "caf\xe9"}')  # Latin-1, not UTF-8
+    (run / "metrics.jsonl").write_text("")
+    assert main(["report", str(run), "--out", str(tmp_path / "report")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {run}: cannot read its summary.json and metrics.jsonl: ") and "\n" not in err
+    assert not (tmp_path / "report").exists()

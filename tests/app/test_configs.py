@@ -2,9 +2,10 @@
 through the real CLI, then the result is exported and loads into the plain model. And the commands
 shown in the configs' header comments are valid commands.
 
-Only what does not change what is tested is overridden: two steps, one evaluation and one
-checkpoint (at the end), two evaluation batches no larger than a training batch, at most one
-norm re-estimation batch. Model, data, strategy and [eval] residual_scale run as shipped.
+Only what does not change what is tested is overridden: two steps of at most 8 examples per
+worker, one evaluation and one checkpoint (at the end), two evaluation batches no larger than a
+training batch, at most one norm re-estimation batch. The commands run in this process
+(`_runs.cli`). Model, data, strategy and [eval] residual_scale run as shipped.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ import json
 import os
 import re
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,6 +26,8 @@ from safetensors.torch import load_file
 from subnetdp.app import cli
 from subnetdp.app.builders import DATASETS, MODELS, check_builder_keys, rebuild_model
 from subnetdp.app.config import Config, load_config
+
+from _runs import cli as run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("**/*.toml"))
@@ -56,18 +57,15 @@ def _overrides(config: Config) -> list[str]:
     data = config.section("data")
     train_batch = (data.get("batch_size")
                    or inspect.signature(DATASETS[data["name"]]).parameters["batch_size"].default)
+    batch = min(train_batch, 8)  # a smaller batch changes nothing the test checks, and saves most of its time
     sets = ["run.steps=2", "run.eval_interval=0", "run.checkpoint_interval=0", "eval.max_batches=2",
-            f"eval.batch_size={min(config['eval.batch_size'], train_batch)}"]
+            f"data.batch_size={batch}", f"eval.batch_size={min(config['eval.batch_size'], batch)}"]
     if config["eval.recalibrate_norm_batches"] > 1:
         sets.append("eval.recalibrate_norm_batches=1")
     return sets
 
 
-def _cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "subnetdp.app.cli", *args], capture_output=True, text=True,
-                          env=ENV, cwd=ROOT, timeout=timeout)
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("path", CONFIGS, ids=IDS)
 def test_shipped_config_trains_two_steps_and_exports(path: Path, tmp_path: Path) -> None:
     config = load_config(path)
@@ -78,7 +76,7 @@ def test_shipped_config_trains_two_steps_and_exports(path: Path, tmp_path: Path)
     args = ["train", str(path), "--simulate", "2", "--out", str(out), "--no-progress"]
     for item in _overrides(config):
         args += ["--set", item]
-    result = _cli(*args)
+    result = run_cli(*args)
     assert result.returncode == 0, f"{' '.join(args)}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
     summary = json.loads((out / "summary.json").read_text())
     final = summary["final_eval"]
@@ -86,7 +84,7 @@ def test_shipped_config_trains_two_steps_and_exports(path: Path, tmp_path: Path)
     assert all(isinstance(v, (int, float)) and v == v for v in final.values()), final  # numbers, no NaN
 
     exported = out / "m.safetensors"
-    result = _cli("export", str(out), "--out", str(exported))
+    result = run_cli("export", str(out), "--out", str(exported))
     assert result.returncode == 0, result.stderr[-4000:]
     with safe_open(str(exported), "pt") as f:
         meta = f.metadata()

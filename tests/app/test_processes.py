@@ -25,7 +25,7 @@ from _runs import ENV, _config
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux: /proc, prctl, flock")
 
-TIMEOUT = 8  # run.timeout: seconds before a collective with a dead or stuck peer raises
+TIMEOUT = 5  # run.timeout: seconds before a collective with a dead or stuck peer raises
 STOPPED_WITHIN = 15  # seconds for a whole tree to go (a few on an idle machine; this one is shared)
 LONG = ["--set", "run.steps=100000", "--set", "run.eval_interval=0", "--set", "run.checkpoint_interval=5",
         "--set", f"run.timeout={TIMEOUT}", "--set", "eval.recalibrate_norm_batches=0"]
@@ -206,6 +206,7 @@ def test_lock_names_its_holder_and_a_dead_holders_file_blocks_nothing(tmp_path, 
 # item 5: stopping the launcher, or killing torchrun, stops everything
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_signal_to_the_launcher_stops_torchrun_and_every_worker(tmp_path, sig):
     config, out = _config(tmp_path), tmp_path / "run"
@@ -232,19 +233,22 @@ def test_a_stop_signal_to_the_launcher_stops_torchrun_and_every_worker(tmp_path,
         assert not (out / ".lock").exists()
         if sig == signal.SIGTERM:  # the resume it suggests works: nothing pruned its checkpoint meanwhile
             step = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"]
-            assert " --resume" in last and "checkpoint of step " in last
-            resumed = subprocess.run([*CLI, str(config), "--nproc", "2", "--out", str(out), "--no-progress",
-                                      *LONG, "--set", f"run.steps={step + 2}", "--resume"],
+            assert "checkpoint of step " in last and last.endswith(f"with: subnetdp train --out {out} --resume"), last
+            # that command (on the run's own 2 workers), made a little longer
+            resumed = subprocess.run([*CLI, "--out", str(out), "--no-progress", "--resume",
+                                      "--set", f"run.steps={step + 2}"],
                                      capture_output=True, text=True, env=ENV, timeout=240, start_new_session=True)
             assert resumed.returncode == 0, resumed.stderr[-3000:]
             assert json.loads((out / "summary.json").read_text())["resumed_from"]
             assert not (out / ".lock").exists()
         else:  # its checkpoint, if one was written yet, or start again
-            assert f": subnetdp train {config} --nproc 2 --out {out} " + " ".join(LONG) in last
+            assert f"with: subnetdp train --out {out} --resume" in last or \
+                f": subnetdp train {config} --nproc 2 --out {out} " + " ".join(LONG) in last, last
     finally:
         tree.kill()
 
 
+@pytest.mark.slow
 def test_torchrun_killed_under_the_launcher_takes_its_workers_along(tmp_path):
     config, out = _config(tmp_path), tmp_path / "run"
     tree = Tree([*CLI, str(config), "--nproc", "2", "--out", str(out), "--no-progress", *LONG])
@@ -260,6 +264,7 @@ def test_torchrun_killed_under_the_launcher_takes_its_workers_along(tmp_path):
         tree.kill()
 
 
+@pytest.mark.slow
 def test_a_sigkilled_launcher_takes_torchrun_and_its_workers_along(tmp_path):
     config, out = _config(tmp_path), tmp_path / "run"
     tree = Tree([*CLI, str(config), "--nproc", "2", "--out", str(out), "--no-progress", *LONG])
@@ -275,6 +280,7 @@ def test_a_sigkilled_launcher_takes_torchrun_and_its_workers_along(tmp_path):
             left.unlink()  # the launcher could not remove its (empty) failure file
 
 
+@pytest.mark.slow
 def test_workers_of_the_users_own_torchrun_die_with_it_and_rank_0_holds_the_lock(tmp_path):
     config, out = _config(tmp_path), tmp_path / "run"
     tree = Tree([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
@@ -298,6 +304,7 @@ def test_workers_of_the_users_own_torchrun_die_with_it_and_rank_0_holds_the_lock
 # item 6: a dead or stuck peer's error is what the user sees last, within one timeout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["killed", "stuck"])
 def test_a_dead_or_stuck_peer_ends_the_run_with_its_collective_error(tmp_path, how):
     config, out = _config(tmp_path), tmp_path / "run"
@@ -316,3 +323,135 @@ def test_a_dead_or_stuck_peer_ends_the_run_with_its_collective_error(tmp_path, h
         _unlocked_within(out, STOPPED_WITHIN)
     finally:
         tree.kill()
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 17, item 6: a stopped or killed `subnetdp sweep` takes its cells along
+
+
+SWEEP = """
+[sweep]
+name = "long"
+base = "config.toml"
+launch = "simulate"
+workers = [2]
+seeds = [0]
+set = ["run.steps=100000", "run.eval_interval=0", "run.checkpoint_interval=3", "eval.recalibrate_norm_batches=0"]
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_a_stopped_or_killed_sweep_takes_its_cells_along_and_the_rerun_resumes(tmp_path, sig):
+    _config(tmp_path)
+    sweep, out = tmp_path / "sweep.toml", tmp_path / "out"
+    sweep.write_text(SWEEP)
+    command = [sys.executable, "-m", "subnetdp.app.cli", "sweep", str(sweep), "--out", str(out), "--no-progress"]
+    cell = out / "cells" / "base" / "n2" / "s0"
+    tree = Tree(command)
+    try:
+        _wait_for_training(tree, cell, checkpoint=True)
+        assert tree.alive()  # the cell's `subnetdp train --simulate 2`, below the sweep
+        os.kill(tree.proc.pid, sig)
+        if sig == signal.SIGTERM:
+            rc, _, err, seconds = tree.communicate(timeout=STOPPED_WITHIN)
+            assert rc == 128 + sig, (rc, err[-3000:])
+            assert _last_line(err).startswith("stopped by SIGTERM: 1 running cell stopped (base/n2/s0), 0 done, "
+                                              "0 not started; rerun the same command to continue "), err[-3000:]
+            assert "Traceback" not in err, err[-3000:]
+        assert tree.gone_within(STOPPED_WITHIN) == [], tree.known  # SIGKILL: the kernel's SIGTERM (pdeathsig)
+        _unlocked_within(cell, STOPPED_WITHIN)
+    finally:
+        tree.kill()
+    step = json.loads((cell / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    rerun = subprocess.run([*command, "--set", f"run.steps={step + 2}"], capture_output=True, text=True, env=ENV,
+                           timeout=240, start_new_session=True)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "done   base/n2/s0 (" in rerun.stdout and ", resumed)" in rerun.stdout, rerun.stdout[-3000:]
+    assert json.loads((cell / "summary.json").read_text())["resumed_from"] >= 3
+
+
+DEMO_SETS = ["data.name=synthetic-images", "data.train_size=256", "data.test_size=64", "model.width=4",
+             "eval.recalibrate_norm_batches=0", "run.eval_interval=0", "run.log_interval=1"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_a_stopped_or_killed_demo_takes_its_run_along(tmp_path, sig):
+    """`subnetdp demo` ran `subnetdp train --nproc` with subprocess.run: killed, or stopped (then it
+    died alone), it left the run training, holding its folder's lock."""
+    command = [sys.executable, "-m", "subnetdp.app.cli", "demo", "--workers", "2", "--steps", "100000", "--out",
+               str(tmp_path), "--no-progress"]
+    for item in DEMO_SETS:
+        command += ["--set", item]
+    tree = Tree(command)
+    try:
+        _wait_for_training(tree, tmp_path / "ddp")
+        assert len(tree.workers()) == 2
+        os.kill(tree.proc.pid, sig)
+        if sig == signal.SIGTERM:
+            rc, _, err, _ = tree.communicate(timeout=STOPPED_WITHIN)
+            assert rc == 128 + sig, (rc, err[-3000:])
+            assert _last_line(err) == ("stopped by SIGTERM: the demo's DDP run is stopped, with its workers; run "
+                                       "the demo again to start over"), err[-3000:]
+        assert tree.gone_within(STOPPED_WITHIN) == [], tree.known
+        _unlocked_within(tmp_path / "ddp", STOPPED_WITHIN)
+    finally:
+        tree.kill()
+        for left in Path(tempfile.gettempdir()).glob(f"subnetdp-failures-{tree.proc.pid}-*"):
+            left.unlink()  # a SIGKILLed demo could not remove its (empty) failure file
+
+
+@pytest.mark.slow
+def test_a_stopped_bench_takes_torchrun_and_its_workers_along(tmp_path):
+    """`subnetdp bench` ran torchrun with subprocess.run: stopped, it died alone."""
+    tree = Tree([sys.executable, "-m", "subnetdp.app.cli", "bench", "--workers", "2", "--strategies", "ddp,fsdp",
+                 "--width", "4", "--batch-size", "4", "--steps", "100000", "--out", str(tmp_path)])
+    try:
+        deadline = time.monotonic() + 240
+        while len(tree.workers()) < 2:
+            assert tree.proc.poll() is None and time.monotonic() < deadline, tree.proc.communicate()[1][-3000:]
+            time.sleep(0.2)
+        os.kill(tree.proc.pid, signal.SIGTERM)
+        rc, _, err, _ = tree.communicate(timeout=STOPPED_WITHIN)
+        assert rc == 128 + signal.SIGTERM, (rc, err[-3000:])
+        assert _last_line(err).startswith("stopped by SIGTERM: torchrun and its 2 workers (ddp) are stopped; "), err
+        assert tree.gone_within(2) == [], tree.known
+        assert not (tmp_path / "raw" / "fsdp").exists()  # the strategies left are not started
+    finally:
+        tree.kill()
+
+
+def test_process_trees_stop_then_kill_what_ignores_sigterm_and_start_only_in_their_thread():
+    from subnetdp.app.launch import ProcessTrees
+
+    stubborn = ("import signal, subprocess, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                "subprocess.Popen(['sleep', '60']); time.sleep(60)")
+    with ProcessTrees(grace_s=0.5) as trees:
+        errors: list[BaseException] = []
+
+        def elsewhere() -> None:
+            try:
+                trees.start(["true"], ENV)
+            except RuntimeError as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=elsewhere)
+        thread.start()
+        thread.join()
+        assert "PR_SET_PDEATHSIG" in str(errors[0])  # a pool thread that ends would take its processes along
+        proc = trees.start([sys.executable, "-c", stubborn], ENV)
+        deadline = time.monotonic() + 30
+        while not trees.known[proc.pid]:  # its `sleep 60`
+            assert time.monotonic() < deadline
+            trees.poll()
+            time.sleep(0.05)
+        family = {proc.pid: _proc_table()[proc.pid][1], **trees.known[proc.pid]}
+        trees.stop()
+        stopped = time.monotonic()
+        while trees.running:
+            assert trees.poll() in ([], [proc]) and time.monotonic() - stopped < 10
+            time.sleep(0.05)
+        assert proc.returncode == -signal.SIGKILL and time.monotonic() - stopped >= 0.5  # after the grace
+    table = _proc_table()
+    assert not [p for p, start in family.items() if p in table and table[p][1] == start and table[p][2] != "Z"]

@@ -128,6 +128,7 @@ def test_overwrite_replaces_only_what_a_run_writes(finished, tmp_path, capsys) -
     assert steps == [1, 2, 2] and json.loads((out / "summary.json").read_text())["steps"] == 2
 
 
+@pytest.mark.slow
 def test_overwrite_reaches_the_torchrun_workers(finished, tmp_path) -> None:
     """The workers check the folder again: the launcher passes --overwrite on to them."""
     config, out = _copy(finished, tmp_path)
@@ -380,3 +381,71 @@ def test_bench_fails_when_every_strategy_failed(tmp_path, capsys, monkeypatch) -
     err = capsys.readouterr().err
     assert f"error: every strategy failed (ddp, fsdp); see {out / 'bench.log'}" in err
     assert "ddp rank 0: failed: RuntimeError: out of memory" in (out / "bench.log").read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. issue 17: resumes that say what they do, data that cannot feed a step, settings not meant
+
+
+def test_a_resume_that_skips_a_damaged_checkpoint_says_so(finished, tmp_path, capsys) -> None:
+    _, out = _copy(finished, tmp_path)
+    (out / "summary.json").unlink()
+    _damage(out / "checkpoints" / "step-00000004")
+    assert main(["train", "--out", str(out), "--resume", "--no-progress", "--set", "run.steps=6"]) == 0
+    captured = capsys.readouterr()
+    assert (f"warning: skipped the newer checkpoint {out}/checkpoints/step-00000004: rank 0's file rank-00000.pt "
+            "does not match its hash") in captured.err
+    assert f"resuming {out} at step 2 of 6 (checkpoint step-00000002); run.steps changed 4 -> 6" in captured.out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launch", [["--simulate", "2"], ["--nproc", "2"]])
+def test_data_smaller_than_one_global_batch_is_one_line_and_writes_nothing(tmp_path, capsys, launch) -> None:
+    """64 training images, 2 workers x 40: one line naming the key, exit 2; the folder holds no
+    run afterwards, so the corrected command runs without --overwrite."""
+    config = tmp_path / "c.toml"
+    config.write_text(SMALL)
+    out = tmp_path / "run"
+    if launch[0] == "--simulate":
+        assert main(["train", str(config), *launch, "--out", str(out), "--set", "data.batch_size=40",
+                     "--set", "strategy.coverage=1"]) == 2  # (coverage 1: no warning of k = 1 before the error)
+        line = _one_error_line(capsys.readouterr().err)
+    else:
+        result = _train(config, out, *launch, "--set", "data.batch_size=40", check=False)
+        assert result.returncode == 2, result.stderr[-3000:]
+        line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: --set data.batch_size=40: [data] batch_size = 40 on 2 workers is a global "
+                           "batch of 80 examples, more than the 64 of the train set: lower data.batch_size (at most "
+                           "32)"), line
+    assert not any((out / name).exists() for name in ("metrics.jsonl", "summary.json", "checkpoints"))
+    assert main(["train", str(config), "--simulate", "2", "--out", str(out), "--no-progress",
+                 "--set", "data.batch_size=32", "--set", "run.steps=1"]) == 0
+
+
+def test_settings_that_are_valid_but_probably_not_meant_warn() -> None:
+    from subnetdp.app.config import config_warnings, load_config
+
+    def warnings(*sets: str, workers: int = 4) -> str:
+        return "\n".join(config_warnings(load_config(None, list(sets)), workers))
+
+    assert "strategy.full_phase = 0.01 of run.steps = 10 rounds to 0 steps: the run has no full-model phase" in \
+        warnings("run.steps=10", "strategy.full_phase=0.01")
+    assert "rounds to 0" not in warnings("run.steps=10", "strategy.full_phase=0.1")
+    assert "strategy.full_phase with masking = 'backward'" in \
+        warnings("strategy.full_phase=0.1", "strategy.masking=backward")
+    single = warnings("strategy.coverage=0.25")
+    assert "strategy.coverage = 0.25 on 4 workers gives each unit a single holder (k = 1)" in single
+    assert "disconnected" in single and "a coverage of at least 0.5 gives k >= 2" in single
+    assert warnings("strategy.coverage=0.5") == "" and warnings("strategy.coverage=0.25", workers=1) == ""
+    assert warnings("strategy.name=ddp", "strategy.coverage=0.25") == ""
+
+
+def test_full_phase_with_backward_masking_trains_and_ends_as_ddp(tmp_path, capsys) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(SMALL)
+    out = tmp_path / "run"
+    assert main(["train", str(config), "--simulate", "2", "--out", str(out), "--no-progress",
+                 "--set", "strategy.masking=backward", "--set", "strategy.full_phase=0.5"]) == 0
+    assert "strategy.full_phase with masking = 'backward'" in capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["full_phase"]["from_step"] == 2 and summary["steps"] == 4

@@ -32,6 +32,7 @@ def test_every_documented_sweep_file_is_shipped() -> None:
     assert SWEEPS and all(f"sweeps/{s.name}" in text for s in SWEEPS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sweep", SWEEPS, ids=[s.stem for s in SWEEPS])
 def test_shipped_sweep_runs_a_ddp_and_an_sdp_cell(tmp_path: Path, sweep: Path) -> None:
     if _needs_fashion_mnist(sweep) and not FASHION_MNIST.exists() and not os.environ.get("SUBNETDP_DATA"):

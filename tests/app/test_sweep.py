@@ -125,6 +125,7 @@ def _mtimes(out: Path) -> dict[str, int]:
     return {str(p.parent.relative_to(cells)): p.stat().st_mtime_ns for p in cells.rglob("summary.json")}
 
 
+@pytest.mark.slow
 def test_sweep_runs_aggregates_skips_restarts_resumes_and_reports(tmp_path: Path, capsys) -> None:
     path = _write(tmp_path, """
 [sweep]
@@ -145,7 +146,7 @@ name = "sdp"
 "strategy.coverage" = [0.5, 1.0]
 """)
     out = tmp_path / "out"
-    first = _sweep(path, out, "--jobs", "2", "--keep-checkpoints")
+    first = _sweep(path, out, "--jobs", "2")  # checkpoints are kept by default
     assert "6 to run" in first.stdout
     ids = ["ddp/n2/s0", "ddp/n2/s1", "sdp/coverage=0.5/n2/s0", "sdp/coverage=0.5/n2/s1",
            "sdp/coverage=1.0/n2/s0", "sdp/coverage=1.0/n2/s1"]
@@ -182,7 +183,8 @@ name = "sdp"
     assert "6 complete (skipped), 0 to run" in again.stdout and _mtimes(out) == before
 
     # a cell killed before its first checkpoint restarts (old folder moved aside), one killed
-    # after a checkpoint resumes; the others are skipped; checkpoints of finished cells are removed
+    # after a checkpoint resumes; the others are skipped; checkpoints of the cells it finishes are
+    # removed because --remove-checkpoints asks for it (by default they are kept)
     restart, resume = out / "cells" / ids[0], out / "cells" / ids[2]
     (restart / "summary.json").unlink()
     shutil.rmtree(restart / "checkpoints")
@@ -192,7 +194,7 @@ name = "sdp"
     dry = capsys.readouterr().out
     assert re.search(rf"{re.escape(ids[0])} +2 +0 +3 +restart", dry)
     assert re.search(rf"{re.escape(ids[2])} +2 +0 +3 +resume", dry)
-    third = _sweep(path, out)
+    third = _sweep(path, out, "--remove-checkpoints")
     assert "4 complete (skipped), 2 to run" in third.stdout
     assert f"done   {ids[2]} (" in third.stdout and ", resumed)" in third.stdout
     after = _mtimes(out)
@@ -223,3 +225,18 @@ def test_a_run_recorded_before_a_schema_key_was_added_is_still_complete() -> Non
     older["strategy"]["coverage"] = 0.25
     assert not _same_config(older, wanted)
     assert not _same_config(None, wanted)
+
+
+def test_a_sweep_or_base_config_that_is_not_utf8_is_one_line(tmp_path: Path, capsys) -> None:
+    """Issue 17, item 7: was a UnicodeDecodeError traceback."""
+    path = _write(tmp_path, '[sweep]\nname = "tiny"\nbase = "../configs/base.toml"\n')
+    out = tmp_path / "out"
+    (tmp_path / "configs" / "base.toml").write_bytes(b"[run]\nname = \"\xff\"\n")
+    assert main([str(path), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (f"error: {path}: base config: {tmp_path / 'configs' / 'base.toml'}: not a "
+                                       "TOML file: byte 14 is not UTF-8 text (b'\\xff')\n")
+    path.write_bytes('[sweep]\nname = "tiny ±"\n'.encode("latin-1"))
+    for argv in ([str(path), "--out", str(out)], [str(path), "--out", str(out), "--dry-run"]):
+        assert main(argv) == 2
+        assert capsys.readouterr().err == f"error: {path}: not a TOML file: byte 21 is not UTF-8 text (b'\\xb1')\n"
+    assert not out.exists()

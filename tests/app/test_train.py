@@ -4,6 +4,7 @@ after killing a real multi-process run, and export to safetensors."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -42,6 +43,7 @@ def _losses(out: Path) -> list[tuple]:
     return [(x["step"], x.get("loss"), json.dumps(x.get("eval"), sort_keys=True)) for x in lines]
 
 
+@pytest.mark.slow
 def test_two_workers_train_evaluate_checkpoint_and_export(tmp_path: Path) -> None:
     out = tmp_path / "run"
     _train(_config(tmp_path), out, "--nproc", "2")
@@ -73,9 +75,10 @@ def test_two_workers_train_evaluate_checkpoint_and_export(tmp_path: Path) -> Non
     assert correct / count == pytest.approx(summary["final_eval"]["accuracy"], abs=1e-9)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["sdp", "ddp"])
 def test_killed_multi_process_run_resumes_exactly(tmp_path: Path, strategy: str) -> None:
-    config = _config(tmp_path, SYNTHETIC.replace("steps = 12", "steps = 150").replace(
+    config = _config(tmp_path, SYNTHETIC.replace("steps = 12", "steps = 40").replace(
         "checkpoint_interval = 4", "checkpoint_interval = 10").replace("batch_size = 8", "batch_size = 32"))
     sets = ["--nproc", "2", "--set", f"strategy.name={strategy}"]
     reference = tmp_path / "reference"
@@ -97,7 +100,7 @@ def test_killed_multi_process_run_resumes_exactly(tmp_path: Path, strategy: str)
 
     _train(config, out, *sets, "--resume")
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["resumed_from"] is not None and summary["resumed_from"] < 150
+    assert summary["resumed_from"] is not None and summary["resumed_from"] < 40
     assert _losses(out) == _losses(reference)  # every loss and evaluation, bit for bit
 
 
@@ -109,6 +112,7 @@ def test_resume_with_a_different_config_is_refused(tmp_path: Path) -> None:
     # another worker count is not a config change: tests/app/test_resume.py moves runs between counts
 
 
+@pytest.mark.slow
 def test_simulated_workers_match_real_ones(tmp_path: Path) -> None:
     config = _config(tmp_path)
     _train(config, tmp_path / "real", "--nproc", "2")
@@ -122,6 +126,7 @@ def test_simulated_workers_match_real_ones(tmp_path: Path) -> None:
     ("vit", "synthetic-images", "preset = 'tiny32'\npatch_size = 8\ndepth = 4"),
     ("llama", "synthetic-text", "preset = 'debug'"),
 ])
+@pytest.mark.slow
 def test_other_models_train_at_block_and_neuron_level(tmp_path: Path, model: str, data: str, extra: str) -> None:
     text = (SYNTHETIC.replace('name = "resnet18"\nwidth = 4', f'name = "{model}"\n{extra}')
             .replace('name = "synthetic-images"\nbatch_size = 8\ntrain_size = 512\ntest_size = 128',
@@ -137,6 +142,7 @@ def test_other_models_train_at_block_and_neuron_level(tmp_path: Path, model: str
         assert summary["final_eval"][key] > 0 and len(summary["plan"]["holders"]) >= 2
 
 
+@pytest.mark.slow
 def test_flop_matched_schedule_extends_training_by_one_over_coverage(tmp_path: Path) -> None:
     out = tmp_path / "run"
     _train(_config(tmp_path), out, "--simulate", "4", "--set", "run.schedule=flops", "--set", "run.steps=3",
@@ -144,6 +150,7 @@ def test_flop_matched_schedule_extends_training_by_one_over_coverage(tmp_path: P
     assert json.loads((out / "summary.json").read_text())["steps"] == 12
 
 
+@pytest.mark.slow
 def test_chunked_loss_trains_as_the_plain_loss_under_ddp_and_sdp(tmp_path: Path) -> None:
     text = (SYNTHETIC.replace('name = "resnet18"\nwidth = 4', 'name = "llama"\npreset = "debug"')
             .replace('name = "synthetic-images"\nbatch_size = 8\ntrain_size = 512\ntest_size = 128',
@@ -163,6 +170,7 @@ def test_chunked_loss_trains_as_the_plain_loss_under_ddp_and_sdp(tmp_path: Path)
                 assert a == pytest.approx(b, rel=1e-5), (strategy, chunked, plain)
 
 
+@pytest.mark.slow
 def test_gradients_sent_in_bfloat16_train_close_to_float32(tmp_path: Path) -> None:
     config = _config(tmp_path, SYNTHETIC.replace("steps = 12", "steps = 6").replace("eval_interval = 6",
                                                                                    "eval_interval = 0"))
@@ -188,3 +196,39 @@ def test_tensorboard_events_mirror_metrics_jsonl(tmp_path: Path) -> None:
     logged = [x for x in _losses(out) if x[1] is not None]
     assert [(e.step, round(e.value, 5)) for e in events.Scalars("loss")] == [(s, round(v, 5)) for s, v, _ in logged]
     assert "eval/accuracy" in events.Tags()["scalars"]  # the evaluation records too
+
+
+def _strict_json(line: str) -> dict:
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"not strict JSON: {constant} in {line}")
+    return json.loads(line, parse_constant=refuse)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launch, interval", [(["--simulate", "2"], 1), (["--nproc", "2"], 0)])
+def test_a_diverged_run_stops_at_its_first_non_finite_step(tmp_path: Path, launch: list[str], interval: int) -> None:
+    """optim.lr = 1e6: the weights overflow within a few steps. Every rank stops there with one
+    line naming the step (exit 1): a checkpoint due finds infinite weights and is not written (the
+    newest finite checkpoint is kept), else the next step's loss is not finite and its update is not
+    applied. metrics.jsonl stays strict JSON."""
+    out = tmp_path / "run"
+    result = _train(_config(tmp_path), out, *launch, "--set", "optim.lr=1e6",
+                    "--set", f"run.checkpoint_interval={interval}", check=False)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the run diverged at step ") and "NaN or infinite" in last, last
+    step = int(last.split("the run diverged at step ")[1].split(":")[0])
+    assert 1 <= step < 12 and not (out / "summary.json").exists()
+    if launch[0] == "--simulate":
+        assert "Traceback" not in result.stderr
+    records = [_strict_json(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["step"] <= step and math.isfinite(r.get("loss", 0.0)) for r in records)
+    if interval == 0:  # caught by the loss of the step after the overflow
+        assert "the training loss" in last and not (out / "checkpoints").exists()
+        return
+    assert "the weights hold NaN or infinite values" in last
+    kept = sorted((out / "checkpoints").iterdir())
+    assert kept and int(kept[-1].name.split("-")[1]) == step - 1  # the newest finite state, not pruned
+    for folder in kept:
+        state = torch.load(folder / "rank-00000.pt", weights_only=False)["workers"][0]["model"]
+        assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point()), folder

@@ -30,12 +30,16 @@ def _final(out: Path) -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
+@pytest.mark.slow
 def test_views_on_real_ranks_equal_the_simulator(tmp_path: Path) -> None:
+    """Every view, on the same examples: eval.max_batches caps the split before it is sharded over
+    ranks, and the norm re-estimation split over 2 ranks equals one process's."""
     config = _config(tmp_path, VIEWS)
-    _train(config, tmp_path / "real", "--nproc", "2")
-    _train(config, tmp_path / "sim", "--simulate", "2")
+    capped = ["--set", "eval.max_batches=3", "--set", "eval.batch_size=16"]  # 48 of the 128 test images
+    _train(config, tmp_path / "real", "--nproc", "2", *capped)
+    _train(config, tmp_path / "sim", "--simulate", "2", *capped)
     real, sim = _final(tmp_path / "real")["final_eval"], _final(tmp_path / "sim")["final_eval"]
-    keys = {"accuracy", "scaled_accuracy", "scaled_accuracy_recalibrated", "subnet_accuracy_mean",
+    keys = {"accuracy", "test_loss", "scaled_accuracy", "scaled_test_loss_recalibrated", "subnet_accuracy_mean",
             "subnet_accuracy_min", "subnet_accuracy_max", "ensemble_accuracy", "ensemble_test_loss"}
     assert keys <= set(real)
     for key in keys:
@@ -46,6 +50,7 @@ def test_views_on_real_ranks_equal_the_simulator(tmp_path: Path) -> None:
     assert flops["subnetwork"] < flops["assembled"] < flops["ensemble"] == pytest.approx(2 * flops["subnetwork"])
 
 
+@pytest.mark.slow
 def test_ddp_has_no_subnetwork_views_and_flop_matching_is_measured(tmp_path: Path) -> None:
     config = _config(tmp_path, VIEWS)
     _train(config, tmp_path / "ddp", "--simulate", "4", "--set", "strategy.name=ddp")
@@ -130,6 +135,7 @@ def test_stochastic_depth_rejects_dropping_every_block_always() -> None:
         StochasticDepth(nn.Sequential(), [], drop=1.0)
 
 
+@pytest.mark.slow
 def test_full_phase_ends_sdp_with_the_full_model_and_resumes_exactly_across_the_switch(tmp_path: Path) -> None:
     text = VIEWS.replace("steps = 6", "steps = 8")
     text = text.replace("checkpoint_interval = 0", "checkpoint_interval = 3\nkeep_checkpoints = 5")
@@ -185,3 +191,46 @@ def test_branches_are_scaled_only_where_they_were_trained_in_part_of_the_forward
         scale("strategy.masking=backward", "eval.residual_scale=coverage")
     assert branch_scale(load_config(None, ["strategy.name=ddp", "strategy.stochastic_depth=0.2"]),
                                       None) == pytest.approx(0.8)
+
+
+def test_a_full_phase_run_keeps_its_switch_on_resume(tmp_path: Path) -> None:
+    """SDP steps 1-6, then the full model steps 7-8: a resume may not move that switch (a changed
+    run.steps is refused in one line, the folder untouched), a complete run is not offered a longer
+    run.steps, and the summary reports the step the full phase really began at."""
+    config = _config(tmp_path, VIEWS.replace("steps = 6", "steps = 8").replace('views = ["subnetworks", "ensemble"]\n',
+                                                                                ""))
+    out = tmp_path / "run"
+    sets = ["--simulate", "2", "--set", "strategy.full_phase=0.25"]
+    _train(config, out, *sets)
+    assert _final(out)["full_phase"]["from_step"] == 6 and _final(out)["steps"] == 8
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*"))
+    refused = _train(config, out, *sets, "--resume", "--set", "run.steps=16", check=False)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert refused.stderr.startswith("error: --resume: this run ends with a full-model phase (strategy.full_phase = "
+                                     "0.25): SDP trains steps 1-6 and the full model steps 7-8; run.steps 8 -> 16 "
+                                     "would move that switch")
+    complete = _train(config, out, *sets, "--resume")
+    assert "cannot be extended" in complete.stdout and "--set run.steps" not in complete.stdout
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*")) == before
+
+
+def test_evaluation_shows_progress_and_reports_its_time(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from subnetdp.app.cli import main
+    config = _config(tmp_path, VIEWS)
+    assert main(["train", str(config), "--simulate", "2", "--out", str(tmp_path / "run")]) == 0
+    err = capsys.readouterr().err
+    assert "evaluation at step 6" in err and "BN re-estimation" in err and "subnetworks" in err
+    times = _final(tmp_path / "run")["time_s"]
+    assert len(times["evals"]) == 1 and 0 < times["evals"][0] == times["eval"] and times["train_steps"] > 0
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["eval_s"] == times["evals"][0] and "accuracy" in record["eval"]
+    assert record["eval_examples"] == 128  # the whole synthetic test set
+
+
+def test_periodic_evaluations_can_be_capped_below_the_final_one(tmp_path: Path) -> None:
+    config = _config(tmp_path, VIEWS.replace("eval_interval = 0", "eval_interval = 2"))
+    _train(config, tmp_path / "run", "--simulate", "2", "--set", "eval.batch_size=16",
+           "--set", "eval.periodic_max_batches=1", "--set", "eval.max_batches=4")
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["eval_examples"]) for r in records if "eval" in r] == [(2, 16), (4, 16), (6, 64)]
+    assert len(_final(tmp_path / "run")["time_s"]["evals"]) == 3

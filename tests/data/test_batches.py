@@ -84,6 +84,25 @@ def test_eval_shards_cover_test_set_once(world_size):
     assert got == list(range(23))
 
 
+@pytest.mark.parametrize("world_size", [1, 2, 4, 6])
+def test_capped_evaluation_is_the_same_examples_for_any_world_size(world_size):
+    """max_batches = 2 of 4 examples: the first 8 test images, split over the ranks (not 2 batches
+    of each rank's own shard, which gave 6 ranks 12 batches)."""
+    data = ImageClassification(*_indexed(n_test=23), pad_to=32, mean=0.0, std=1.0)
+    got = [i for r in range(world_size) for x, _ in data.eval_batches(4, r, world_size, max_batches=2)
+           for i in (x[:, 0, 2, 2] * 255).round().long().tolist()]
+    assert got == list(range(8)) and data.eval_size(4, max_batches=2) == 8
+    assert data.eval_size(4, max_batches=10) == 23 == data.eval_size(4)
+
+
+def test_calibration_batches_split_over_ranks():
+    data = ImageClassification(*_indexed(), pad_to=32)
+    every = list(data.calibration_batches(5, 4, seed=1))
+    shares = [list(data.calibration_batches(5, 4, 1, rank, 3)) for rank in range(3)]
+    assert [len(s) for s in shares] == [2, 2, 1]
+    assert all(torch.equal(shares[b % 3][b // 3], every[b]) for b in range(5))
+
+
 def test_augmentation_deterministic():
     x = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
     data = ImageClassification(x, torch.zeros(40), x[:4], torch.zeros(4), augment=True)

@@ -227,6 +227,7 @@ def test_transformers_4_vit_layout_and_its_width_attributes() -> None:
         sim.full_state_dict(), strict=True)
 
 
+@pytest.mark.slow
 def test_compatibility_table_is_current(tmp_path) -> None:
     out = tmp_path / "models.md"
     subprocess.run([sys.executable, os.path.join(REPO, "scripts", "models_table.py"), "--out", str(out)],

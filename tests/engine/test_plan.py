@@ -18,6 +18,7 @@ def _units(sizes: list[int], flops: list[float] | None = None) -> list[UnitCost]
 @settings(max_examples=150, deadline=None)
 @given(sizes=st.lists(st.integers(1, 10_000), min_size=1, max_size=24),
        n=st.integers(1, 12), coverage=st.floats(0.01, 1.0), seed=st.integers(0, 3))
+@pytest.mark.slow
 def test_plan_invariants(sizes: list[int], n: int, coverage: float, seed: int) -> None:
     k = holders_needed(coverage, n)
     assert k == max(1, min(n, math.floor(coverage * n + 0.5)))

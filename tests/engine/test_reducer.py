@@ -95,6 +95,7 @@ def _issue_order(rank: int, world: int) -> dict:
             "grads": {n: p.grad.clone() for n, p in sdp.named_parameters()}}
 
 
+@pytest.mark.slow
 def test_bucket_issue_order_is_the_same_on_every_holder_whatever_order_gradients_arrive_in() -> None:
     results = run_distributed(_issue_order, 2)
     # the premise: backward produced the gradients in a different order on the two ranks

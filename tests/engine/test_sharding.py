@@ -56,6 +56,7 @@ def _assert_same_weights(a: SubnetworkSimulator, b: SubnetworkSimulator, msg: st
             torch.testing.assert_close(pb, pa, rtol=1e-5, atol=1e-6, msg=f"{msg}, worker {wa.rank}, {name}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("opt_name,clip", [("adamw", 0.05), ("sgd", None)])
 def test_sharded_training_equals_the_unsharded_engine_after_every_step(case: str, opt_name: str,
@@ -142,6 +143,7 @@ def _train_sharded(rank: int, world: int) -> dict:
             "error": error, "full_optimizer": sdp.full_optimizer_state(opt), "full": sdp.full_state_dict()}
 
 
+@pytest.mark.slow
 def test_sharded_ranks_equal_the_sharded_simulator_and_issue_in_one_order() -> None:
     results = run_distributed(_train_sharded, WORKERS)
     assert all("shard_parameters()" in r["error"] for r in results)  # the wrong optimizer is refused

@@ -59,3 +59,16 @@ def test_recalibration_sets_running_stats_to_the_batch_average() -> None:
         means = [model.stem[0](x).mean(dim=(0, 2, 3)) for x in batches]
     torch.testing.assert_close(stem_bn.running_mean, sum(means) / 3, rtol=1e-4, atol=1e-6)
     assert stem_bn.momentum == 0.1  # restored
+
+
+def test_a_disconnected_plan_warns_and_a_connected_one_does_not() -> None:
+    """k = 1 (C = 0.25 on 4 workers): no two workers share a unit; legal, said once at wrap time."""
+    import warnings
+
+    from subnetdp import DisconnectedPlanWarning
+    from subnetdp.models import resnet18
+    with pytest.warns(DisconnectedPlanWarning, match=r"coverage 0.25 on 4 workers gives k = 1 holder per unit"):
+        SubnetworkSimulator(resnet18(width=4, in_channels=1), 4, blocks="blocks", coverage=0.25)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DisconnectedPlanWarning)
+        SubnetworkSimulator(resnet18(width=4, in_channels=1), 4, blocks="blocks", coverage=0.5)

@@ -1,4 +1,5 @@
-"""subnetdp.integrations.hf_trainer: the README's Trainer example, run on 2 gloo ranks."""
+"""subnetdp.integrations.hf_trainer: the README's Trainer example, run on 2 gloo ranks (with gradient
+accumulation, 2 micro-batches per optimizer step)."""
 
 from __future__ import annotations
 
@@ -14,13 +15,15 @@ import torch
 pytest.importorskip("accelerate")
 
 
-def test_trainer_example_trains_with_sdp_and_saves_a_loadable_full_model(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_trainer_example_trains_with_sdp_syncs_once_per_accumulated_step_and_saves_a_loadable_full_model(
+        tmp_path: Path) -> None:
     from transformers import LlamaForCausalLM
 
     out = tmp_path / "hf"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                             "examples/hf_trainer.py", "--out", str(out), "--steps", "6"],
+                             "examples/hf_trainer.py", "--out", str(out), "--steps", "6", "--grad-accum", "2"],
                             capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "sdp_report.json").read_text())
@@ -31,6 +34,13 @@ def test_trainer_example_trains_with_sdp_and_saves_a_loadable_full_model(tmp_pat
     assert report["losses"][-1] < report["losses"][0]
     model, info = LlamaForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
+    # gradient accumulation: the first micro-batch of each step accumulates under no_sync and sends
+    # nothing; the step sends one sync, the same bytes as without accumulation: the fp32 gradients
+    # of what both ranks hold (each layer has a single holder here, so nothing of it is sent) and
+    # the clip norm (one float64). Syncing every micro-batch would send the gradients twice.
+    shared = sum(p.numel() for k, p in model.named_parameters() if not k.startswith("model.layers."))
+    assert report["sdp_bytes_before_last_micro_batch_rank0"] == [0] * 6
+    assert report["sdp_bytes_per_step_rank0"] == [4 * shared + 8] * 6
     torch.manual_seed(0)
     initial = LlamaForCausalLM(model.config)  # the example's initial model
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, initial.state_dict()[k])]

@@ -77,6 +77,7 @@ def _brute_force(model: nn.Module, batches: list, level: str, masking: str, cove
     return {k: total[k] / count[k] for k in names}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("level,masking", VARIANTS)
 @pytest.mark.parametrize("workers,coverage", [(2, 0.5), (4, 0.5)])
 def test_matches_brute_force(level: str, masking: str, workers: int, coverage: float) -> None:
@@ -160,6 +161,7 @@ batch_size = 64
 """
 
 
+@pytest.mark.slow
 def test_align_command_on_a_ddp_run(tmp_path) -> None:
     cfg = tmp_path / "cfg.toml"
     cfg.write_text(CONFIG)
