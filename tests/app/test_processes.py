@@ -21,7 +21,7 @@ import pytest
 
 from subnetdp.app import lock as run_lock
 
-from _runs import ENV, _config
+from _runs import ENV, _config, cli
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux: /proc, prctl, flock")
 
@@ -167,9 +167,9 @@ def _last_line(text: str) -> str:
 
 
 def _run_cli(*args: str) -> tuple[subprocess.CompletedProcess, float]:
+    """`subnetdp train ARGS` in this process (for commands refused before they start anything)."""
     t0 = time.monotonic()
-    result = subprocess.run([*CLI, *args], capture_output=True, text=True, env=ENV, timeout=120,
-                            start_new_session=True)
+    result = cli("train", *args)
     return result, time.monotonic() - t0
 
 

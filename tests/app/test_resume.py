@@ -99,7 +99,7 @@ def test_elastic_demo_script_runs_end_to_end(tmp_path: Path) -> None:
     from _runs import ENV
     script = Path(__file__).resolve().parents[2] / "scripts" / "elastic_demo.py"
     out = tmp_path / "elastic"
-    result = subprocess.run([sys.executable, str(script), "--out", str(out), "--steps", "12",
+    result = subprocess.run([sys.executable, str(script), "--out", str(out), "--steps", "6",
                              "--set", "data.name=synthetic-images", "--set", "eval.recalibrate_norm_batches=2"],
                             capture_output=True, text=True, env=ENV, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]

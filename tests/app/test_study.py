@@ -15,6 +15,8 @@ import pytest
 
 from subnetdp.app.sweep import expand
 
+from _runs import cli
+
 ROOT = Path(__file__).resolve().parents[2]
 SWEEPS = sorted((ROOT / "sweeps").glob("*.toml"))
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
@@ -41,12 +43,11 @@ def test_shipped_sweep_runs_a_ddp_and_an_sdp_cell(tmp_path: Path, sweep: Path) -
     ddp = next(c for c in cells if c.config["strategy"]["name"] == "ddp")
     sdp = next(c for c in cells if c.config["strategy"]["name"] == "sdp")
     out = tmp_path / "out"
-    args = [sys.executable, "-m", "subnetdp.app.cli", "sweep", str(sweep), "--out", str(out), "--no-progress",
-            "--jobs", "2", "--keep-checkpoints", "--only", ddp.id, "--only", sdp.id]
+    args = ["sweep", str(sweep), "--out", str(out), "--no-progress", "--jobs", "2", "--only", ddp.id,
+            "--only", sdp.id]
     for item in SMOKE:
         args += ["--set", item]
-    result = subprocess.run(args, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = cli(*args)  # in this process; the cells are processes of their own
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert len(results["conditions"]) == 2

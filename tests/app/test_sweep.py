@@ -10,14 +10,13 @@ import re
 import shutil
 import statistics
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from subnetdp.app.sweep import SweepError, expand, main
 
-from _runs import TINY_TASK
+from _runs import TINY_TASK, cli
 
 BASE = """
 [run]
@@ -114,8 +113,8 @@ name = "sdp"
 
 
 def _sweep(path: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "subnetdp.app.cli", "sweep", str(path), "--out", str(out),
-                             "--no-progress", *args], capture_output=True, text=True, env=ENV, timeout=600)
+    """`subnetdp sweep` in this process (its cells are processes of their own, as always)."""
+    result = cli("sweep", str(path), "--out", str(out), "--no-progress", *args)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 

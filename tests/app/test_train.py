@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -76,31 +77,44 @@ def test_two_workers_train_evaluate_checkpoint_and_export(tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["sdp", "ddp"])
-def test_killed_multi_process_run_resumes_exactly(tmp_path: Path, strategy: str) -> None:
+@pytest.mark.parametrize("strategy, kill", [("sdp", True), ("ddp", False)])
+def test_killed_multi_process_run_resumes_exactly(tmp_path: Path, strategy: str, kill: bool) -> None:
+    """2 real ranks: a run SIGKILLed mid-run (torchrun and both workers) after its checkpoint at
+    step 10 resumes to the uninterrupted run's losses and evaluations, bit for bit. For DDP (rank
+    0's replica restores every rank) the stop is a copy of the finished run cut back to that
+    checkpoint, which saves a third torchrun launch."""
     config = _config(tmp_path, SYNTHETIC.replace("steps = 12", "steps = 40").replace(
-        "checkpoint_interval = 4", "checkpoint_interval = 10").replace("batch_size = 8", "batch_size = 32"))
+        "checkpoint_interval = 4", "checkpoint_interval = 10\nkeep_checkpoints = 5").replace(
+        "batch_size = 8", "batch_size = 32"))
     sets = ["--nproc", "2", "--set", f"strategy.name={strategy}"]
     reference = tmp_path / "reference"
     _train(config, reference, *sets)
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "subnetdp.app.cli", "train", str(config), "--out", str(out),
-                             "--no-progress", *sets], env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not (out / "checkpoints" / "step-00000010").is_dir():
-        assert proc.poll() is None, "the run ended before it could be killed"
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    for pid in _process_tree(proc.pid):  # torchrun and both workers, mid-run
-        os.kill(pid, signal.SIGKILL)
-    proc.wait()
+    if kill:
+        proc = subprocess.Popen([sys.executable, "-m", "subnetdp.app.cli", "train", str(config), "--out", str(out),
+                                 "--no-progress", *sets], env=ENV,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoints" / "step-00000010").is_dir():
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        for pid in _process_tree(proc.pid):  # torchrun and both workers, mid-run
+            os.kill(pid, signal.SIGKILL)
+        proc.wait()
+    else:
+        shutil.copytree(reference, out)
+        for folder in (out / "checkpoints").iterdir():
+            if folder.name != "step-00000010":
+                shutil.rmtree(folder)
+        (out / "summary.json").unlink()
     assert not (out / "summary.json").exists()
 
-    _train(config, out, *sets, "--resume")
+    _train(None, out, "--resume")  # on the run's own 2 real workers
     summary = json.loads((out / "summary.json").read_text())
     assert summary["resumed_from"] is not None and summary["resumed_from"] < 40
+    assert summary["workers"] == 2 and not summary["simulated"]
     assert _losses(out) == _losses(reference)  # every loss and evaluation, bit for bit
 
 
