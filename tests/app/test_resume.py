@@ -133,17 +133,6 @@ def test_sharded_runs_train_as_unsharded_resume_exactly_and_move_to_unsharded(tm
         assert _losses(tmp_path / "moved")[step] == pytest.approx(plain[step], rel=1e-5)
 
 
-@pytest.mark.slow
-def test_sharded_real_ranks_match_sharded_simulated_workers(tmp_path: Path) -> None:
-    config = _config(tmp_path, CONSTANT)
-    sets = ["--set", "strategy.name=sdp", "--set", "strategy.coverage=0.5", "--set", "strategy.shard=true"]
-    _train(config, tmp_path / "real", "--nproc", "2", *sets)
-    _train(config, tmp_path / "sim", "--simulate", "2", *sets)
-    real, sim = _losses(tmp_path / "real"), _losses(tmp_path / "sim")
-    assert sorted(real) == [1, 2, 3, 4, 5, 6]
-    assert [sim[s] for s in sorted(sim)] == pytest.approx([real[s] for s in sorted(real)], rel=1e-4)
-
-
 def _cli(*args: str) -> subprocess.CompletedProcess:
     """`subnetdp ARGS` (no CONFIG put in front, unlike ``_train``), which must succeed."""
     result = cli(*args)

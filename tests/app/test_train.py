@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from subnetdp.app.builders import build_task
 from subnetdp.app.config import load_config
 
-from _runs import ENV, SYNTHETIC, _config, _train
+from _runs import ENV, SYNTHETIC, _config, _train, cli
 
 
 def _process_tree(pid: int) -> list[int]:
@@ -44,10 +44,18 @@ def _losses(out: Path) -> list[tuple]:
     return [(x["step"], x.get("loss"), json.dumps(x.get("eval"), sort_keys=True)) for x in lines]
 
 
-@pytest.mark.slow
-def test_two_workers_train_evaluate_checkpoint_and_export(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic config on 2 real ranks (torchrun), shared by the tests that read it."""
+    tmp_path = tmp_path_factory.mktemp("real")
     out = tmp_path / "run"
     _train(_config(tmp_path), out, "--nproc", "2")
+    return out
+
+
+@pytest.mark.slow
+def test_two_workers_train_evaluate_checkpoint_and_export(real_run: Path, tmp_path: Path) -> None:
+    out = real_run
     summary = json.loads((out / "summary.json").read_text())
     assert summary["workers"] == 2 and summary["steps"] == 12 and summary["strategy"] == "B-SDP fwd C=0.5"
     assert [e["step"] for e in summary["evals"]] == [6, 12]
@@ -60,8 +68,7 @@ def test_two_workers_train_evaluate_checkpoint_and_export(tmp_path: Path) -> Non
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000008", "step-00000012"]
 
     exported = tmp_path / "model.safetensors"
-    result = subprocess.run([sys.executable, "-m", "subnetdp.app.cli", "export", str(out), "--out", str(exported)],
-                            capture_output=True, text=True, env=ENV, timeout=120)
+    result = cli("export", str(out), "--out", str(exported))
     assert result.returncode == 0, result.stderr
     task = build_task(load_config(_config(tmp_path)))
     model = task.make_model()
@@ -127,11 +134,10 @@ def test_resume_with_a_different_config_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_simulated_workers_match_real_ones(tmp_path: Path) -> None:
+def test_simulated_workers_match_real_ones(real_run: Path, tmp_path: Path) -> None:
     config = _config(tmp_path)
-    _train(config, tmp_path / "real", "--nproc", "2")
     _train(config, tmp_path / "sim", "--simulate", "2")
-    real = [x[1] for x in _losses(tmp_path / "real") if x[1] is not None]
+    real = [x[1] for x in _losses(real_run) if x[1] is not None]
     sim = [x[1] for x in _losses(tmp_path / "sim") if x[1] is not None]
     assert sim == pytest.approx(real, rel=1e-4)
 

@@ -33,11 +33,17 @@ def _final(out: Path) -> dict:
 @pytest.mark.slow
 def test_views_on_real_ranks_equal_the_simulator(tmp_path: Path) -> None:
     """Every view, on the same examples: eval.max_batches caps the split before it is sharded over
-    ranks, and the norm re-estimation split over 2 ranks equals one process's."""
+    ranks, and the norm re-estimation split over 2 ranks equals one process's. Sharded (ZeRO-2
+    inside holder sets), the real ranks also log the simulator's losses."""
     config = _config(tmp_path, VIEWS)
-    capped = ["--set", "eval.max_batches=3", "--set", "eval.batch_size=16"]  # 48 of the 128 test images
+    capped = ["--set", "eval.max_batches=3", "--set", "eval.batch_size=16",  # 48 of the 128 test images
+              "--set", "strategy.shard=true"]
     _train(config, tmp_path / "real", "--nproc", "2", *capped)
     _train(config, tmp_path / "sim", "--simulate", "2", *capped)
+    losses = [[json.loads(x).get("loss") for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+              for run in ("real", "sim")]
+    assert len([x for x in losses[0] if x is not None]) == 6
+    assert [x for x in losses[1] if x] == pytest.approx([x for x in losses[0] if x], rel=1e-4)
     real, sim = _final(tmp_path / "real")["final_eval"], _final(tmp_path / "sim")["final_eval"]
     keys = {"accuracy", "test_loss", "scaled_accuracy", "scaled_test_loss_recalibrated", "subnet_accuracy_mean",
             "subnet_accuracy_min", "subnet_accuracy_max", "ensemble_accuracy", "ensemble_test_loss"}

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,7 +14,7 @@ from subnetdp import SubnetworkSimulator
 from subnetdp.measure.alignment import ddp_gradient, gradient_alignment, sdp_gradient
 
 from _models import batch_for, make
-from _runs import TINY_TASK
+from _runs import TINY_TASK, cli
 
 VARIANTS = [("block", "forward"), ("block", "backward"), ("neuron", "forward"), ("neuron", "backward")]
 
@@ -166,14 +163,11 @@ def test_align_command_on_a_ddp_run(tmp_path) -> None:
     cfg = tmp_path / "cfg.toml"
     cfg.write_text(CONFIG)
     run = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    train = subprocess.run([sys.executable, "-m", "subnetdp.app.cli", "train", str(cfg), "--simulate", "2",
-                            "--out", str(run), "--no-progress"], capture_output=True, text=True, env=env, timeout=300)
+    train = cli("train", str(cfg), "--simulate", "2", "--out", str(run), "--no-progress")  # in this process
     assert train.returncode == 0, train.stderr[-3000:]
     out, plot = tmp_path / "align.json", tmp_path / "align.png"
-    result = subprocess.run([sys.executable, "-m", "subnetdp.app.cli", "align", str(run), "--coverage", "0.5", "1",
-                             "--level", "block", "neuron", "--out", str(out), "--plot", str(plot), "--no-progress"],
-                            capture_output=True, text=True, env=env, timeout=300)
+    result = cli("align", str(run), "--coverage", "0.5", "1", "--level", "block", "neuron", "--out", str(out),
+                 "--plot", str(plot), "--no-progress")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     rows = report["rows"]
