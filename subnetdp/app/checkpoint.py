@@ -25,8 +25,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
 PARTIAL = ".partial"
 
 
@@ -60,6 +58,7 @@ def write_rank_state(root: Path, step: int, rank: int, state: dict[str, Any]) ->
     """Every rank: write this rank's state into the step's partial folder."""
     folder = Path(str(step_dir(root, step)) + PARTIAL)
     folder.mkdir(parents=True, exist_ok=True)
+    import torch  # here, not at the top: the launcher checks checkpoints without importing torch
     _atomic_write_bytes(folder / rank_file(rank), lambda f: torch.save(state, f))
 
 
@@ -189,4 +188,5 @@ def complete_checkpoints(root: Path, verify: bool = True) -> list[tuple[Path, di
 def load_rank_state(folder: Path, rank: int) -> dict[str, Any]:
     """One rank's file, on CPU: RNG states must be CPU tensors, and load_state_dict moves weights
     and optimizer state to the devices of the parameters they are loaded into."""
+    import torch
     return torch.load(folder / rank_file(rank), map_location="cpu", weights_only=False)

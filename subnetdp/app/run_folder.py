@@ -18,8 +18,6 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from . import checkpoint as ckpt
 from .config import RESUMABLE_CHANGES, Config, ConfigError, from_dict, phase_steps
 from .lock import RunFolderLock, RunFolderLocked, locked_by_launcher
@@ -182,6 +180,7 @@ def lock_run_folder(out: Path, ctx: Context) -> RunFolderLock | None:
             lock = acquire_run_folder(out)
         except RunFolderLocked as exc:
             error = exc
+    import torch  # (the launcher imports this module and must not pay for torch)
     if not ctx.simulate and ctx.all_reduce_sum(torch.tensor([float(error is not None)])).item() and error is None:
         error = RunFolderLocked(f"rank {ctx.rank}: rank 0 could not lock {out}: another run uses it")
     if error is not None:

@@ -77,3 +77,21 @@ print(before, ours == theirs, len(ours) > 30, ours[""] > 0)
 """)
     assert found["out"].split() == ["False", "True", "True", "True"], found["out"]
     assert "torch._dynamo" in found["modules"]  # imported by FlopCounterMode
+
+
+def test_the_nproc_launcher_checks_a_config_without_importing_torch(tmp_path) -> None:
+    """Everything `subnetdp train --nproc N` checks before torchrun starts (config, builder keys,
+    workers, run folder, a resume's checkpoint) runs without torch: a launch starts a second
+    sooner, and the workers pay for torch once each."""
+    config = tmp_path / "c.toml"
+    config.write_text('[model]\nname = "resnet18"\nwidth = 4\n[data]\nname = "synthetic-images"\n')
+    found = _modules_after(
+        "import subnetdp.app.launch as launch\n"
+        "def stop(*args, **kwargs):\n"
+        "    print('torchrun would start now')\n"
+        "    raise SystemExit(0)\n"
+        "launch.torchrun_command = stop\n"
+        "from subnetdp.app.cli import main\n"
+        f"main(['train', {str(config)!r}, '--nproc', '2', '--out', {str(tmp_path / 'run')!r}])")
+    assert "torchrun would start now" in found["out"]
+    assert not [m for m in found["modules"] if m == "torch" or m.startswith("torch.")]
