@@ -2,7 +2,7 @@
 
     subnetdp train configs/resnet18_fashion_mnist.toml --nproc 4 --out runs/r18
     subnetdp train configs/llama_shakespeare.toml --simulate 8 --set strategy.coverage=0.25
-    subnetdp train configs/resnet18_fashion_mnist.toml --nproc 4 --out runs/r18 --resume
+    subnetdp train --out runs/r18 --resume                               # the run as it was started
     subnetdp export runs/r18 --out r18.safetensors
     subnetdp plan --model resnet18 --workers 8 --coverage 0.5            # block level
     subnetdp plan --model resnet18 --workers 4 --coverage 0.5 --level neuron
@@ -103,8 +103,10 @@ how it runs:
 outputs in --out: config.json, metrics.jsonl, summary.json, checkpoints/ (one file per rank plus
 a manifest); `subnetdp export DIR` writes the assembled model as safetensors. A folder that
 already holds a run is refused before anything starts: --resume continues it (one that is
-complete is left untouched: a line says so, exit code 0), --overwrite deletes its metrics.jsonl,
-summary.json and checkpoints/ and starts again.
+complete is left untouched: a line says so, exit code 0) with the config and workers it was
+started with (`subnetdp train --out DIR --resume`), --overwrite deletes its metrics.jsonl,
+summary.json and checkpoints/ and starts again. A run whose loss, gradient norm or weights become
+NaN or infinite stops there (exit code 1) and never checkpoints that state.
 
 config keys: `subnetdp train --list-keys`; a wrong key or value is an error listing valid ones.
 """
