@@ -80,6 +80,19 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "full_phase_checkpointing": Key(False, "recompute each block's activations in backward during the "
                                         "full phase (activation checkpointing): less activation memory; the "
                                         "full model's parameters, gradients and optimizer state remain"),
+        "full_phase_shard": Key(True, "the full phase trains the assembled model with its gradients and "
+                                "optimizer state split over all N workers (SDP at coverage 1 with shard = true: "
+                                "the same updates as DDP, a quarter of the state per worker at N = 4), so with "
+                                "full_phase_checkpointing its peak memory per worker stays near the SDP phase's; "
+                                "false: replicated on every worker, as DDP"),
+        "full_phase_start": Key("assembled", "the model the full phase starts from: the assembled model as is, "
+                                "or 'scaled': each residual branch's last layer multiplied by k/N (block level, "
+                                "forward masking: each block was trained in k of N subnetworks)",
+                                ("assembled", "scaled")),
+        "redraw_every": Key(0, "sdp only (block level, forward masking, unsharded, scale none): re-draw the plan "
+                            "every M steps (stochastic block dropping): a new plan from a seed derived from "
+                            "plan_seed, run.seed and the draw, and the units that change hands move with their "
+                            "optimizer state, one at a time (0: the plan is fixed)"),
         "stochastic_depth": Key(0.0, "ddp only: probability that a block is dropped in a training step "
                                 "(block-level drop-path, drawn per worker and step; 1 - C gives B-SDP's "
                                 "expected depth); with [eval] residual_scale = 'coverage' the evaluated "
@@ -279,6 +292,16 @@ def _check_ranges(s: dict[str, dict[str, Any]], source: str, origins: Origins) -
     need(s["strategy"]["reduce_dtype"] == "none" or s["strategy"]["name"] == "sdp",
          "[strategy] reduce_dtype sets SDP's gradient buckets: it needs name = 'sdp'",
          "strategy.reduce_dtype", "strategy.name")
+    st = s["strategy"]
+    need(st["redraw_every"] >= 0, "[strategy] redraw_every must be >= 0 (0: the plan is fixed)", "strategy.redraw_every")
+    need(st["redraw_every"] == 0 or (st["name"] == "sdp" and st["level"] == "block" and st["masking"] == "forward"
+                                     and not st["shard"] and st["scale"] == "none"),
+         "[strategy] redraw_every re-draws B-SDP's plan: it needs name = 'sdp', level = 'block', masking = "
+         "'forward', shard = false and scale = 'none'", "strategy.redraw_every")
+    need(st["full_phase_start"] == "assembled" or (st["level"] == "block" and st["masking"] == "forward"
+                                                   and st["scale"] == "none"),
+         "[strategy] full_phase_start = 'scaled' folds k/N into blocks trained unscaled in k of N subnetworks: it "
+         "needs level = 'block', masking = 'forward' and scale = 'none'", "strategy.full_phase_start")
     need(not s["strategy"]["shard"] or s["strategy"]["name"] == "sdp",
          "[strategy] shard splits SDP's holder-set state (for DDP use FSDP): it needs name = 'sdp'",
          "strategy.shard", "strategy.name")

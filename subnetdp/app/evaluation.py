@@ -103,7 +103,8 @@ class _EvaluationPlan:
     def __init__(self, tr: Trainer, eval_models: dict[str, nn.Module], cap: int | None) -> None:
         cfg, ctx = tr.config, tr.ctx
         self.calibration = cfg["eval.recalibrate_norm_batches"]
-        self.views = cfg["eval.views"] if tr.par.is_sdp else []
+        # the full phase (even sharded over the workers) has one full model: no subnetworks
+        self.views = cfg["eval.views"] if tr.par.is_sdp and not tr.full_phase else []
         size = cfg["eval.batch_size"]
         shard = tr.task.eval_batch_count(size, ctx.rank, ctx.processes, cap)
         mine = len(range(ctx.rank, self.calibration, ctx.processes))
@@ -214,7 +215,7 @@ def inference_flops(tr: Trainer, eval_model: nn.Module) -> dict[str, float]:
         return float(counter.get_total_flops()) / tr.task.example_input.shape[0]
 
     result: dict[str, Any] = {"assembled": count(eval_model)}
-    if tr.par.is_sdp:
+    if tr.par.is_sdp and not tr.full_phase:
         per_worker = tr.ctx.gather([count(m) for m in tr.par.unwrapped_models])
         result.update(subnetwork=statistics.fmean(per_worker), ensemble=float(sum(per_worker)))
     return result

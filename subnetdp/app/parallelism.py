@@ -107,6 +107,11 @@ class Parallelism:
         """The ensemble of the N subnetworks from the local workers' outputs on one batch (SDP only)."""
         raise TypeError(f"{type(self).__name__} has no subnetworks to ensemble")
 
+    def redraw(self, seed: int, optimizers: list[torch.optim.Optimizer]) -> int:
+        """SDP: re-draw the plan with ``seed``; the units that change hands move with their optimizer
+        state. Returns the bytes moved."""
+        raise TypeError(f"{type(self).__name__} has no plan to re-draw")
+
 
 class RealDDP(Parallelism):
     """torch DistributedDataParallel on this rank, its all-reduced bytes counted by a comm hook."""
@@ -183,6 +188,11 @@ class RealSDP(Parallelism):
     def ensemble_log_probs(self, outs: list[torch.Tensor]) -> torch.Tensor:
         return self.sdp.ensemble_log_probs(outs[0])  # collective: the other ranks bring theirs
 
+    def redraw(self, seed: int, optimizers: list[torch.optim.Optimizer]) -> int:
+        moved = self.sdp.redraw(seed, optimizers[0])
+        self.plan = self.sdp.plan
+        return moved
+
 
 class SimulatedSDP(Parallelism):
     """SubnetworkSimulator: N virtual SDP workers, one module each, synchronised explicitly."""
@@ -211,6 +221,11 @@ class SimulatedSDP(Parallelism):
 
     def ensemble_log_probs(self, outs: list[torch.Tensor]) -> torch.Tensor:
         return self.simulator.ensemble_log_probs(outs)
+
+    def redraw(self, seed: int, optimizers: list[torch.optim.Optimizer]) -> int:
+        moved = self.simulator.redraw(seed, optimizers)
+        self.plan = self.simulator.plan
+        return moved
 
 
 def parallelize(model: nn.Module, *, sdp: bool, device: torch.device, virtual_workers: int | None = None,

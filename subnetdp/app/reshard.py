@@ -53,9 +53,12 @@ def rebuild_simulator(manifest: dict[str, Any]) -> SubnetworkSimulator:
         warnings.simplefilter("ignore", DisconnectedPlanWarning)
         sim = SubnetworkSimulator(model, manifest["virtual_world_size"],
                                   **level_kwargs(s["level"], MODELS[manifest["model"]][1]), coverage=s["coverage"],
-                                  masking=s["masking"], seed=s["plan_seed"], scale=s["scale"],
+                                  masking=s["masking"], seed=s["plan_seed"],
+                                  scale=s["scale"],
                                   neuron_groups=s["neuron_groups"] or None, example_input=example, shard=s["shard"])
-    if sim.plan.fingerprint() != manifest["plan_fingerprint"]:
+    if manifest.get("plan_seed_drawn", s["plan_seed"]) != s["plan_seed"]:  # strategy.redraw_every: that plan
+        sim.redraw(manifest["plan_seed_drawn"], [torch.optim.SGD(w.parameters()) for w in sim.workers])
+    if sim.plan.fingerprint() != (manifest.get("plan_fingerprint_drawn") or manifest["plan_fingerprint"]):
         raise ckpt.CheckpointError("the rebuilt plan does not match the one the run trained with")
     return sim
 

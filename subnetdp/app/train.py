@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -36,8 +37,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from ..engine.errors import CollectiveError
+from ..engine.evaluation import fold_residual_scale
 from ..engine.units import resolve_block_paths
 from ..measure import optimizer_state_bytes, tensor_bytes
+from ..measure.live import WorkerPeakTracker
 from . import checkpoint as ckpt
 from . import reshard
 from .baselines import StochasticDepth, checkpoint_blocks
@@ -178,6 +181,29 @@ def sdp_kwargs(config: Config, task: Task, device: torch.device) -> dict[str, An
             "reduce_dtype": None if s["reduce_dtype"] == "none" else getattr(torch, s["reduce_dtype"])}
 
 
+def full_phase_kwargs(config: Config, task: Task, device: torch.device) -> dict[str, Any]:
+    """The full phase as the engine runs it with full_phase_shard: every worker holds every block
+    (coverage 1), and the gradients and optimizer state are split over all N (shard): DDP's
+    updates, with 1/N of the gradient and optimizer memory per worker."""
+    return {"blocks": task.blocks, "coverage": 1.0, "masking": "forward", "seed": 0,
+            "example_input": task.example_input.to(device), "shard": True}
+
+
+def draw_seed(config: Config, draw: int) -> int:
+    """The plan seed of the run's ``draw``-th plan (strategy.redraw_every): draw 0 is
+    strategy.plan_seed; later ones are derived from it, run.seed and the draw, the same on every rank."""
+    if draw == 0:
+        return config["strategy.plan_seed"]
+    digest = hashlib.sha256(f"{config['strategy.plan_seed']}/{config['run.seed']}/{draw}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+def draw_of_step(config: Config, step: int) -> int:
+    """Which plan trains step ``step`` (0-based): a new one every strategy.redraw_every steps."""
+    every = config["strategy.redraw_every"]
+    return step // every if every else 0
+
+
 def strategy_label(config: Config) -> str:
     s = config.section("strategy")
     if s["name"] == "ddp":
@@ -229,22 +255,30 @@ class Trainer:
 
 
 def build_trainer(config: Config, task: Task, ctx: Context, steps: int,
-                  full_phase_from: dict[str, torch.Tensor] | None = None, first_step: int = 0) -> Trainer:
-    """The models, optimizers and schedules of this process. With ``full_phase_from`` (an assembled
-    state dict) it is the full phase: that full model on every worker, trained as DDP, its
-    schedule continuing at ``first_step``."""
+                  full_phase_from: dict[str, torch.Tensor] | None = None, first_step: int = 0,
+                  branch_scale: float | None = None) -> Trainer:
+    """The models, optimizers and schedules of this process.
+    With ``full_phase_from`` (an assembled state dict) it is the full phase: that full model on
+    every worker (its residual branches scaled by ``branch_scale`` when given), trained with DDP's
+    updates (sharded over the workers with full_phase_shard), its schedule continuing at
+    ``first_step``."""
     torch.manual_seed(config["run.seed"])  # the same initial model on every rank
     model = task.make_model().to(ctx.device)
     full_phase = full_phase_from is not None
+    sharded_full = full_phase and config["strategy.full_phase_shard"]
     if full_phase:
         model.load_state_dict(full_phase_from, strict=True)
+        if branch_scale is not None:
+            fold_residual_scale(model, task.blocks, branch_scale)
         if config["strategy.full_phase_checkpointing"]:
             checkpoint_blocks(model, resolve_block_paths(model, task.blocks))
     drop = config["strategy.stochastic_depth"]
     depth = StochasticDepth(model, resolve_block_paths(model, task.blocks), drop, config["run.seed"]) if drop else None
-    sdp = config["strategy.name"] == "sdp" and not full_phase
+    sdp = config["strategy.name"] == "sdp" and (not full_phase or sharded_full)
+    kwargs = (full_phase_kwargs(config, task, ctx.device) if sharded_full
+              else sdp_kwargs(config, task, ctx.device) if sdp else {})
     par = parallelize(model, sdp=sdp, device=ctx.device, virtual_workers=ctx.world_size if ctx.simulate else None,
-                      timeout=config["run.timeout"], **(sdp_kwargs(config, task, ctx.device) if sdp else {}))
+                      timeout=config["run.timeout"], **kwargs)
     pairs = [make_optimizer(config, par.optimized_parameters(m), steps, first_step) for m in par.models]
     return Trainer(config, task, ctx, par, [p[0] for p in pairs], [p[1] for p in pairs],
                    stochastic_depth=depth, full_phase=full_phase)
@@ -268,20 +302,47 @@ def check_finite(tr: Trainer, step: int, losses: list[float], grads: list[torch.
                             "checkpointed. Lower optim.lr, or set optim.grad_clip or optim.warmup_steps")
 
 
-def train_step(tr: Trainer, step: int) -> float:
+def worker_optimizers(tr: Trainer) -> list[tuple[int, torch.optim.Optimizer]]:
+    """(worker, its optimizer) for every local worker; simulated DDP's workers share one."""
+    ranks = tr.par.ranks
+    if len(tr.optimizers) == len(ranks):
+        return list(zip(ranks, tr.optimizers))
+    return [(r, tr.optimizers[0]) for r in ranks]
+
+
+def worker_memory_tracker(tr: Trainer) -> WorkerPeakTracker:
+    """A live-tensor tracker with each local worker's tensors as its baseline."""
+    optimizers = dict(worker_optimizers(tr))
+    state, params = {}, {}
+    modules = tr.par.unwrapped_models
+    for i, (rank, model) in enumerate(tr.par.local_workers):
+        module = modules[min(i, len(modules) - 1)]  # simulated DDP: one model for every worker
+        params[rank] = list(module.parameters()) + tr.par.optimized_parameters(model)
+        state[rank] = (params[rank] + [p.grad for p in params[rank] if p.grad is not None] + list(module.buffers())
+                       + [v for st in optimizers[rank].state.values() for v in st.values() if isinstance(v, torch.Tensor)])
+    return WorkerPeakTracker(state, params)
+
+
+def train_step(tr: Trainer, step: int, tracker: WorkerPeakTracker | None = None) -> float:
     """One optimizer step of every local worker; returns the mean loss over this process's workers.
-    A non-finite loss or gradient norm on any worker raises DivergedError before the update."""
+    A non-finite loss or gradient norm on any worker raises DivergedError before the update.
+    ``tracker``: each worker's work is attributed to it (memory per worker)."""
     cfg, ctx, task, par = tr.config, tr.ctx, tr.task, tr.par
     batch_size, seed = cfg["data.batch_size"], cfg["run.seed"]
+
+    def attributed(rank: int) -> Any:
+        return tracker.worker(rank) if tracker is not None else contextlib.nullcontext()
+
     losses = []
     for rank, model in par.local_workers:
         x, y = task.data.train_batch(step, rank, ctx.world_size, batch_size, seed)
         x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
         if tr.stochastic_depth is not None:
             tr.stochastic_depth.draw(step, rank)
-        with autocast(cfg["run.autocast"], ctx.device):
-            loss = task.forward_loss(model, x, y)
-        par.backward(loss)
+        with attributed(rank):
+            with autocast(cfg["run.autocast"], ctx.device):
+                loss = task.forward_loss(model, x, y)
+            par.backward(loss)
         losses.append(loss.item())
     par.after_backward()
     if cfg["optim.grad_clip"] > 0:
@@ -290,8 +351,9 @@ def train_step(tr: Trainer, step: int) -> float:
     check_finite(tr, step, losses, grads)
     # gradients are freed at zero_grad: their size is read here, while they exist
     tr.peak_grad_bytes = max(tr.peak_grad_bytes, tensor_bytes(grads))
-    for optimizer, scheduler in zip(tr.optimizers, tr.schedulers):
-        optimizer.step()  # backward-masked SDP broadcasts updated units from an optimizer hook
+    for (rank, _), optimizer, scheduler in zip(worker_optimizers(tr), tr.optimizers, tr.schedulers):
+        with attributed(rank):
+            optimizer.step()  # backward-masked SDP broadcasts updated units from an optimizer hook
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
     par.after_step()
@@ -466,7 +528,12 @@ class TrainingRun:
         self.evals: list[dict[str, Any]] = []
         self.sdp_phase_per_rank: list[dict[str, Any]] | None = None
         self.full_phase_from: int | None = None  # the step the full-model phase began at, once it has
-        self.seconds = {"eval": 0.0, "checkpoint": 0.0}
+        self.seconds = {"eval": 0.0, "checkpoint": 0.0, "redraw": 0.0}
+        self.draw = 0  # which plan trains now (strategy.redraw_every)
+        self.redraw_bytes: list[int] = []  # moved by each re-draw of this process's run
+        # live-tensor peak per worker, by phase, at the steps measured (CPU; CUDA: the allocator's)
+        self.worker_peaks: dict[str, dict[int, int]] = {}
+        self.memory_steps: list[int] = []
         self.eval_seconds: list[float] = []  # of each evaluation of this process's run (not before a resume)
         if config["run.tensorboard"]:  # fail before training, not at the first log record
             open_tensorboard(None, 0)
@@ -474,9 +541,18 @@ class TrainingRun:
     def begin_full_phase(self, at: int) -> None:
         """SDP ends at step ``at``: every worker continues with the assembled full model, as DDP,
         its learning-rate schedule continuing from there."""
+        scaled = self.config["strategy.full_phase_start"] == "scaled" and self.plan is not None
         self.tr = build_trainer(self.config, self.task, self.ctx, self.steps,
-                                full_phase_from=self.tr.par.full_state_dict(), first_step=at)
+                                full_phase_from=self.tr.par.full_state_dict(), first_step=at,
+                                branch_scale=self.plan.k / self.plan.world_size if scaled else None)
         self.full_phase_from = at
+
+    def redraw(self, step: int) -> None:
+        """The plan that trains step ``step`` (strategy.redraw_every): its units move now."""
+        began = time.perf_counter()
+        self.draw = draw_of_step(self.config, step)
+        self.redraw_bytes.append(self.tr.par.redraw(draw_seed(self.config, self.draw), self.tr.optimizers))
+        self.seconds["redraw"] += time.perf_counter() - began
 
     def resume(self, folder: Path, manifest: dict[str, Any], skipped: list[tuple[Path, str]] | None = None) -> None:
         """Continue from a checkpoint: its phase, weights, optimizers, RNG states and log window.
@@ -494,6 +570,9 @@ class TrainingRun:
                   flush=True)
         if manifest.get("phase") == "full":  # its weights and optimizer come from the checkpoint below
             self.begin_full_phase(manifest.get("full_phase_from", self.own_steps))
+        elif draw_of_step(self.config, manifest["step"] - 1) > 0:  # a re-drawn plan wrote it: draw it
+            self.redraw(manifest["step"] - 1)                      # (the state it moves is replaced below)
+            self.redraw_bytes.clear()
         if moved:  # another worker count or coverage: assemble the old state, cut it for the new plan
             own = ckpt.load_rank_state(folder, min(ctx.rank, manifest["world_size"] - 1))
             tr = self.tr
@@ -548,6 +627,10 @@ class TrainingRun:
         for step in range(self.start_step, self.steps):
             if step >= self.own_steps and not self.tr.full_phase:
                 self._switch_to_full_phase(step)
+            elif not self.tr.full_phase and draw_of_step(self.config, step) != self.draw:
+                peak.stop()
+                self.redraw(step)
+                peak.start()
             self._timed_step(step)
             done = step + 1
             self.window_steps += 1
@@ -586,10 +669,19 @@ class TrainingRun:
         if ctx.device.type == "cuda":
             torch.cuda.synchronize(ctx.device)
         t0 = time.perf_counter()
+        phase = "full" if self.tr.full_phase else "own"
         if step in (self.start_step, self.own_steps):
             with FlopCounterMode(display=False) as flop_counter:
                 loss = train_step(self.tr, step)
-            stats.phase_flops["full" if self.tr.full_phase else "own"] = float(flop_counter.get_total_flops())
+            stats.phase_flops[phase] = float(flop_counter.get_total_flops())
+        elif self._measures_memory(step):
+            tracker = worker_memory_tracker(self.tr)
+            with tracker:
+                loss = train_step(self.tr, step, tracker)
+            peaks = self.worker_peaks.setdefault(phase, {})
+            for rank, peak in tracker.peaks.items():
+                peaks[rank] = max(peaks.get(rank, 0), peak)
+            self.memory_steps.append(step + 1)
         else:
             loss = train_step(self.tr, step)
         if ctx.device.type == "cuda":
@@ -600,6 +692,19 @@ class TrainingRun:
             stats.comm_bytes += comm_after - comm_before
         stats.steps_timed += 1
         self.log_acc = [self.log_acc[0] + loss, self.log_acc[1] + 1]
+
+    def _measures_memory(self, step: int) -> bool:
+        """Whether step ``step`` is tracked for memory per worker (CPU; on CUDA the allocator
+        counts every step): the second step of each phase (the first runs under the FLOP counter,
+        and creates the optimizer state the second holds from its start) and the second step of
+        each of the first three re-drawn plans."""
+        if self.ctx.device.type != "cpu":
+            return False
+        firsts = {self.start_step, self.own_steps}
+        every = self.config["strategy.redraw_every"]
+        if every:
+            firsts |= {d * every for d in range(1, 4) if d * every < self.own_steps}
+        return step - 1 in firsts and step not in firsts
 
     def _write(self, record: dict[str, Any]) -> None:
         if self.metrics_file is not None:
@@ -668,17 +773,41 @@ class TrainingRun:
                            "plan_fingerprint": self.plan.fingerprint() if self.plan is not None else None,
                            "phase": "full" if tr.full_phase else "own",
                            "full_phase_from": self.full_phase_from,
+                           # the plan that wrote the subnetworks (strategy.redraw_every): the draw's
+                           "plan_seed_drawn": draw_seed(self.config, self.draw),
+                           "plan_fingerprint_drawn": (tr.par.plan.fingerprint()
+                                                      if tr.par.plan is not None and not tr.full_phase else None),
                            "virtual_world_size": ctx.world_size},
                           self.config["run.keep_checkpoints"])
         ctx.barrier()
 
     # -- the summary -----------------------------------------------------------------------
 
+    def _peak_memory(self, per_rank: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """Each worker's measured peak of live tensor bytes by phase (CPU), and the largest over the
+        workers: per phase, and over the whole run."""
+        by_phase: dict[str, dict[str, int]] = {}
+        for figures in per_rank:
+            for phase, peaks in (figures.get("live_peak_bytes") or {}).items():
+                by_phase.setdefault(phase, {}).update(peaks)
+        if not by_phase:
+            return None
+        names = {"own": "sdp_phase" if self.config["strategy.name"] == "sdp" else "training", "full": "full_phase"}
+        out: dict[str, Any] = {names[p]: max(v.values()) for p, v in by_phase.items()}
+        out["whole_run"] = max(out.values())
+        out["by_worker"] = {names[p]: v for p, v in by_phase.items()}
+        out["measured"] = ("live tensors (CPU) of each worker at steps " + ", ".join(map(str, self.memory_steps))
+                           + ": its parameters, buffers, gradients, optimizer state and everything its forward, "
+                           "backward and optimizer step allocate")
+        return out
+
     def summary(self) -> dict[str, Any] | None:
         """Gather every rank's figures (collective) and, on rank 0, write summary.json."""
         config, ctx, tr = self.config, self.ctx, self.tr
         figures = rank_figures(tr, self.stats)
         figures.update({f"{phase}_flops_per_step": v for phase, v in self.stats.phase_flops.items()})
+        figures["live_peak_bytes"] = {phase: {str(r): b for r, b in peaks.items()}
+                                      for phase, peaks in self.worker_peaks.items()}
         inference = inference_flops(tr, self.eval_models[""])
         per_rank = _gather_figures(tr, figures)
         if not ctx.is_main:
@@ -700,6 +829,13 @@ class TrainingRun:
                             "flops_per_step": full, "sdp_phase_per_rank": self.sdp_phase_per_rank}
                            if self.full_phase_from is not None else None),
             "inference_flops_per_sample": inference,
+            "peak_memory_per_worker": self._peak_memory(per_rank),
+            "redraw": ({"every": config["strategy.redraw_every"], "plans_drawn": self.draw + 1,
+                        "redraws_in_this_process": len(self.redraw_bytes),
+                        "bytes_moved_per_redraw": statistics.fmean(self.redraw_bytes) if self.redraw_bytes else None,
+                        "bytes_moved_per_step": (sum(self.redraw_bytes) / max(1, self.own_steps - self.start_step)),
+                        "seconds": self.seconds["redraw"]}
+                       if config["strategy.redraw_every"] else None),
             "per_rank": per_rank,
             "plan": self.plan.to_dict() if self.plan is not None else None,
             "config": config.to_dict(),

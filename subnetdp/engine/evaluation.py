@@ -14,8 +14,9 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
+from .errors import SDPConfigError
 from .exchange import Exchange
-from .units import analyse_block, get_module, resolve_block_paths
+from .units import analyse_block, get_module, resolve_block_paths, trace_residual
 
 
 def recalibrate_norm_statistics(model: nn.Module, batches: Iterable[Any]) -> int:
@@ -61,4 +62,45 @@ def scale_residual_branches(model: nn.Module, blocks: str | Sequence[str], facto
             parent[int(name)] = scaled
         else:
             setattr(parent, name, scaled)
+    return model
+
+
+_LINEAR_IN_WEIGHT = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.modules.batchnorm._BatchNorm, nn.LayerNorm,
+                     nn.GroupNorm)
+
+
+def _scalable(module: nn.Module) -> bool:
+    """Whether multiplying the module's weight (and bias) by s multiplies its output by s."""
+    names = {n for n, _ in module.named_parameters(recurse=False)}
+    if isinstance(module, _LINEAR_IN_WEIGHT):
+        return "weight" in names
+    return type(module).__name__.endswith("RMSNorm") and names == {"weight"}
+
+
+@torch.no_grad()
+def fold_residual_scale(model: nn.Module, blocks: str | Sequence[str], factor: float) -> nn.Module:
+    """Multiply every block's residual branch by ``factor`` by scaling the last layer of the branch
+    (its weight and bias), so the model stays the plain model with the same keys: what
+    :func:`scale_residual_branches` evaluates, as weights that any copy of the model class loads.
+    Raises SDPConfigError for a block whose branch does not end in a layer linear in its weight
+    (Linear, Conv, BatchNorm, LayerNorm, GroupNorm, RMSNorm)."""
+    for path in resolve_block_paths(model, blocks):
+        block = get_module(model, path)
+        res = trace_residual(block, path)
+        if res is None:
+            raise SDPConfigError(f"block {path!r}: cannot fold a residual scale into a block fx cannot trace")
+        modules = dict(res.graph_module.named_modules())
+        for _, branch in res.branches:
+            node = branch
+            # through parameter-free single-input ops after the layer (dropout, views, casts)
+            while (isinstance(node, torch.fx.Node) and not (node.op == "call_module" and _scalable(modules[node.target]))
+                   and len(node.all_input_nodes) == 1
+                   and (node.op != "call_module" or not any(True for _ in modules[node.target].parameters()))):
+                node = node.all_input_nodes[0]
+            if not (isinstance(node, torch.fx.Node) and node.op == "call_module" and _scalable(modules[node.target])):
+                raise SDPConfigError(f"block {path!r}: its residual branch does not end in a layer linear in its "
+                                     "weight (Linear, Conv, BatchNorm, LayerNorm, GroupNorm, RMSNorm), so k/N cannot "
+                                     "be folded into it")
+            for p in block.get_submodule(node.target).parameters(recurse=False):
+                p.mul_(factor)
     return model

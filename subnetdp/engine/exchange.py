@@ -110,6 +110,7 @@ class ProcessGroupExchange:
         self.timeout = datetime.timedelta(seconds=timeout)
         self.world = tuple(range(self.world_size))
         self.groups: dict[tuple[int, ...], Any] = {}
+        self.created: set[tuple[int, ...]] = set()  # every group made so far (a re-draw reuses them)
         self.bytes_sent = 0  # bytes this rank handed to collectives
         self.wire_bytes = 0.0  # bytes this rank sends for them under a ring model (measure/comm.py)
 
@@ -154,8 +155,10 @@ class ProcessGroupExchange:
 
     def create_groups(self, holder_sets: Sequence[tuple[int, ...]]) -> None:
         """One process group per distinct holder set, plus one for all workers, created on every
-        rank in the same order (new_group is collective over the whole world)."""
-        for members in sorted(set(holder_sets) | {self.world}):
+        rank in the same order (new_group is collective over the whole world); those that exist
+        already (a re-drawn plan's) are reused."""
+        for members in sorted((set(holder_sets) | {self.world}) - self.created):
+            self.created.add(members)
             group = dist.new_group(ranks=[self.global_ranks[r] for r in members], timeout=self.timeout,
                                    backend=self.backend)
             if self.rank in members:

@@ -182,8 +182,12 @@ def _windows(n: int, k: int, perm: list[int]) -> list[tuple[int, ...]]:
 
 def make_plan(units: Sequence[UnitCost], world_size: int, coverage: float, seed: int = 0, *,
               level: str = "block", shared_params: int = 0, shared_bytes: int = 0,
-              shared_flops: float | None = None) -> Plan:
-    """Assign every unit to k = max(1, round(C*N)) workers, balancing parameters and compute."""
+              shared_flops: float | None = None, tolerance: float | None = None) -> Plan:
+    """Assign every unit to k = max(1, round(C*N)) workers, balancing parameters and compute.
+    ``tolerance``: a random plan instead of the most balanced one: each unit (largest first) goes
+    to a window drawn at random among those that keep the most-loaded worker within (1 + tolerance)
+    of the best choice for that unit (so re-drawn plans mix the units, not only the workers'
+    names), still covering every worker and connected."""
     if not 0 < coverage <= 1:
         raise PlanError(f"coverage must be in (0, 1], got {coverage}")
     if world_size < 1:
@@ -220,6 +224,14 @@ def make_plan(units: Sequence[UnitCost], world_size: int, coverage: float, seed:
         assignment = _assign_sites(units, cost, member)
     if assignment is None:
         assignment = _best_of_restarts(units, cost, member, rng, forced=None)
+    if tolerance is not None and assignment is not None:
+        # a random plan whose most-loaded worker stays within the tolerance of the balanced one's
+        limit = _objective(_load(assignment, cost, member))[0] * (1 + tolerance) + 1e-12
+        for _ in range(RESTARTS * 8):
+            drawn = _assign_at_random(cost, member, rng, tolerance)
+            if drawn is not None and _objective(_load(drawn, cost, member))[0] <= limit:
+                assignment = drawn
+                break
     if assignment is None:
         # Windows starting k positions apart cover the ring: give each one a unit first.
         cover = list(range(0, n, k))[:min_windows] if k < n else [0]
@@ -341,6 +353,31 @@ def _assign_greedy(units: Sequence[UnitCost], cost: np.ndarray, member: np.ndarr
         if not improved:
             break
     return assignment if (covered > 0).all() else None
+
+
+def _load(assignment: list[int], cost: np.ndarray, member: np.ndarray) -> np.ndarray:
+    return sum(np.outer(member[a], cost[i]) for i, a in enumerate(assignment))
+
+
+def _assign_at_random(cost: np.ndarray, member: np.ndarray, rng: random.Random, tolerance: float
+                      ) -> list[int] | None:
+    """Largest unit first, each into a window drawn among those within the tolerance of the most
+    balanced choice; None when a worker is left out or the overlap graph falls apart."""
+    num_windows, n = member.shape
+    order = sorted(range(len(cost)), key=lambda i: (-cost[i].max(), rng.random()))
+    load = np.zeros((n, cost.shape[1]))
+    counts = np.zeros(num_windows, dtype=int)
+    assignment = [-1] * len(cost)
+    for i in order:
+        worst = [_objective(load + np.outer(member[j], cost[i]))[0] for j in range(num_windows)]
+        best = min(worst)
+        j = rng.choice([j for j in range(num_windows) if worst[j] <= best * (1 + tolerance) + 1e-12])
+        assignment[i] = j
+        load += np.outer(member[j], cost[i])
+        counts[j] += 1
+    if (member[assignment].sum(0) == 0).any() or (member.shape[0] > 1 and _components(member, counts) > 1):
+        return None
+    return assignment
 
 
 def _assign_sites(units: Sequence[UnitCost], cost: np.ndarray, member: np.ndarray) -> list[int] | None:

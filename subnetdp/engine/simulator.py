@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from . import assembly, evaluation, reducer, sharding, weights
+from . import assembly, evaluation, redraw, reducer, sharding, weights
 from .exchange import LocalExchange
 from .plan import Plan
 from .planning import check_arguments, plan_model, warn_if_disconnected
@@ -84,6 +84,12 @@ class SubnetworkSimulator:
             sharding.gather_weights({w.rank: w.buckets for w in self.workers}, self.exchange)
         if self.masking == "backward":
             weights.sync_weights(self._layouts, self.exchange, self.world_size)
+
+    def redraw(self, seed: int, optimizers: Sequence[torch.optim.Optimizer]) -> int:
+        """As :meth:`SubnetworkDataParallel.redraw`, for every virtual worker (one optimizer each)."""
+        by_rank = dict(enumerate(optimizers))
+        redraw.check_redrawable(self.workers[0], by_rank)
+        return redraw.redraw({w.rank: w for w in self.workers}, by_rank, redraw.replan(self.plan, seed), self.exchange)
 
     @staticmethod
     def ensemble_log_probs(logits: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -14,7 +14,9 @@ from .cut import cut_model
 from .errors import SDPConfigError
 from .plan import Plan
 from .planning import Units
+from .redraw import meta_copy
 from .reducer import make_buckets
+from .units import get_module
 
 
 def check_device(model: nn.Module, backend: str | None) -> torch.device:
@@ -45,6 +47,13 @@ class Subnetwork(nn.Module):
         self.module = model
         self.plan, self.rank, self.world_size = plan, rank, plan.world_size
         self.level, self.coverage, self.masking, self.scale = units.level, plan.coverage, masking, scale
+        self.units, self.bucket_cap_mb, self.reduce_dtype = units, bucket_cap_mb, reduce_dtype
+        # meta copies of the blocks this worker does not hold, for a re-drawn plan (redraw.py): they
+        # allocate nothing, and a dropped block cannot be rebuilt from the module that replaces it
+        held = set(plan.held_units(rank))
+        self.templates: dict[str, nn.Module] = (
+            {path: meta_copy(get_module(model, path)) for path in units.blocks if path not in held}
+            if units.level == "block" and masking == "forward" else {})
         self.layout = cut_model(model, units, plan, rank, masking, scale)
         self.buckets = make_buckets(self.layout, bucket_cap_mb)
         for bucket_list in self.buckets.values():

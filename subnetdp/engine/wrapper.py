@@ -21,6 +21,8 @@ The wrapper is the wiring; each step lives in its own module:
    optimizer steps the shards (``shard_parameters()``), and the updated shards are all-gathered
    into the weights after the step.
 5. assembly.py: the full model (and optimizer state) from the pieces, and back.
+6. redraw.py (``redraw()``): a new plan during training; the units that change hands move, with
+   their optimizer state, one at a time.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from . import assembly, evaluation, reducer, sharding, weights
+from . import assembly, evaluation, redraw, reducer, sharding, weights
 from .errors import SDPConfigError
 from .exchange import ProcessGroupExchange
 from .planning import check_arguments, plan_model, warn_if_disconnected
@@ -142,6 +144,23 @@ class SubnetworkDataParallel(Subnetwork):
 
             handles.append(register_optimizer_step_post_hook(after_step))
         return handles
+
+    def redraw(self, seed: int, optimizer: torch.optim.Optimizer) -> int:
+        """Re-draw the plan with ``seed`` (collective; every rank passes the same seed): the units
+        that change hands move with their optimizer state, ``optimizer`` (over ``parameters()``) now
+        steps this worker's new subnetwork. Block level, forward masking, unsharded only (see
+        redraw.py). Returns the bytes moved, the same on every rank; ``comm_bytes`` counts them too."""
+        redraw.check_redrawable(self, {self.rank: optimizer})
+        new_plan = redraw.replan(self.plan, seed)
+        self.exchange.check_same_plan(new_plan, self.device)
+        self.exchange.create_groups(new_plan.holder_sets)
+        moved = redraw.redraw({self.rank: self}, {self.rank: optimizer}, new_plan, self.exchange)
+        self.seed = seed
+        self.reducer = reducer.GradientReducer(self.rank, self.buckets, self.exchange)
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles = self._register_hooks(False)
+        return moved
 
     @property
     def comm_bytes(self) -> int:

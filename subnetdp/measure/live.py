@@ -128,3 +128,72 @@ class LiveTensorTracker(TorchDispatchMode):
         kinds = {k: base.get(k, 0) + self.peak_kinds.get(k, 0)
                  for k in ("parameters", "gradients", "optimizer_state", "saved_activations", "other")}
         return {"peak_bytes": sum(base.values()) + self.peak, **kinds}
+
+
+class WorkerPeakTracker(TorchDispatchMode):
+    """Peak live tensor bytes of each worker when one process plays several workers in turn (the
+    simulator), or one (a real rank). Run each worker's forward, backward and optimizer step inside
+    ``with tracker.worker(rank):``. A worker's live bytes are its own tensors at the start (its
+    ``state``: parameters, buffers, gradients, optimizer state), the storages created while it
+    runs, and whatever storage holds its parameters' gradients (the simulator's gradient sync packs
+    them into buffers it creates between workers). Storages created outside any worker (the
+    simulator's sums over workers) count for none: a real worker has no such buffers."""
+
+    def __init__(self, state: dict[int, list[torch.Tensor]], params: dict[int, list[torch.Tensor]]) -> None:
+        super().__init__()
+        self.params = params
+        self.baseline: dict[int, dict[int, int]] = {}
+        for r, tensors in state.items():
+            self.baseline[r] = {}
+            for t in tensors:
+                s = local_tensor(t).untyped_storage()
+                self.baseline[r][id(s)] = s.nbytes()
+        self.known = {k for b in self.baseline.values() for k in b}
+        self.live: dict[int, tuple[weakref.ref, int | None]] = {}
+        self.current: int | None = None
+        self.peaks = {r: sum(b.values()) for r, b in self.baseline.items()}
+
+    def worker(self, rank: int) -> "_Attribution":
+        return _Attribution(self, rank)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's protocol
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            storage = local_tensor(t).untyped_storage()
+            key = id(storage)
+            if key in self.live or key in self.known:
+                continue
+            self.live[key] = (weakref.ref(storage), self.current)
+            weakref.finalize(storage, _forget_owned, weakref.ref(self), key)
+        r = self.current
+        if r is not None:
+            grads = {_key(p.grad) for p in self.params.get(r, ()) if p.grad is not None}
+            total = sum(self.baseline[r].values())
+            for key, (ref, owner) in list(self.live.items()):  # a copy: finalizers may drop entries
+                storage = ref()
+                if storage is not None and (owner == r or key in grads) and key not in self.baseline[r]:
+                    total += storage.nbytes()
+            self.peaks[r] = max(self.peaks[r], total)
+        return out
+
+    def __enter__(self) -> "WorkerPeakTracker":
+        return super().__enter__()
+
+
+class _Attribution:
+    def __init__(self, tracker: WorkerPeakTracker, rank: int) -> None:
+        self.tracker, self.rank = tracker, rank
+
+    def __enter__(self) -> None:
+        self.previous, self.tracker.current = self.tracker.current, self.rank
+
+    def __exit__(self, *exc: Any) -> None:
+        self.tracker.current = self.previous
+
+
+def _forget_owned(tracker_ref: weakref.ref, key: int) -> None:
+    tracker = tracker_ref()
+    if tracker is not None:
+        tracker.live.pop(key, None)

@@ -1,0 +1,73 @@
+"""Issue 18's levers in `subnetdp train`: re-drawn plans (strategy.redraw_every) resume exactly and
+export; the sharded full phase trains as the replicated one did, inside the SDP phase's measured
+memory per worker; the options that cannot apply are refused in one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from _runs import SYNTHETIC, _config, _train, cli
+
+CONSTANT = SYNTHETIC.replace("steps = 12", "steps = 6").replace("checkpoint_interval = 4", "checkpoint_interval = 3") \
+    .replace("lr = 0.05", "lr = 0.05\nlr_schedule = \"constant\"")
+REDRAW = ["--simulate", "4", "--set", "strategy.name=sdp", "--set", "strategy.coverage=0.5",
+          "--set", "strategy.redraw_every=2"]
+
+
+def _losses(out: Path) -> dict[int, float]:
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in lines if "loss" in r}
+
+
+def _summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_a_run_with_redrawn_plans_resumes_exactly_and_exports(tmp_path: Path) -> None:
+    config = _config(tmp_path, CONSTANT)
+    _train(config, tmp_path / "whole", *REDRAW)
+    _train(config, tmp_path / "stopped", *REDRAW, "--set", "run.steps=3")
+    _train(config, tmp_path / "stopped", *REDRAW, "--set", "run.steps=6", "--resume")
+    whole, resumed = _losses(tmp_path / "whole"), _losses(tmp_path / "stopped")
+    for step in (4, 5, 6):  # steps 3-4 and 5-6 ran under plans drawn after the checkpoint of step 3
+        assert resumed[step] == whole[step], (step, resumed, whole)
+    summary = _summary(tmp_path / "whole")
+    assert summary["redraw"]["plans_drawn"] == 3 and summary["redraw"]["bytes_moved_per_redraw"] > 0
+    manifest = json.loads(next((tmp_path / "whole" / "checkpoints").glob("step-*6/manifest.json")).read_text())
+    assert manifest["plan_seed_drawn"] != 0
+    result = cli("export", str(tmp_path / "whole"), "--out", str(tmp_path / "model.safetensors"))
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_sharded_full_phase_trains_as_the_replicated_one_inside_the_sdp_phase_memory(tmp_path: Path) -> None:
+    config = _config(tmp_path, CONSTANT)
+    sets = ["--simulate", "4", "--set", "strategy.name=sdp", "--set", "strategy.coverage=0.5",
+            "--set", "strategy.full_phase=0.5", "--set", "strategy.full_phase_checkpointing=true"]
+    _train(config, tmp_path / "sharded", *sets)
+    _train(config, tmp_path / "replicated", *sets, "--set", "strategy.full_phase_shard=false")
+    sharded, replicated = _losses(tmp_path / "sharded"), _losses(tmp_path / "replicated")
+    own_steps = _summary(tmp_path / "sharded")["full_phase"]["from_step"]
+    assert own_steps < 6
+    for step in range(own_steps + 1, 7):  # DDP's updates either way (AdamW and SGD are elementwise)
+        assert sharded[step] == pytest.approx(replicated[step], rel=1e-4), step
+    memory = _summary(tmp_path / "sharded")["peak_memory_per_worker"]
+    replicated_memory = _summary(tmp_path / "replicated")["peak_memory_per_worker"]
+    assert memory["full_phase"] <= memory["sdp_phase"] == memory["whole_run"], memory
+    # the sharded phase keeps 1/N of the gradients and momentum per worker
+    assert memory["full_phase"] < replicated_memory["full_phase"], (memory, replicated_memory)
+
+
+@pytest.mark.parametrize("sets,named", [
+    (["strategy.level=neuron", "strategy.redraw_every=5"], "redraw_every"),
+    (["strategy.shard=true", "strategy.redraw_every=5"], "redraw_every"),
+    (["strategy.level=neuron", "strategy.full_phase=0.1", "strategy.full_phase_start=scaled"], "full_phase_start"),
+])
+def test_levers_that_cannot_apply_are_refused_in_one_line(tmp_path: Path, sets: list[str], named: str) -> None:
+    args = [a for s in ["strategy.name=sdp", *sets] for a in ("--set", s)]
+    result = _train(_config(tmp_path, CONSTANT), tmp_path / "run", "--simulate", "2", *args, check=False)
+    assert result.returncode == 2
+    assert named in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "run").exists()
