@@ -80,6 +80,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "full_phase_checkpointing": Key(False, "recompute each block's activations in backward during the "
                                         "full phase (activation checkpointing): less activation memory; the "
                                         "full model's parameters, gradients and optimizer state remain"),
+        "checkpointing": Key(False, "recompute each block's activations in backward for the whole run "
+                             "(activation checkpointing, non-reentrant), any strategy: less activation memory, "
+                             "about one more forward per step; the updates are unchanged"),
         "full_phase_shard": Key(True, "the full phase trains the assembled model with its gradients and "
                                 "optimizer state split over all N workers (SDP at coverage 1 with shard = true: "
                                 "the same updates as DDP, a quarter of the state per worker at N = 4), so with "
@@ -293,7 +296,8 @@ def _check_ranges(s: dict[str, dict[str, Any]], source: str, origins: Origins) -
          "[strategy] reduce_dtype sets SDP's gradient buckets: it needs name = 'sdp'",
          "strategy.reduce_dtype", "strategy.name")
     st = s["strategy"]
-    need(st["redraw_every"] >= 0, "[strategy] redraw_every must be >= 0 (0: the plan is fixed)", "strategy.redraw_every")
+    need(st["redraw_every"] >= 0, "[strategy] redraw_every must be >= 0 (0: the plan is fixed)",
+         "strategy.redraw_every")
     need(st["redraw_every"] == 0 or (st["name"] == "sdp" and st["level"] == "block" and st["masking"] == "forward"
                                      and not st["shard"] and st["scale"] == "none"),
          "[strategy] redraw_every re-draws B-SDP's plan: it needs name = 'sdp', level = 'block', masking = "

@@ -159,10 +159,10 @@ def check_resume(config: Config, manifest: dict[str, Any], world_size: int, simu
     moved = (manifest["virtual_world_size"] != world_size or manifest["simulate"] != simulate
              or any((d[0], d[1]) in RESHARDABLE_CHANGES for d in differences))
     if moved and saved["strategy.redraw_every"]:
+        kind = "simulated" if manifest["simulate"] else "real"
         raise ckpt.CheckpointError(f"--resume: {folder} is a run with re-drawn plans (strategy.redraw_every = "
-                                   f"{saved['strategy.redraw_every']}); it resumes only on the same workers "
-                                   f"({manifest['virtual_world_size']}, {'simulated' if manifest['simulate'] else 'real'})"
-                                   " at the same coverage")
+                                   f"{saved['strategy.redraw_every']}); it resumes only on the same "
+                                   f"{manifest['virtual_world_size']} {kind} workers at the same coverage")
     if moved and manifest.get("phase") == "full" and saved["strategy.full_phase_shard"]:
         raise ckpt.CheckpointError(f"--resume: {folder} is in the sharded full phase, whose optimizer state is split "
                                    f"over its {manifest['virtual_world_size']} workers; it resumes only on the same "

@@ -270,8 +270,8 @@ def build_trainer(config: Config, task: Task, ctx: Context, steps: int,
         model.load_state_dict(full_phase_from, strict=True)
         if branch_scale is not None:
             fold_residual_scale(model, task.blocks, branch_scale)
-        if config["strategy.full_phase_checkpointing"]:
-            checkpoint_blocks(model, resolve_block_paths(model, task.blocks))
+    if config["strategy.checkpointing"] or (full_phase and config["strategy.full_phase_checkpointing"]):
+        checkpoint_blocks(model, resolve_block_paths(model, task.blocks))
     drop = config["strategy.stochastic_depth"]
     depth = StochasticDepth(model, resolve_block_paths(model, task.blocks), drop, config["run.seed"]) if drop else None
     sdp = config["strategy.name"] == "sdp" and (not full_phase or sharded_full)
@@ -318,8 +318,9 @@ def worker_memory_tracker(tr: Trainer) -> WorkerPeakTracker:
     for i, (rank, model) in enumerate(tr.par.local_workers):
         module = modules[min(i, len(modules) - 1)]  # simulated DDP: one model for every worker
         params[rank] = list(module.parameters()) + tr.par.optimized_parameters(model)
-        state[rank] = (params[rank] + [p.grad for p in params[rank] if p.grad is not None] + list(module.buffers())
-                       + [v for st in optimizers[rank].state.values() for v in st.values() if isinstance(v, torch.Tensor)])
+        moments = [v for st in optimizers[rank].state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+        grads = [p.grad for p in params[rank] if p.grad is not None]
+        state[rank] = params[rank] + grads + list(module.buffers()) + moments
     return WorkerPeakTracker(state, params)
 
 

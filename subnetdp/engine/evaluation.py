@@ -90,14 +90,19 @@ def fold_residual_scale(model: nn.Module, blocks: str | Sequence[str], factor: f
         if res is None:
             raise SDPConfigError(f"block {path!r}: cannot fold a residual scale into a block fx cannot trace")
         modules = dict(res.graph_module.named_modules())
+        def is_layer(node: Any) -> bool:
+            return isinstance(node, torch.fx.Node) and node.op == "call_module" and _scalable(modules[node.target])
+
+        def parameter_free(node: torch.fx.Node) -> bool:
+            return node.op != "call_module" or not any(True for _ in modules[node.target].parameters())
+
         for _, branch in res.branches:
             node = branch
             # through parameter-free single-input ops after the layer (dropout, views, casts)
-            while (isinstance(node, torch.fx.Node) and not (node.op == "call_module" and _scalable(modules[node.target]))
-                   and len(node.all_input_nodes) == 1
-                   and (node.op != "call_module" or not any(True for _ in modules[node.target].parameters()))):
+            while isinstance(node, torch.fx.Node) and not is_layer(node) and len(node.all_input_nodes) == 1 \
+                    and parameter_free(node):
                 node = node.all_input_nodes[0]
-            if not (isinstance(node, torch.fx.Node) and node.op == "call_module" and _scalable(modules[node.target])):
+            if not is_layer(node):
                 raise SDPConfigError(f"block {path!r}: its residual branch does not end in a layer linear in its "
                                      "weight (Linear, Conv, BatchNorm, LayerNorm, GroupNorm, RMSNorm), so k/N cannot "
                                      "be folded into it")

@@ -8,7 +8,6 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 from subnetdp import SDPConfigError, SubnetworkDataParallel, SubnetworkSimulator, plan_for
 from subnetdp.engine.evaluation import fold_residual_scale, scale_residual_branches
