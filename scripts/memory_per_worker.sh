@@ -5,9 +5,10 @@
 # peak_memory_per_worker (per phase, per worker); scripts/study_tables.py tabulates them.
 #
 #   bash scripts/memory_per_worker.sh                       # all three tasks, 4 simulated workers
-#   TASKS=llama_shakespeare LAUNCH="--nproc 4" OUT=/tmp/m bash scripts/memory_per_worker.sh
+#   TASKS=llama_shakespeare RECIPES="ddp b-sdp" LAUNCH="--nproc 4" OUT=/tmp/m bash scripts/memory_per_worker.sh
 set -euo pipefail
 OUT="${OUT:-results/memory}"; TASKS="${TASKS:-resnet18_fashion_mnist vit_fashion_mnist llama_shakespeare}"
+RECIPES="${RECIPES:-}"  # names to run (default: all)
 LAUNCH="${LAUNCH:---simulate 4}"; STEPS="${STEPS:-8}"
 common=(--set run.steps="$STEPS" --set run.schedule=flops --set run.eval_interval=0 --set run.checkpoint_interval=0
         --set run.log_interval=1 --set eval.max_batches=1 --set eval.recalibrate_norm_batches=1 --no-progress)
@@ -17,15 +18,21 @@ recipes=(
   "ddp-ckpt|--set strategy.name=ddp --set strategy.checkpointing=true"
   "b-sdp|--set strategy.name=sdp --set strategy.coverage=0.5"
   "b-sdp-shard|--set strategy.name=sdp --set strategy.coverage=0.5 --set strategy.shard=true"
+  "b-sdp-redraw|--set strategy.name=sdp --set strategy.coverage=0.5 --set strategy.redraw_every=2"
+  "b-sdp-full-ddp|--set strategy.name=sdp --set strategy.coverage=0.5 --set strategy.full_phase=0.5 --set strategy.full_phase_shard=false"
+  "n-sdp-full-ddp|--set strategy.name=sdp --set strategy.level=neuron --set strategy.coverage=0.5 --set strategy.full_phase=0.5 --set strategy.full_phase_shard=false"
   "b-sdp-full-replicated|--set strategy.name=sdp --set strategy.coverage=0.5 ${full[*]} --set strategy.full_phase_shard=false"
   "b-sdp-full-sharded|--set strategy.name=sdp --set strategy.coverage=0.5 ${full[*]}"
   "b-sdp-redraw-full-sharded|--set strategy.name=sdp --set strategy.coverage=0.5 --set strategy.redraw_every=2 ${full[*]}"
   "b-sdp-shard-full-sharded|--set strategy.name=sdp --set strategy.coverage=0.5 --set strategy.shard=true ${full[*]}"
+  "b-sdp-ckpt-full-sharded|--set strategy.name=sdp --set strategy.coverage=0.5 --set strategy.checkpointing=true ${full[*]}"
+  "n-sdp-ckpt-full-sharded|--set strategy.name=sdp --set strategy.level=neuron --set strategy.coverage=0.5 --set strategy.checkpointing=true ${full[*]}"
   "n-sdp-full-sharded|--set strategy.name=sdp --set strategy.level=neuron --set strategy.coverage=0.5 ${full[*]}"
 )
 for task in $TASKS; do
   for recipe in "${recipes[@]}"; do
     name="${recipe%%|*}"; sets="${recipe#*|}"
+    [ -n "$RECIPES" ] && [[ " $RECIPES " != *" $name "* ]] && continue
     dir="$OUT/$task/$name"
     [ -f "$dir/summary.json" ] && { echo "done: $dir"; continue; }
     echo "== $task $name"

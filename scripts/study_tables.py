@@ -42,8 +42,14 @@ def _label(cond: dict[str, Any]) -> str:
         extras.append(f"scale {s['scale']}")
     if s.get("plan_seed"):
         extras.append(f"plan seed {s['plan_seed']}")
+    if s.get("redraw_every"):
+        extras.append(f"re-drawn every {s['redraw_every']}")
     if s.get("full_phase"):
-        extras.append(f"full phase {s['full_phase']:g}")
+        # runs from before issue 18 have no full_phase_shard key: their full phase was replicated
+        how = "sharded" if s.get("full_phase_shard", False) else "replicated"
+        how += " + ckpt" if s.get("full_phase_checkpointing") else ""
+        how += ", scaled start" if s.get("full_phase_start") == "scaled" else ""
+        extras.append(f"full phase {s['full_phase']:g} {how}")
     depth = cond["config"]["model"].get("n_layers")
     return f"{label} ({', '.join(extras)})" + (f", {depth} layers" if depth and depth != 4 else "")
 

@@ -408,7 +408,13 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 
 def from_dict(sections: dict[str, dict[str, Any]]) -> Config:
-    return validate(copy.deepcopy(sections))
+    """A config recorded by a run (config.json, a checkpoint's manifest), as that run ran it: a
+    full phase recorded before strategy.full_phase_shard existed was replicated, as DDP."""
+    sections = copy.deepcopy(sections)
+    strategy = sections.get("strategy")
+    if isinstance(strategy, dict) and strategy.get("full_phase", 0) > 0:
+        strategy.setdefault("full_phase_shard", False)
+    return validate(sections)
 
 
 def _apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...], where: str) -> Origins:

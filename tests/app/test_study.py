@@ -69,3 +69,30 @@ def test_study_tables_script_prints_the_committed_results(tmp_path: Path) -> Non
         assert result.returncode == 0, result.stderr
         assert "| DDP, 10 steps | 4 | 90.00 ± 1.00 (n=3) |" in result.stdout or root == ROOT / "results"
         assert "###" in result.stdout
+
+
+def test_levers_report_tabulates_the_committed_levers_and_draws_the_pareto_chart(tmp_path: Path) -> None:
+    chart = tmp_path / "pareto.png"
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "levers_report.py"), "--plot", str(chart)],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "re-drawn every 10" in result.stdout and "peak memory / DDP" in result.stdout
+    ddp_rows = [line for line in result.stdout.splitlines() if line.startswith("| DDP, ")]
+    assert len(ddp_rows) == 3 and all("| 1.00x | 1.00x |" in row for row in ddp_rows), ddp_rows
+    assert chart.stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_memory_script_measures_each_phase_against_ddp(tmp_path: Path) -> None:
+    if not FASHION_MNIST.exists() and not os.environ.get("SUBNETDP_DATA"):
+        pytest.skip("Fashion-MNIST not installed (scripts/get_data.sh)")
+    env = {**os.environ, "TASKS": "vit_fashion_mnist", "RECIPES": "ddp b-sdp-full-sharded", "STEPS": "2",
+           "OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "memory_per_worker.sh")], capture_output=True, text=True,
+                            timeout=600, cwd=ROOT, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    ddp = json.loads((tmp_path / "vit_fashion_mnist" / "ddp" / "summary.json").read_text())
+    sdp = json.loads((tmp_path / "vit_fashion_mnist" / "b-sdp-full-sharded" / "summary.json").read_text())
+    ddp_peak, sdp_peak = ddp["peak_memory_per_worker"], sdp["peak_memory_per_worker"]
+    assert sdp_peak["full_phase"] <= sdp_peak["sdp_phase"] < ddp_peak["training"]
+    assert set(sdp_peak["by_worker"]["sdp_phase"]) == {"0", "1", "2", "3"}

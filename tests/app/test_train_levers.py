@@ -71,3 +71,18 @@ def test_levers_that_cannot_apply_are_refused_in_one_line(tmp_path: Path, sets: 
     assert result.returncode == 2
     assert named in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_activation_checkpointing_changes_no_update(tmp_path: Path) -> None:
+    """strategy.checkpointing recomputes what the forward computed: the same losses, step for step
+    (so a recipe's accuracy with it is the one measured without it, on models without BatchNorm,
+    whose running statistics the recomputation updates a second time)."""
+    text = CONSTANT.replace('name = "resnet18"\nwidth = 4', 'name = "llama"\npreset = "debug"').replace(
+        'name = "synthetic-images"\nbatch_size = 8\ntrain_size = 512\ntest_size = 128',
+        'name = "synthetic-text"\nbatch_size = 4\nseq_len = 16')
+    config = _config(tmp_path, text)
+    sets = ["--simulate", "2", "--set", "strategy.name=sdp", "--set", "strategy.full_phase=0.5"]
+    _train(config, tmp_path / "plain", *sets)
+    _train(config, tmp_path / "ckpt", *sets, "--set", "strategy.checkpointing=true",
+           "--set", "strategy.full_phase_checkpointing=true")
+    assert _losses(tmp_path / "plain") == _losses(tmp_path / "ckpt")
