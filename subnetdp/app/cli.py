@@ -324,7 +324,7 @@ def _export_command(args: argparse.Namespace) -> int:
     from .export import export
     out = Path(args.out or Path(args.run_dir) / "model.safetensors")
     try:
-        exported = export(Path(args.run_dir), out, args.step, force=args.force)
+        exported = export(Path(args.run_dir), out, args.step, force=args.force, scale_branches=args.scale_branches)
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -444,6 +444,9 @@ def main(argv: list[str] | None = None) -> int:
     exp.add_argument("--out", help="output file (default RUN_DIR/model.safetensors); refused if it exists, "
                      "unless --force")
     exp.add_argument("--force", action="store_true", help="replace an existing --out (atomically)")
+    exp.add_argument("--scale-branches", action="store_true",
+                     help="B-SDP: multiply each residual branch's last layer by k/N (the 'x k/N' evaluation in "
+                     "summary.json, usually the better assembled model), still the plain model's weights")
     exp.set_defaults(func=_export_command)
 
     bench = sub.add_parser("bench", add_help=False,

@@ -3,6 +3,7 @@
     subnetdp export runs/r18 --out r18.safetensors          # newest complete checkpoint
     subnetdp export runs/r18 --step 400 --out r18-400.safetensors
     subnetdp export runs/r18 --out r18.safetensors --force  # replace r18.safetensors
+    subnetdp export runs/r18 --out r18.safetensors --scale-branches   # B-SDP: branches x k/N, folded
 
 The newest complete checkpoint is the newest whose files match the sizes and hashes of its manifest;
 newer ones that do not are skipped, and the command says which and why before it names the step it
@@ -22,11 +23,15 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
+from ..engine import holders_needed
+from ..engine.evaluation import fold_residual_scale
 from . import checkpoint as ckpt
+from .builders import MODELS, rebuild_model
 from .config import from_dict
 from .reshard import is_replicated, rebuild_simulator, replica_state, worker_states
 
@@ -91,14 +96,39 @@ def check_output(out: Path, force: bool = False) -> None:
         raise ExportError(f"--out {out}: {parent} is not writable")
 
 
-def export(run_dir: Path, out: Path, step: int | None = None, force: bool = False) -> Exported:
+def branch_scaled(state: dict[str, torch.Tensor], manifest: dict[str, Any]) -> tuple[dict[str, torch.Tensor], float]:
+    """``state`` with each residual branch's last layer multiplied by k/N (``fold_residual_scale``):
+    the "x k/N" evaluation of a B-SDP run trained unscaled, as plain weights. ExportError where it
+    does not apply."""
+    config = from_dict(manifest["config"])
+    s = config.section("strategy")
+    if s["name"] != "sdp" or s["level"] != "block" or s["masking"] != "forward" or s["scale"] != "none":
+        raise ExportError("--scale-branches folds k/N into blocks trained unscaled in k of N subnetworks: it needs a "
+                          f"B-SDP run with forward masking and scale 'none' ({manifest['strategy']} was not)")
+    if manifest.get("phase") == "full":
+        raise ExportError(f"--scale-branches: checkpoint step {manifest['step']} is in the full-model phase, where "
+                          "every block already trained in the whole model; export it as is")
+    workers = manifest["virtual_world_size"]
+    factor = holders_needed(s["coverage"], workers) / workers
+    model = rebuild_model(manifest["model"], manifest["model_kwargs"])
+    model.load_state_dict(state, strict=True)
+    fold_residual_scale(model, MODELS[manifest["model"]][1], factor)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, factor
+
+
+def export(run_dir: Path, out: Path, step: int | None = None, force: bool = False,
+           scale_branches: bool = False) -> Exported:
     """Write the assembled model of ``run_dir``'s checkpoint (``step``, default the newest complete
-    one) to ``out``, atomically; an existing ``out`` only with ``force``."""
+    one) to ``out``, atomically; an existing ``out`` only with ``force``. ``scale_branches``: each
+    residual branch multiplied by k/N (``branch_scaled``)."""
     check_output(out, force)  # before the (long) assembly
     skipped: list[tuple[Path, str]] = []
     state, manifest = assemble_from_checkpoint(run_dir, step, skipped)
     metadata = {"step": str(manifest["step"]), "model": manifest["model"],
                 "model_kwargs": json.dumps(manifest["model_kwargs"]), "strategy": manifest["strategy"]}
+    if scale_branches:
+        state, factor = branch_scaled(state, manifest)
+        metadata["branch_scale"] = f"{factor:g}"
     check_output(out, force)  # again: something may have appeared meanwhile
     tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
     try:

@@ -86,3 +86,29 @@ def test_activation_checkpointing_changes_no_update(tmp_path: Path) -> None:
     _train(config, tmp_path / "ckpt", *sets, "--set", "strategy.checkpointing=true",
            "--set", "strategy.full_phase_checkpointing=true")
     assert _losses(tmp_path / "plain") == _losses(tmp_path / "ckpt")
+
+
+def test_export_scale_branches_writes_the_scaled_evaluation_as_plain_weights(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    from subnetdp.engine import scale_residual_branches
+    from subnetdp.models import resnet18
+
+    _train(_config(tmp_path, CONSTANT), tmp_path / "run", "--simulate", "4", "--set", "strategy.name=sdp",
+           "--set", "strategy.coverage=0.5")
+    for name, extra in (("plain", []), ("scaled", ["--scale-branches"])):
+        result = cli("export", str(tmp_path / "run"), "--out", str(tmp_path / f"{name}.safetensors"), *extra)
+        assert result.returncode == 0, result.stderr
+    kwargs = _summary(tmp_path / "run")["config"]["model"]
+    plain, scaled = (resnet18(num_classes=10, in_channels=1, width=kwargs["width"]).eval() for _ in range(2))
+    plain.load_state_dict(load_file(str(tmp_path / "plain.safetensors")))
+    scaled.load_state_dict(load_file(str(tmp_path / "scaled.safetensors")))  # the plain class, strict keys
+    scale_residual_branches(plain, "blocks", 2 / 4)  # what the run evaluated as scaled_*
+    x = torch.randn(3, 1, 32, 32)
+    torch.testing.assert_close(scaled(x), plain(x))
+    _train(_config(tmp_path, CONSTANT), tmp_path / "ddp", "--simulate", "2", "--set", "run.steps=1",
+           "--set", "strategy.name=ddp")
+    refused = cli("export", str(tmp_path / "ddp"), "--out", str(tmp_path / "x.safetensors"), "--scale-branches")
+    assert refused.returncode == 2 and "B-SDP" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x.safetensors").exists()
