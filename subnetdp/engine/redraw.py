@@ -87,10 +87,13 @@ def check_redrawable(worker: "Subnetwork", optimizers: Mapping[int, torch.optim.
 def _state_spec(optimizers: Mapping[int, torch.optim.Optimizer]) -> dict[str, tuple[str, torch.Size, torch.dtype]]:
     """The tensors an optimizer keeps per parameter: name -> ("param", ...) for parameter-shaped
     ones (moments), or ("fixed", shape, dtype) for the others (Adam's step), read from a local
-    parameter with state. Every worker has stepped the same number of times, so every worker
-    reads the same spec."""
+    parameter with state (one with more than one entry, so that a moment and a step counter cannot
+    share a shape). Every worker has stepped the same number of times, so every worker reads the
+    same spec."""
     for optimizer in optimizers.values():
         for p, state in optimizer.state.items():
+            if p.numel() < 2:
+                continue
             spec = {}
             for name in sorted(state):
                 v = state[name]

@@ -70,3 +70,16 @@ def test_cli_reports_config_errors_and_lists_keys(tmp_path: Path, capsys: pytest
     assert main(["train", "--list-keys"]) == 0
     listed = capsys.readouterr().out
     assert "coverage = 0.5" in listed and "fashion-mnist: batch_size = 64, root = ''" in listed
+
+
+def test_a_recorded_full_phase_without_the_shard_key_reads_as_it_ran_replicated() -> None:
+    """Checkpoints written before strategy.full_phase_shard existed resume as they ran (replicated)."""
+    from subnetdp.app.config import from_dict, load_config
+
+    recorded = load_config(None).to_dict()
+    del recorded["strategy"]["full_phase_shard"]
+    assert from_dict(recorded)["strategy.full_phase_shard"] is True  # no full phase: the key means nothing
+    recorded["strategy"].update(name="sdp", full_phase=0.1)
+    assert from_dict(recorded)["strategy.full_phase_shard"] is False
+    recorded["strategy"]["full_phase_shard"] = True
+    assert from_dict(recorded)["strategy.full_phase_shard"] is True

@@ -5,6 +5,7 @@ memory per worker; the options that cannot apply are refused in one line."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,18 @@ def test_export_scale_branches_writes_the_scaled_evaluation_as_plain_weights(tmp
     refused = cli("export", str(tmp_path / "ddp"), "--out", str(tmp_path / "x.safetensors"), "--scale-branches")
     assert refused.returncode == 2 and "B-SDP" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_runs_that_cannot_move_to_other_workers_say_so_on_resume(tmp_path: Path) -> None:
+    """A re-drawn run, and a run in its sharded full phase, resume on the same workers only."""
+    config = _config(tmp_path, CONSTANT)
+    _train(config, tmp_path / "redrawn", *REDRAW, "--set", "run.steps=3")
+    result = _train(None, tmp_path / "redrawn", "--resume", "--simulate", "2", "--set", "run.steps=6", check=False)
+    assert result.returncode == 2 and "re-drawn plans" in result.stderr, result.stderr
+    full = ["--set", "strategy.name=sdp", "--set", "strategy.full_phase=0.5", "--set", "run.checkpoint_interval=1",
+            "--set", "run.keep_checkpoints=10"]
+    _train(config, tmp_path / "full", "--simulate", "4", *full)
+    for step in (5, 6):  # as if stopped at step 4, inside the full phase (steps 4-6)
+        shutil.rmtree(tmp_path / "full" / "checkpoints" / f"step-{step:08d}")
+    result = _train(None, tmp_path / "full", "--resume", "--simulate", "2", check=False)
+    assert result.returncode == 2 and "sharded full phase" in result.stderr, result.stderr
