@@ -72,14 +72,15 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "shard": Key(False, "sdp only: ZeRO-2 inside holder sets: each unit's gradient and optimizer state "
                      "split over its k holders, the shared parameters' over all workers (same training, "
                      "less memory per worker; the optimizer must be elementwise: sgd, adamw)"),
-        "full_phase": Key(0.0, "sdp only: fraction of the DDP step budget spent at the end training the "
-                          "assembled full model on every worker (as DDP): the SDP phase runs (1 - f) of its "
-                          "steps, then the full model runs round(f x run.steps) steps (0: off). With masking = "
-                          "'backward' it is allowed and simply ends the run as DDP (the forward pass was already "
-                          "the full model's). Fixed when the run starts: a resume may not move the switch"),
+        "full_phase": Key(0.0, "sdp (ignored, with a warning, by ddp): fraction of the DDP step budget spent at "
+                          "the end training the assembled full model on every worker (DDP's updates): the SDP phase "
+                          "runs (1 - f) of its steps, then the full model runs round(f x run.steps) steps (0: off). "
+                          "With masking = 'backward' it is allowed and simply ends the run as DDP (the forward pass "
+                          "was already the full model's). Fixed when the run starts: a resume may not move the "
+                          "switch"),
         "full_phase_checkpointing": Key(False, "recompute each block's activations in backward during the "
-                                        "full phase (activation checkpointing): less activation memory; the "
-                                        "full model's parameters, gradients and optimizer state remain"),
+                                        "full phase (activation checkpointing): less activation memory, the same "
+                                        "updates"),
         "checkpointing": Key(False, "recompute each block's activations in backward for the whole run "
                              "(activation checkpointing, non-reentrant), any strategy: less activation memory, "
                              "about one more forward per step; the updates are unchanged"),
@@ -286,9 +287,6 @@ def _check_ranges(s: dict[str, dict[str, Any]], source: str, origins: Origins) -
     need(0 <= s["strategy"]["stochastic_depth"] < 1, "[strategy] stochastic_depth must be in [0, 1)",
          "strategy.stochastic_depth")
     need(0 <= s["strategy"]["full_phase"] < 1, "[strategy] full_phase must be in [0, 1)", "strategy.full_phase")
-    need(s["strategy"]["full_phase"] == 0 or s["strategy"]["name"] == "sdp",
-         "[strategy] full_phase ends an SDP run with the full model: it needs name = 'sdp'",
-         "strategy.full_phase", "strategy.name")
     need(s["strategy"]["stochastic_depth"] == 0 or s["strategy"]["name"] == "ddp",
          "[strategy] stochastic_depth is a DDP baseline: it needs name = 'ddp'",
          "strategy.stochastic_depth", "strategy.name")
@@ -339,6 +337,10 @@ def config_warnings(config: Config, workers: int | None = None) -> list[str]:
         out.append(f"optim.warmup_steps = {warmup} is more than the run's {steps} steps: the learning rate "
                    f"never leaves warm-up and peaks at {steps}/{warmup} of optim.lr = {config['optim.lr']:g}")
     strategy = config.section("strategy")
+    if strategy["name"] == "ddp" and strategy["full_phase"] > 0:
+        # a config that ships the full phase (the one-model recipe) also runs its DDP baseline
+        out.append(f"strategy.full_phase = {strategy['full_phase']:g} is ignored with strategy.name = 'ddp': DDP "
+                   "trains the full model throughout")
     if strategy["name"] == "sdp" and strategy["full_phase"] > 0:
         if phase_steps(config)[1] == 0:
             out.append(f"strategy.full_phase = {strategy['full_phase']:g} of run.steps = {config['run.steps']} "

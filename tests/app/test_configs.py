@@ -62,6 +62,8 @@ def _overrides(config: Config) -> list[str]:
             f"data.batch_size={batch}", f"eval.batch_size={min(config['eval.batch_size'], batch)}"]
     if config["eval.recalibrate_norm_batches"] > 1:
         sets.append("eval.recalibrate_norm_batches=1")
+    if config["strategy.full_phase"] > 0:  # one step of each phase: the full phase runs too
+        sets.append("strategy.full_phase=0.5")
     return sets
 
 
@@ -82,6 +84,8 @@ def test_shipped_config_trains_two_steps_and_exports(path: Path, tmp_path: Path)
     final = summary["final_eval"]
     assert final and final["step"] == summary["steps"] >= 2, final
     assert all(isinstance(v, (int, float)) and v == v for v in final.values()), final  # numbers, no NaN
+    if config["strategy.full_phase"] > 0:
+        assert summary["full_phase"]["steps"] >= 1, summary["full_phase"]
 
     exported = out / "m.safetensors"
     result = run_cli("export", str(out), "--out", str(exported))
