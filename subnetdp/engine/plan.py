@@ -227,8 +227,9 @@ def make_plan(units: Sequence[UnitCost], world_size: int, coverage: float, seed:
     if tolerance is not None and assignment is not None:
         # a random plan whose most-loaded worker stays within the tolerance of the balanced one's
         limit = _objective(_load(assignment, cost, member))[0] * (1 + tolerance) + 1e-12
+        parts = _components(member, np.bincount(assignment, minlength=member.shape[0]))  # k = 1: N parts
         for _ in range(RESTARTS * 8):
-            drawn = _assign_at_random(cost, member, rng, tolerance)
+            drawn = _assign_at_random(cost, member, rng, tolerance, parts)
             if drawn is not None and _objective(_load(drawn, cost, member))[0] <= limit:
                 assignment = drawn
                 break
@@ -359,10 +360,11 @@ def _load(assignment: list[int], cost: np.ndarray, member: np.ndarray) -> np.nda
     return sum(np.outer(member[a], cost[i]) for i, a in enumerate(assignment))
 
 
-def _assign_at_random(cost: np.ndarray, member: np.ndarray, rng: random.Random, tolerance: float
-                      ) -> list[int] | None:
+def _assign_at_random(cost: np.ndarray, member: np.ndarray, rng: random.Random, tolerance: float,
+                      max_parts: int = 1) -> list[int] | None:
     """Largest unit first, each into a window drawn among those within the tolerance of the most
-    balanced choice; None when a worker is left out or the overlap graph falls apart."""
+    balanced choice; None when a worker is left out or the overlap graph falls into more than
+    ``max_parts`` parts."""
     num_windows, n = member.shape
     order = sorted(range(len(cost)), key=lambda i: (-cost[i].max(), rng.random()))
     load = np.zeros((n, cost.shape[1]))
@@ -375,7 +377,7 @@ def _assign_at_random(cost: np.ndarray, member: np.ndarray, rng: random.Random, 
         assignment[i] = j
         load += np.outer(member[j], cost[i])
         counts[j] += 1
-    if (member[assignment].sum(0) == 0).any() or (member.shape[0] > 1 and _components(member, counts) > 1):
+    if (member[assignment].sum(0) == 0).any() or _components(member, counts) > max_parts:
         return None
     return assignment
 

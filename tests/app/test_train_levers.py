@@ -128,3 +128,17 @@ def test_runs_that_cannot_move_to_other_workers_say_so_on_resume(tmp_path: Path)
         shutil.rmtree(tmp_path / "full" / "checkpoints" / f"step-{step:08d}")
     result = _train(None, tmp_path / "full", "--resume", "--simulate", "2", check=False)
     assert result.returncode == 2 and "sharded full phase" in result.stderr, result.stderr
+
+
+@pytest.mark.slow
+def test_redrawn_plans_on_real_ranks_train_as_the_simulator(tmp_path: Path) -> None:
+    config = _config(tmp_path, CONSTANT)
+    sets = ["--set", "strategy.name=sdp", "--set", "strategy.coverage=0.5", "--set", "strategy.redraw_every=2"]
+    _train(config, tmp_path / "simulated", "--simulate", "2", *sets)
+    _train(config, tmp_path / "real", "--nproc", "2", *sets)
+    simulated, real = _losses(tmp_path / "simulated"), _losses(tmp_path / "real")
+    assert sorted(real) == sorted(simulated) == [1, 2, 3, 4, 5, 6]
+    for step in simulated:
+        assert real[step] == pytest.approx(simulated[step], rel=1e-5), (step, real, simulated)
+    moved = [_summary(tmp_path / run)["redraw"]["bytes_moved_per_redraw"] for run in ("simulated", "real")]
+    assert moved[0] == moved[1] > 0
