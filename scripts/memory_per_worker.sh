@@ -9,7 +9,7 @@
 set -euo pipefail
 OUT="${OUT:-results/memory}"; TASKS="${TASKS:-resnet18_fashion_mnist vit_fashion_mnist llama_shakespeare}"
 RECIPES="${RECIPES:-}"  # names to run (default: all)
-LAUNCH="${LAUNCH:---simulate 4}"; STEPS="${STEPS:-8}"
+LAUNCH="${LAUNCH:---simulate 4}"; STEPS="${STEPS:-8}"  # at least 4: two steps of each phase
 common=(--set run.steps="$STEPS" --set run.schedule=flops --set run.eval_interval=0 --set run.checkpoint_interval=0
         --set run.log_interval=1 --set eval.max_batches=1 --set eval.recalibrate_norm_batches=1 --no-progress)
 full=(--set strategy.full_phase=0.5 --set strategy.full_phase_checkpointing=true)

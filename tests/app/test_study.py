@@ -86,7 +86,7 @@ def test_levers_report_tabulates_the_committed_levers_and_draws_the_pareto_chart
 def test_memory_script_measures_each_phase_against_ddp(tmp_path: Path) -> None:
     if not FASHION_MNIST.exists() and not os.environ.get("SUBNETDP_DATA"):
         pytest.skip("Fashion-MNIST not installed (scripts/get_data.sh)")
-    env = {**os.environ, "TASKS": "vit_fashion_mnist", "RECIPES": "ddp b-sdp-full-sharded", "STEPS": "2",
+    env = {**os.environ, "TASKS": "vit_fashion_mnist", "RECIPES": "ddp b-sdp-full-sharded", "STEPS": "4",
            "OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(["bash", str(ROOT / "scripts" / "memory_per_worker.sh")], capture_output=True, text=True,
                             timeout=600, cwd=ROOT, env=env)
