@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 __all__ = ["CollectiveError", "DisconnectedPlanWarning", "Plan", "PlanError", "PlanMismatchError", "SDPConfigError",
-           "SubnetworkDataParallel", "SubnetworkSimulator", "make_plan", "plan_for", "recalibrate_norm_statistics",
-           "scale_residual_branches", "__version__"]
+           "SubnetworkDataParallel", "SubnetworkSimulator", "fold_residual_scale", "make_plan", "plan_for",
+           "recalibrate_norm_statistics", "scale_residual_branches", "__version__"]
 
 if TYPE_CHECKING:
     from .engine import (
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
                          SDPConfigError,
                          SubnetworkDataParallel,
                          SubnetworkSimulator,
+                         fold_residual_scale,
                          make_plan,
                          plan_for,
                          recalibrate_norm_statistics,

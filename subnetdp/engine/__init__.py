@@ -3,7 +3,7 @@ single-process simulator (see docs/architecture.md). It knows nothing of models,
 training application."""
 
 from .errors import CollectiveError, DisconnectedPlanWarning, PlanError, PlanMismatchError, SDPConfigError
-from .evaluation import recalibrate_norm_statistics, scale_residual_branches
+from .evaluation import fold_residual_scale, recalibrate_norm_statistics, scale_residual_branches
 from .plan import Plan, UnitCost, holders_needed, make_plan
 from .planning import plan_for
 from .simulator import SubnetworkSimulator
@@ -11,5 +11,5 @@ from .subnetwork import Subnetwork
 from .wrapper import SubnetworkDataParallel
 
 __all__ = ["CollectiveError", "DisconnectedPlanWarning", "Plan", "PlanError", "PlanMismatchError", "SDPConfigError",
-           "Subnetwork", "SubnetworkDataParallel", "SubnetworkSimulator", "UnitCost", "holders_needed", "make_plan",
-           "plan_for", "recalibrate_norm_statistics", "scale_residual_branches"]
+           "Subnetwork", "SubnetworkDataParallel", "SubnetworkSimulator", "UnitCost", "fold_residual_scale",
+           "holders_needed", "make_plan", "plan_for", "recalibrate_norm_statistics", "scale_residual_branches"]
