@@ -66,3 +66,48 @@ def test_storage_resized_in_place_is_read_at_its_current_size() -> None:
         torch.ones(1)                   # now they are back
         del full, small
     assert tracker.report()["peak_bytes"] == 4096 * 4 + 40 + 4
+
+
+def _worker(width: int) -> tuple[nn.Module, torch.optim.Optimizer, torch.Tensor]:
+    torch.manual_seed(width)
+    model = nn.Sequential(nn.Linear(32, width), nn.ReLU(), nn.Linear(width, 8))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randn(64, 32)
+    model(x).sum().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return model, opt, x
+
+
+def _state(model: nn.Module, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return list(model.parameters()) + [v for s in opt.state.values() for v in s.values()]
+
+
+def test_each_worker_played_in_turn_is_measured_as_if_alone() -> None:
+    """Two workers of different sizes in one process, each step attributed to its worker: each
+    peak is the one a tracker measures for that worker alone, and the other's tensors never count."""
+    from subnetdp.measure.live import WorkerPeakTracker
+
+    alone = {}
+    for rank, width in enumerate((64, 512)):
+        model, opt, x = _worker(width)
+        tracker = WorkerPeakTracker({rank: _state(model, opt)}, {rank: list(model.parameters())})
+        with tracker, tracker.worker(rank):
+            model(x).sum().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        alone[rank] = tracker.peaks[rank]
+    workers = [_worker(width) for width in (64, 512)]
+    tracker = WorkerPeakTracker({r: _state(m, o) for r, (m, o, _) in enumerate(workers)},
+                                {r: list(m.parameters()) for r, (m, _, _) in enumerate(workers)})
+    with tracker:
+        for rank, (model, _, x) in enumerate(workers):
+            with tracker.worker(rank):
+                model(x).sum().backward()
+        for rank, (_, opt, _) in enumerate(workers):  # the gradients of both are alive meanwhile
+            with tracker.worker(rank):
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+    assert tracker.peaks == alone
+    # the larger worker holds more than the state of both models together would let the smaller one
+    assert alone[1] > 4 * alone[0]
