@@ -67,6 +67,10 @@ class PeakMemory:
 
     def __init__(self, device: torch.device) -> None:
         self.device, self.rss, self.cuda_allocated, self.cuda_reserved = device, 0, 0, 0
+        self.cuda_allocated_since_mark = 0  # the allocator's peak since mark(): one phase of a run
+
+    def mark(self) -> None:
+        self.cuda_allocated_since_mark = 0
 
     def start(self) -> None:
         reset_peak_rss()
@@ -76,7 +80,9 @@ class PeakMemory:
     def stop(self) -> None:
         self.rss = max(self.rss, peak_rss_bytes() or 0)  # 0 where /proc cannot tell
         if self.device.type == "cuda":
-            self.cuda_allocated = max(self.cuda_allocated, torch.cuda.max_memory_allocated(self.device))
+            allocated = torch.cuda.max_memory_allocated(self.device)
+            self.cuda_allocated = max(self.cuda_allocated, allocated)
+            self.cuda_allocated_since_mark = max(self.cuda_allocated_since_mark, allocated)
             self.cuda_reserved = max(self.cuda_reserved, torch.cuda.max_memory_reserved(self.device))
 
     def cuda_figures(self) -> dict[str, int]:

@@ -653,9 +653,18 @@ class TrainingRun:
                 self.window_start = time.perf_counter()
         peak.stop()
 
+    def _record_cuda_phase_peak(self) -> None:
+        """On CUDA (real ranks: one worker per process) the phase's peak per worker is the
+        allocator's; the live-tensor tracker covers CPU."""
+        if self.ctx.device.type == "cuda" and not self.ctx.simulate:
+            phase = "full" if self.tr.full_phase else "own"
+            self.worker_peaks[phase] = {self.ctx.rank: self.stats.peak.cuda_allocated_since_mark}
+            self.stats.peak.mark()
+
     def _switch_to_full_phase(self, step: int) -> None:
         peak = self.stats.peak
         peak.stop()
+        self._record_cuda_phase_peak()
         self.sdp_phase_per_rank = _gather_figures(self.tr, rank_figures(self.tr, self.stats))
         self.begin_full_phase(step)
         peak.start()
@@ -797,14 +806,18 @@ class TrainingRun:
         out: dict[str, Any] = {names[p]: max(v.values()) for p, v in by_phase.items()}
         out["whole_run"] = max(out.values())
         out["by_worker"] = {names[p]: v for p, v in by_phase.items()}
-        out["measured"] = ("live tensors (CPU) of each worker at steps " + ", ".join(map(str, self.memory_steps))
-                           + ": its parameters, buffers, gradients, optimizer state and everything its forward, "
-                           "backward and optimizer step allocate")
+        out["measured"] = (
+            "torch.cuda.max_memory_allocated of each rank over the phase's training steps"
+            if self.ctx.device.type == "cuda" else
+            "live tensors (CPU) of each worker at steps " + ", ".join(map(str, self.memory_steps))
+            + ": its parameters, buffers, gradients, optimizer state and everything its forward, backward and "
+            "optimizer step allocate")
         return out
 
     def summary(self) -> dict[str, Any] | None:
         """Gather every rank's figures (collective) and, on rank 0, write summary.json."""
         config, ctx, tr = self.config, self.ctx, self.tr
+        self._record_cuda_phase_peak()
         figures = rank_figures(tr, self.stats)
         figures.update({f"{phase}_flops_per_step": v for phase, v in self.stats.phase_flops.items()})
         figures["live_peak_bytes"] = {phase: {str(r): b for r, b in peaks.items()}
