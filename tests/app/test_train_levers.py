@@ -27,6 +27,7 @@ def _summary(out: Path) -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
+@pytest.mark.slow
 def test_a_run_with_redrawn_plans_resumes_exactly_and_exports(tmp_path: Path) -> None:
     config = _config(tmp_path, CONSTANT)
     _train(config, tmp_path / "whole", *REDRAW)
@@ -43,6 +44,7 @@ def test_a_run_with_redrawn_plans_resumes_exactly_and_exports(tmp_path: Path) ->
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.slow
 def test_the_sharded_full_phase_trains_as_the_replicated_one_inside_the_sdp_phase_memory(tmp_path: Path) -> None:
     config = _config(tmp_path, CONSTANT)
     sets = ["--simulate", "4", "--set", "strategy.name=sdp", "--set", "strategy.coverage=0.5",
@@ -74,6 +76,7 @@ def test_levers_that_cannot_apply_are_refused_in_one_line(tmp_path: Path, sets: 
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_activation_checkpointing_changes_no_update(tmp_path: Path) -> None:
     """strategy.checkpointing recomputes what the forward computed: the same losses, step for step
     (so a recipe's accuracy with it is the one measured without it, on models without BatchNorm,
@@ -89,6 +92,7 @@ def test_activation_checkpointing_changes_no_update(tmp_path: Path) -> None:
     assert _losses(tmp_path / "plain") == _losses(tmp_path / "ckpt")
 
 
+@pytest.mark.slow
 def test_export_scale_branches_writes_the_scaled_evaluation_as_plain_weights(tmp_path: Path) -> None:
     import torch
     from safetensors.torch import load_file
@@ -115,6 +119,7 @@ def test_export_scale_branches_writes_the_scaled_evaluation_as_plain_weights(tmp
     assert not (tmp_path / "x.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_runs_that_cannot_move_to_other_workers_say_so_on_resume(tmp_path: Path) -> None:
     """A re-drawn run, and a run in its sharded full phase, resume on the same workers only."""
     config = _config(tmp_path, CONSTANT)

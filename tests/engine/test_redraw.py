@@ -160,6 +160,7 @@ def _in_flight(rank: int, world: int) -> dict:
             "largest": max(unit_bytes.values()), "all_units": sum(unit_bytes.values())}
 
 
+@pytest.mark.slow
 def test_a_redraw_never_holds_more_than_one_unit_in_flight() -> None:
     """Memory of a re-draw, live tensors on each real rank: on top of the subnetwork it had, what
     it gains (parameters and two Adam moments each) and one unit's flat buffers (tensor and
