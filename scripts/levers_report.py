@@ -23,7 +23,7 @@ from study_tables import SWEEPS, _label, _table
 # the lever groups of each sweep file, in the order the tables show them
 GROUPS = ["ddp", "b-fwd", "redraw", "full-phase", "safe-full-phase", "redraw-full-phase", "full-phase-neuron",
           "safe-full-phase-neuron", "safe-full-phase-0.2", "fwd-coverage"]
-LONG = ["long", "long-sdp"]  # lever 5: the same at 4x the budget
+LONG = ["long", "long-sdp", "long-neuron"]  # lever 5: the same at 4x the budget
 NO_BATCHNORM = {"vit_fashion_mnist", "llama_shakespeare"}  # recomputation changes nothing there
 
 
