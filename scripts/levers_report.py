@@ -25,6 +25,10 @@ GROUPS = ["ddp", "b-fwd", "redraw", "full-phase", "safe-full-phase", "redraw-ful
           "safe-full-phase-neuron", "safe-full-phase-0.2", "fwd-coverage"]
 LONG = ["long", "long-sdp", "long-neuron"]  # lever 5: the same at 4x the budget
 NO_BATCHNORM = {"vit_fashion_mnist", "llama_shakespeare"}  # recomputation changes nothing there
+# the chart's points (the tables have every cell)
+CHARTED = {"DDP", "DDP + ckpt", "B-SDP", "B-SDP re-draw/10", "B-SDP + full replicated", "B-SDP + full sharded, scaled",
+           "B-SDP re-draw/10 + full sharded", "B-SDP re-draw/10 + full sharded, scaled", "N-SDP + full sharded",
+           "N-SDP + full sharded + ckpt", "N-SDP + full replicated"}
 
 
 def memory_recipe(config: dict[str, Any]) -> str:
@@ -149,12 +153,15 @@ def plot(all_points: dict[str, list[dict[str, Any]]], out: Path, root: Path) -> 
     fig, axes = plt.subplots(1, len(all_points), figsize=(5.5 * len(all_points), 5))
     for ax, (task, points) in zip(axes if len(all_points) > 1 else [axes], all_points.items()):
         title, metric, unit, scale = SWEEPS[task]
+        shown: set[str] = set()
         for p in points:
-            if p["metric"] is None or p["memory"] is None:
+            if p["metric"] is None or p["memory"] is None or p["label"] not in CHARTED or p["label"] in shown:
                 continue
+            shown.add(p["label"])
             ax.scatter(p["memory"], p["metric"] * scale, color="black" if p["ddp"] else "tab:blue",
                        marker="s" if p["ddp"] else "o")
-            ax.annotate(p["label"], (p["memory"], p["metric"] * scale), fontsize=7, xytext=(4, 2),
+            below = len(shown) % 2 == 0  # alternate sides: neighbours' labels overlap less
+            ax.annotate(p["label"], (p["memory"], p["metric"] * scale), fontsize=7, xytext=(4, -9 if below else 3),
                         textcoords="offset points")
         ax.set_xlabel("whole-run peak memory per worker / DDP's")
         ax.set_xlim(0.3, 1.25)
