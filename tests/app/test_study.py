@@ -78,7 +78,7 @@ def test_levers_report_tabulates_the_committed_levers_and_draws_the_pareto_chart
     assert result.returncode == 0, result.stderr
     assert "re-drawn every 10" in result.stdout and "peak memory / DDP" in result.stdout
     ddp_rows = [line for line in result.stdout.splitlines() if line.startswith("| DDP, ")]
-    assert len(ddp_rows) == 3 and all("| 1.00x | 1.00x |" in row for row in ddp_rows), ddp_rows
+    assert len(ddp_rows) >= 3 and all("| 1.00x | 1.00x |" in row for row in ddp_rows), ddp_rows  # one per table
     assert chart.stat().st_size > 10_000
 
 
