@@ -178,9 +178,6 @@ class WorkerPeakTracker(TorchDispatchMode):
             self.peaks[r] = max(self.peaks[r], total)
         return out
 
-    def __enter__(self) -> "WorkerPeakTracker":
-        return super().__enter__()
-
 
 class _Attribution:
     def __init__(self, tracker: WorkerPeakTracker, rank: int) -> None:
