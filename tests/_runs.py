@@ -82,3 +82,23 @@ def _train(config: Path | None, out: Path, *args: str, check: bool = True) -> su
     if check:
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
+
+
+def assert_chart(path: Path, width: int | None, height: int | None) -> tuple[int, int]:
+    """``path`` is a PNG image (signature, IHDR chunk) of ``width`` x ``height`` pixels (None: any)
+    that decodes to pixels of that size, with something drawn on it in colour (not a blank or
+    all-grey figure: every chart of the project plots its data in colour). Returns (width, height)."""
+    import struct
+
+    import matplotlib.image
+
+    data = Path(path).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", f"{path}: not a PNG file"
+    size = struct.unpack(">II", data[16:24])
+    assert (width in (None, size[0])) and (height in (None, size[1])), f"{path}: {size}, wanted {(width, height)}"
+    pixels = matplotlib.image.imread(str(path))
+    assert pixels.shape[:2] == (size[1], size[0]) and pixels.ndim == 3, pixels.shape
+    rgb = pixels[..., :3]
+    coloured = (rgb.max(-1) - rgb.min(-1)) > 0.2  # saturated: neither white, black nor grey
+    assert coloured.sum() >= 100, f"{path}: nothing drawn in colour ({coloured.sum()} pixels)"
+    return size

@@ -125,6 +125,11 @@ class Harness:
             return self.parallelism.wire_bytes()
         return counted.wire
 
+    def after_step(self) -> None:
+        """SDP: share the stepped weights now, inside the step's optimizer time (backward masking, shards)."""
+        if self.parallelism is not None:
+            self.parallelism.after_step()
+
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
         if self.strategy.kind == "fsdp":
@@ -281,6 +286,7 @@ def measure(args: argparse.Namespace, strategy: Strategy, device: torch.device) 
             t2 = time.perf_counter()
         if sync:
             harness.optimizer.step()
+            harness.after_step()
         harness.optimizer.zero_grad(set_to_none=True)
         harness.model.zero_grad(set_to_none=True)  # sharded SDP: no_sync leaves them on the model, not the shards
         _sync(device)
@@ -323,6 +329,7 @@ def measure(args: argparse.Namespace, strategy: Strategy, device: torch.device) 
             loss.backward()
             grad_bytes = tensor_bytes(p.grad for p in grad_list)
             harness.optimizer.step()
+            harness.after_step()
             harness.optimizer.zero_grad(set_to_none=True)
 
     med = {k: statistics.median(v) for k, v in timed.items()}

@@ -3,9 +3,13 @@
 Layout of ``OUT/checkpoints``:
 
     step-00000400/            a complete checkpoint (renamed into place only once it is whole)
-        manifest.json         step, world size, plan fingerprint, config, and each rank file's
-                              size and sha256
-        rank-00000.pt ...     what that rank holds: its (sub)model, optimizer, scheduler, RNG states
+        manifest.json         step, world size, plan fingerprint, config, and each file's size
+                              and sha256
+        rank-00000.pt ...     that rank's schedulers and RNG states; DDP: rank 0's also holds the
+                              model and optimizer (every replica is the same)
+        model/                SDP: the model and optimizer state through torch.distributed.checkpoint
+                              (engine/checkpoint.py): .metadata and one __R_0.distcp file per rank,
+                              each with the chunks of the full tensors that rank saved
     step-00000600.partial/    being written, or left by a crash: never read, removed on next save
 
 Protocol: every rank writes its file to a temporary name and renames it (``os.replace`` is atomic
@@ -26,6 +30,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 PARTIAL = ".partial"
+MODEL_DIR = "model"  # the DCP checkpoint of an SDP run's model and optimizer state
+# 1: subnetdp 0.1.0, every SDP worker's subnetwork in its rank's .pt file; 2: SDP state through DCP
+FORMAT = 2
 
 
 class CheckpointError(RuntimeError):
@@ -38,6 +45,24 @@ def step_dir(root: Path, step: int) -> Path:
 
 def rank_file(rank: int) -> str:
     return f"rank-{rank:05d}.pt"
+
+
+def partial_dir(root: Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` is written before it is whole."""
+    return Path(str(step_dir(root, step)) + PARTIAL)
+
+
+def holds_dcp(manifest: dict[str, Any]) -> bool:
+    """The checkpoint keeps its SDP model and optimizer state in ``model/`` (format 2)."""
+    return manifest.get("model_checkpoint") == "dcp"
+
+
+def require_readable(manifest: dict[str, Any], folder: Path) -> None:
+    """CheckpointError for an SDP checkpoint of format 1, which this version no longer reads."""
+    if manifest.get("format", 1) < FORMAT and manifest["config"].get("strategy", {}).get("name") != "ddp":
+        raise CheckpointError(f"{folder} was written by subnetdp 0.1.0 (checkpoint format 1: each worker's "
+                              "subnetwork in its rank's .pt file); this version reads SDP checkpoints of format "
+                              f"{FORMAT} (torch.distributed.checkpoint) only: resume or export it with subnetdp 0.1.0")
 
 
 def _sha256(path: Path) -> str:
@@ -56,7 +81,7 @@ def _atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> None:
 
 def write_rank_state(root: Path, step: int, rank: int, state: dict[str, Any]) -> None:
     """Every rank: write this rank's state into the step's partial folder."""
-    folder = Path(str(step_dir(root, step)) + PARTIAL)
+    folder = partial_dir(root, step)
     folder.mkdir(parents=True, exist_ok=True)
     import torch  # here, not at the top: the launcher checks checkpoints without importing torch
     _atomic_write_bytes(folder / rank_file(rank), lambda f: torch.save(state, f))
@@ -64,14 +89,20 @@ def write_rank_state(root: Path, step: int, rank: int, state: dict[str, Any]) ->
 
 def finalize(root: Path, step: int, world_size: int, manifest: dict[str, Any], keep: int) -> Path:
     """Rank 0, after every rank's write (a barrier): hash the files, write the manifest, publish."""
-    partial = Path(str(step_dir(root, step)) + PARTIAL)
+    partial = partial_dir(root, step)
     files = {}
     for rank in range(world_size):
         path = partial / rank_file(rank)
         if not path.is_file():
             raise CheckpointError(f"rank {rank} did not write {path}")
         files[str(rank)] = {"name": path.name, "bytes": path.stat().st_size, "sha256": _sha256(path)}
-    body = {**manifest, "step": step, "world_size": world_size, "files": files, "written_at": time.time()}
+    model_files = {f"{MODEL_DIR}/{p.name}": {"name": f"{MODEL_DIR}/{p.name}", "bytes": p.stat().st_size,
+                                             "sha256": _sha256(p)}
+                   for p in sorted((partial / MODEL_DIR).glob("*")) if p.is_file()}
+    from .. import __version__
+    body = {**manifest, "step": step, "world_size": world_size, "files": files, "written_at": time.time(),
+            "format": FORMAT, "subnetdp_version": __version__,
+            **({"model_checkpoint": "dcp", "model_files": model_files} if model_files else {})}
     _atomic_write_bytes(partial / "manifest.json", lambda f: f.write(json.dumps(body, indent=1).encode()))
     final = step_dir(root, step)
     if final.exists():
@@ -139,12 +170,15 @@ def read_manifest(folder: Path, verify: bool = True) -> dict[str, Any]:
     except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8 text
         raise CheckpointError(f"{folder}: no readable manifest.json ({exc})") from None
     check_manifest(manifest, path)
-    for rank, entry in manifest["files"].items():
+    entries = [(f"rank {rank}'s file", entry) for rank, entry in manifest["files"].items()]
+    if isinstance(manifest.get("model_files"), dict):
+        entries += [("the model file", entry) for entry in manifest["model_files"].values()]
+    for whose, entry in entries:
         file = folder / entry["name"]
         if not file.is_file() or file.stat().st_size != entry["bytes"]:
-            raise CheckpointError(f"{folder}: rank {rank}'s file {entry['name']} is missing or truncated")
+            raise CheckpointError(f"{folder}: {whose} {entry['name']} is missing or truncated")
         if verify and _sha256(file) != entry["sha256"]:
-            raise CheckpointError(f"{folder}: rank {rank}'s file {entry['name']} does not match its hash")
+            raise CheckpointError(f"{folder}: {whose} {entry['name']} does not match its hash")
     return manifest
 
 

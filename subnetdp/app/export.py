@@ -28,12 +28,13 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from ..engine import checkpoint as sdp_checkpoint
 from ..engine import holders_needed
 from ..engine.evaluation import fold_residual_scale
 from . import checkpoint as ckpt
 from .builders import MODELS, rebuild_model
 from .config import from_dict
-from .reshard import is_replicated, rebuild_simulator, replica_state, worker_states
+from .reshard import is_replicated, replica_state
 
 
 class ExportError(ckpt.CheckpointError):
@@ -68,16 +69,13 @@ def assemble_from_checkpoint(run_dir: Path, step: int | None = None, skipped: li
             raise ckpt.CheckpointError(f"--step {step}: no checkpoint {folder}; "
                                        + (f"complete ones: step {', '.join(steps)}" if steps else f"none under {root}"))
         manifest = ckpt.read_manifest(folder)
+    ckpt.require_readable(manifest, folder)
     config = from_dict(manifest["config"])
     if is_replicated(config, manifest):  # one full model (DDP-style)
         return {k: v.contiguous() for k, v in replica_state(folder)["model"].items()}, manifest
-    try:
-        sim = rebuild_simulator(manifest)
-    except ckpt.CheckpointError as exc:
-        raise ckpt.CheckpointError(f"{folder}: {exc}") from exc
-    for worker, state in zip(sim.workers, worker_states(folder, manifest)):
-        worker.load_state_dict(state["model"])
-    return sim.full_state_dict(), manifest
+    model = rebuild_model(manifest["model"], manifest["model_kwargs"])  # every chunk read into it
+    sdp_checkpoint.load_full_state_dict(folder / ckpt.MODEL_DIR, model)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, manifest
 
 
 def check_output(out: Path, force: bool = False) -> None:

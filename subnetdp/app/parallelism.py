@@ -15,7 +15,7 @@ A training step reads the same whatever the strategy:
     par.after_backward()                           # simulated SDP: average over holders
     par.clip_grad_norm_(max_norm)
     for optimizer in optimizers: optimizer.step()  # one per model, over par.optimized_parameters(model)
-    par.after_step()                               # simulated SDP: share weights (backward masking, shards)
+    par.after_step()                               # SDP: share the stepped weights (backward masking, shards)
 
 :func:`parallelize` picks the implementation; :func:`level_kwargs` and :func:`ddp_counting_bytes`
 are the two set-up pieces `subnetdp bench` shares with it.
@@ -112,6 +112,11 @@ class Parallelism:
         state. Returns the bytes moved."""
         raise TypeError(f"{type(self).__name__} has no plan to re-draw")
 
+    @property
+    def engine(self) -> SubnetworkDataParallel | SubnetworkSimulator:
+        """SDP: the engine object that checkpoints this process's workers (engine/checkpoint.py)."""
+        raise TypeError(f"{type(self).__name__} is not SDP")
+
 
 class RealDDP(Parallelism):
     """torch DistributedDataParallel on this rank, its all-reduced bytes counted by a comm hook."""
@@ -171,10 +176,13 @@ class RealSDP(Parallelism):
         self.models, self.ranks, self.plan = [self.sdp], [self.sdp.rank], self.sdp.plan
 
     def optimized_parameters(self, model: nn.Module) -> list[nn.Parameter]:
-        return self.sdp.shard_parameters()
+        return list(self.sdp.parameters())  # sharded: the shards
 
     def clip_grad_norm_(self, max_norm: float) -> None:
         self.sdp.clip_grad_norm_(max_norm)
+
+    def after_step(self) -> None:
+        self.sdp.sync_weights_if_stepped()  # now, not at the next forward: evaluation reads the module
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return self.sdp.full_state_dict()
@@ -193,6 +201,10 @@ class RealSDP(Parallelism):
         self.plan = self.sdp.plan
         return moved
 
+    @property
+    def engine(self) -> SubnetworkDataParallel:
+        return self.sdp
+
 
 class SimulatedSDP(Parallelism):
     """SubnetworkSimulator: N virtual SDP workers, one module each, synchronised explicitly."""
@@ -205,7 +217,7 @@ class SimulatedSDP(Parallelism):
         self.plan = self.simulator.plan
 
     def optimized_parameters(self, model: nn.Module) -> list[nn.Parameter]:
-        return model.shard_parameters()  # type: ignore[operator]
+        return list(model.parameters())  # sharded: the shards
 
     def after_backward(self) -> None:
         self.simulator.sync_gradients()
@@ -226,6 +238,10 @@ class SimulatedSDP(Parallelism):
         moved = self.simulator.redraw(seed, optimizers)
         self.plan = self.simulator.plan
         return moved
+
+    @property
+    def engine(self) -> SubnetworkSimulator:
+        return self.simulator
 
 
 def parallelize(model: nn.Module, *, sdp: bool, device: torch.device, virtual_workers: int | None = None,

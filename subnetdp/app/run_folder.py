@@ -163,7 +163,8 @@ def check_resume(config: Config, manifest: dict[str, Any], world_size: int, simu
         raise ckpt.CheckpointError(f"--resume: {folder} is a run with re-drawn plans (strategy.redraw_every = "
                                    f"{saved['strategy.redraw_every']}); it resumes only on the same "
                                    f"{manifest['virtual_world_size']} {kind} workers at the same coverage")
-    if moved and manifest.get("phase") == "full" and saved["strategy.full_phase_shard"]:
+    if moved and manifest.get("phase") == "full" and saved["strategy.full_phase_shard"] \
+            and not ckpt.holds_dcp(manifest):
         raise ckpt.CheckpointError(f"--resume: {folder} is in the sharded full phase, whose optimizer state is split "
                                    f"over its {manifest['virtual_world_size']} workers; it resumes only on the same "
                                    "workers, simulated or real as it ran")

@@ -36,6 +36,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
+from ..engine import checkpoint as sdp_checkpoint
 from ..engine.errors import CollectiveError
 from ..engine.evaluation import fold_residual_scale
 from ..engine.units import resolve_block_paths
@@ -379,7 +380,9 @@ class StepStats:
 def rank_figures(tr: Trainer, stats: StepStats) -> dict[str, Any]:
     par, times = tr.par, stats.step_times
     figures = {
-        "trainable_param_bytes": tensor_bytes(p for m in par.models for p in m.parameters()),
+        # SDP: the model's trained parameters (its parameters() are the shards under strategy.shard)
+        "trainable_param_bytes": tensor_bytes(p for m in par.models
+                                              for p in getattr(m, "trained_parameters", m.parameters)()),
         "all_param_bytes": tensor_bytes(p for m in par.unwrapped_models for p in m.parameters()),
         "grad_bytes": tr.peak_grad_bytes,
         "optimizer_state_bytes": sum(optimizer_state_bytes(o) for o in tr.optimizers),
@@ -574,15 +577,23 @@ class TrainingRun:
         elif draw_of_step(self.config, manifest["step"] - 1) > 0:  # a re-drawn plan wrote it: draw it
             self.redraw(manifest["step"] - 1)                      # (the state it moves is replaced below)
             self.redraw_bytes.clear()
-        if moved:  # another worker count or coverage: assemble the old state, cut it for the new plan
+        ckpt.require_readable(manifest, folder)
+        if ckpt.holds_dcp(manifest):  # SDP: each worker reads the chunks it holds, under any plan
             own = ckpt.load_rank_state(folder, min(ctx.rank, manifest["world_size"] - 1))
-            tr = self.tr
-            state = reshard.full_run_state(folder, manifest,
-                                           lambda cfg, params: make_optimizer(cfg, params, self.steps)[0])
-            reshard.load_resharded(tr.par.models, tr.par.unwrapped_models, tr.optimizers, tr.schedulers, state)
+            sdp_checkpoint.load(folder / ckpt.MODEL_DIR, self.tr.par.engine, self.tr.optimizers)
+            schedulers = own["schedulers"]  # identical schedules: any worker's serves on another N
+            for i, scheduler in enumerate(self.tr.schedulers):
+                scheduler.load_state_dict(schedulers[i if not moved else 0])
+            if moved and ctx.is_main:
+                print(f"resumed from {manifest['virtual_world_size']} workers (simulated: {manifest['simulate']}) "
+                      f"on {ctx.world_size}: model and optimizer state re-planned and moved, each worker reading only "
+                      "the chunks it holds", flush=True)
+        elif moved:  # DDP on another worker count: every replica takes rank 0's model and optimizer
+            own = ckpt.load_rank_state(folder, min(ctx.rank, manifest["world_size"] - 1))
+            reshard.load_replica(self.tr, reshard.replica_state(folder))
             if ctx.is_main:
                 print(f"resumed from {manifest['virtual_world_size']} workers (simulated: {manifest['simulate']}) "
-                      f"on {ctx.world_size}: model and optimizer state re-planned and moved", flush=True)
+                      f"on {ctx.world_size}", flush=True)
         else:
             own = ckpt.load_rank_state(folder, ctx.rank)
             # DDP replicas are identical: rank 0's file holds the model and optimizer for all of them
@@ -770,9 +781,13 @@ class TrainingRun:
             raise DivergedError(f"the run diverged at step {done}: the weights hold NaN or infinite values; "
                                 "this state was not checkpointed. Lower optim.lr, or set optim.grad_clip")
         per_rank: dict[str, Any] = {"rng": _rng_state(ctx.device), "log_accumulator": self.log_acc, "step": done}
-        if ctx.rank == 0 or not tr.par.replicated:
+        if tr.par.is_sdp:  # the model and optimizer state through DCP, each rank its chunks
+            per_rank["schedulers"] = [s.state_dict() for s in tr.schedulers]
+        elif ctx.rank == 0:
             per_rank["workers"] = tr.state()
         ckpt.write_rank_state(root, done, ctx.rank, per_rank)
+        if tr.par.is_sdp:
+            sdp_checkpoint.save(ckpt.partial_dir(root, done) / ckpt.MODEL_DIR, tr.par.engine, tr.optimizers)
         ctx.barrier()
         if ctx.is_main:
             ckpt.finalize(root, done, ctx.processes,

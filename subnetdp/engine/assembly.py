@@ -30,7 +30,7 @@ def full_state_dict(layouts: Mapping[int, LocalLayout], exchange: Exchange, worl
     """The assembled full model on CPU with the original keys (collective): each piece from its
     owner; floating-point buffers (norm running statistics) averaged over the piece's holders."""
     first = next(iter(layouts.values()))
-    averaged = _averaged_buffers(layouts, exchange)
+    averaged = averaged_buffers(layouts, exchange)
     out = _empty_full(first)
     for source in range(world_size):
         for dtype, pieces in dtype_groups(first.owned(source)).items():
@@ -48,7 +48,7 @@ def _owned_values(layout: LocalLayout, pieces: list[Piece], averaged: dict[tuple
                     else flatten(layout.locate(p).views()) for p in pieces])  # type: ignore[union-attr]
 
 
-def _averaged_buffers(layouts: Mapping[int, LocalLayout], exchange: Exchange
+def averaged_buffers(layouts: Mapping[int, LocalLayout], exchange: Exchange
                       ) -> dict[int, dict[tuple[str, int], torch.Tensor]]:
     """Per local worker: each held floating-point buffer piece averaged over its holders."""
     first = next(iter(layouts.values()))
@@ -103,7 +103,7 @@ def load_full_state_dict(layout: LocalLayout, state: Mapping[str, torch.Tensor])
 # optimizer state: every tensor shaped like its parameter travels as the parameter does
 
 
-def _state_names(layouts: Mapping[int, LocalLayout], optimizers: Mapping[int, torch.optim.Optimizer]
+def state_names(layouts: Mapping[int, LocalLayout], optimizers: Mapping[int, torch.optim.Optimizer]
                  ) -> tuple[list[str], dict[str, Any]]:
     """Per-parameter tensor states (e.g. exp_avg, exp_avg_sq) and scalar states (e.g. step), read
     from a trained parameter of the first local worker: every worker runs the same optimizer
@@ -125,7 +125,7 @@ def full_optimizer_state(layouts: Mapping[int, LocalLayout], optimizers: Mapping
                          exchange: Exchange, world_size: int) -> OptimizerState:
     """The optimizer state of the full model (collective): each per-parameter tensor state in the
     full parameter's shape, keyed by the full model's keys, from each piece's owner."""
-    names, scalars = _state_names(layouts, optimizers)
+    names, scalars = state_names(layouts, optimizers)
     first = next(iter(layouts.values()))
     out: dict[str, dict[str, torch.Tensor]] = {}
     for source in range(world_size):

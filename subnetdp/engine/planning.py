@@ -107,16 +107,24 @@ def warn_if_disconnected(plan: Plan) -> None:
             f"holders alone; {fix}"), stacklevel=3)
 
 
+# the wrapper's and the simulator's keywords: those that decide the plan, and those that do not
+PLAN_KEYWORDS = ("blocks", "neurons", "coverage", "seed", "neuron_groups", "example_input")
+RUN_KEYWORDS = ("masking", "scale", "process_group", "timeout", "sync_weights_after_step", "bucket_cap_mb", "shard",
+                "reduce_dtype")
+
+
 def plan_for(model: nn.Module, world_size: int, **kwargs: Any) -> Plan:
     """The plan SubnetworkDataParallel would use for ``model`` on ``world_size`` workers, computed
-    without torch.distributed and without changing ``model``. Keyword arguments as the wrapper's
-    (those that do not affect the plan, such as ``masking``, are checked and ignored)."""
-    check_arguments(blocks=kwargs.get("blocks"), neurons=kwargs.get("neurons"),
-                    coverage=kwargs.get("coverage", 0.5), masking=kwargs.pop("masking", "forward"),
-                    scale=kwargs.pop("scale", "none"))
-    for ignored in ("timeout", "sync_weights_after_step", "bucket_cap_mb", "process_group"):
-        kwargs.pop(ignored, None)
-    return plan_model(model, world_size, **kwargs)[1]
+    without torch.distributed and without changing ``model``. Keyword arguments as the wrapper's:
+    those that do not affect the plan (``masking``, ``shard``, ...) are checked and ignored."""
+    unknown = sorted(set(kwargs) - set(PLAN_KEYWORDS) - set(RUN_KEYWORDS))
+    if unknown:
+        raise SDPConfigError(f"plan_for: unknown keyword(s) {unknown}; it takes SubnetworkDataParallel's: "
+                             f"{', '.join(PLAN_KEYWORDS + RUN_KEYWORDS)}")
+    check_arguments(blocks=kwargs.get("blocks"), neurons=kwargs.get("neurons"), coverage=kwargs.get("coverage", 0.5),
+                    masking=kwargs.get("masking", "forward"), scale=kwargs.get("scale", "none"),
+                    timeout=kwargs.get("timeout", 600.0), reduce_dtype=kwargs.get("reduce_dtype"))
+    return plan_model(model, world_size, **{k: v for k, v in kwargs.items() if k in PLAN_KEYWORDS})[1]
 
 
 # ---------------------------------------------------------------------------------------------

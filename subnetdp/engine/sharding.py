@@ -8,7 +8,7 @@ workers, so their optimizer state is split N ways; single-holder buckets have no
 and their parameters are stepped as they are.
 
     sdp = SubnetworkDataParallel(model, blocks="model.layers", coverage=0.5, shard=True)
-    opt = torch.optim.AdamW(sdp.shard_parameters(), lr=3e-4)   # the shards, not sdp.parameters()
+    opt = torch.optim.AdamW(sdp.parameters(), lr=3e-4)   # the shards (shard_parameters(), the same)
     loss_fn(sdp(x), y).backward(); opt.step(); opt.zero_grad()  # weights gathered after the step
 
 A shard is a flat parameter of ``ceil(n / k)`` entries: holder i steps entries

@@ -3,7 +3,7 @@ multi-process wrapper, with the exchange a sum over the virtual workers' buffers
 collective. One GPU (or CPU) reproduces an N-worker experiment.
 
     sim = SubnetworkSimulator(model, world_size=8, blocks="layers", coverage=0.5)
-    opts = [torch.optim.AdamW(w.shard_parameters(), lr=3e-4) for w in sim.workers]
+    opts = [torch.optim.AdamW(w.parameters(), lr=3e-4) for w in sim.workers]
     for shards in loader:                      # one batch per virtual worker
         for worker, (x, y) in zip(sim.workers, shards):
             loss_fn(worker(x), y).backward()
@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from . import assembly, evaluation, redraw, reducer, sharding, weights
+from .errors import SDPConfigError
 from .exchange import LocalExchange
 from .plan import Plan
 from .planning import check_arguments, plan_model, warn_if_disconnected
@@ -42,7 +43,7 @@ class SubnetworkSimulator:
                  sync_weights_after_step: bool = True, shard: bool = False,
                  reduce_dtype: torch.dtype | None = None) -> None:
         if world_size < 1:
-            raise ValueError(f"world_size must be >= 1, got {world_size}")
+            raise SDPConfigError(f"world_size must be >= 1, got {world_size}")
         check_arguments(blocks=blocks, neurons=neurons, coverage=coverage, masking=masking, scale=scale,
                         timeout=timeout, reduce_dtype=reduce_dtype)
         check_device(model, None)
@@ -111,7 +112,8 @@ class SubnetworkSimulator:
         by_rank: dict[int, Any] = dict(enumerate(optimizers))
         if self.workers[0].sharded:
             by_rank = sharding.unsharded_state({w.rank: w.buckets for w in self.workers}, by_rank,
-                                               {w.rank: list(w.parameters()) for w in self.workers}, self.exchange)
+                                               {w.rank: list(w.trained_parameters()) for w in self.workers},
+                                               self.exchange)
         return assembly.full_optimizer_state(self._layouts, by_rank, self.exchange, self.world_size)
 
     def load_full_optimizer_state(self, optimizers: Sequence[torch.optim.Optimizer],

@@ -65,24 +65,31 @@ class Subnetwork(nn.Module):
         return self.module(*args, **kwargs)
 
     def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
-        """The parameters this worker trains (held units and shared parameters); frozen copies that
-        backward masking keeps for the forward pass are left out, so the optimizer never sees them."""
-        return (p for p in self.module.parameters(recurse) if p.requires_grad)
+        """What the optimizer steps (as FSDP2's ``parameters()`` are its shards): with
+        ``shard=True`` this worker's part of every bucket held by several workers (flat
+        parameters) plus the parameters only it holds; otherwise ``trained_parameters()``."""
+        return iter(self.shard_parameters()) if self.sharded else self.trained_parameters(recurse)
 
     def named_parameters(self, prefix: str = "", recurse: bool = True,
                          remove_duplicate: bool = True) -> Iterator[tuple[str, nn.Parameter]]:
+        """``parameters()`` with names: the model's under ``shard=False``; ``shards.I`` with it."""
+        if self.sharded:
+            return ((f"{prefix}{'.' if prefix else ''}shards.{i}", p) for i, p in enumerate(self.shard_parameters()))
         return ((n, p) for n, p in self.module.named_parameters(prefix, recurse, remove_duplicate)
                 if p.requires_grad)
+
+    def trained_parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
+        """The model's parameters this worker trains (held units and shared parameters); frozen
+        copies that backward masking keeps for the forward pass are left out."""
+        return (p for p in self.module.parameters(recurse) if p.requires_grad)
 
     @property
     def sharded(self) -> bool:
         return bool(self.shards)
 
     def shard_parameters(self) -> list[nn.Parameter]:
-        """What the optimizer steps: with ``shard=True`` this worker's part of every bucket held by
-        several workers (flat parameters), plus the parameters only this worker holds; otherwise
-        ``parameters()``."""
-        params = list(self.parameters())
+        """``list(parameters())``: the name from before ``parameters()`` gave the shards itself."""
+        params = list(self.trained_parameters())
         return sharding.shard_parameters(self.buckets, params) if self.sharded else params
 
     @property
@@ -92,14 +99,20 @@ class Subnetwork(nn.Module):
     def load_full_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """Load a full-model state dict (original keys) into this subnetwork; local, no communication."""
         assembly.load_full_state_dict(self.layout, state)
+        self.weights_loaded()
+
+    def weights_loaded(self) -> None:
+        """The weights were written from outside a step (a load): shards that copy them re-read them."""
+        for shard in self.shards:
+            shard.read_weights()
 
     def load_full_optimizer_state(self, optimizer: torch.optim.Optimizer, state: assembly.OptimizerState) -> None:
-        """Give ``optimizer`` (over ``shard_parameters()``) the state of what this worker trains,
+        """Give ``optimizer`` (over ``parameters()``) the state of what this worker trains,
         from a full optimizer state (``full_optimizer_state()``), possibly under another plan."""
         if not self.sharded:
             assembly.load_full_optimizer_state(self.layout, optimizer, state)
             return
-        unsharded = sharding.UnshardedState(list(self.parameters()))
+        unsharded = sharding.UnshardedState(list(self.trained_parameters()))
         assembly.load_full_optimizer_state(self.layout, unsharded, state)  # type: ignore[arg-type]
         sharding.load_sharded_state(self.buckets, optimizer, unsharded)
 
@@ -112,7 +125,7 @@ class Subnetwork(nn.Module):
     def held_bytes(self) -> dict[str, int]:
         """Bytes of this worker's trainable parameters, their gradients, all parameters (including
         frozen copies under backward masking) and buffers, counted from the live tensors."""
-        trainable = list(self.parameters())
+        trainable = list(self.trained_parameters())
         return {
             "trainable_params": sum(p.numel() * p.element_size() for p in trainable),
             "grads": sum(p.grad.numel() * p.grad.element_size() for p in trainable if p.grad is not None),

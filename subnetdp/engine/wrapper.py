@@ -15,11 +15,11 @@ The wrapper is the wiring; each step lives in its own module:
 3. reducer.py: during backward each (holder set, dtype) bucket of gradients is all-reduced as
    soon as it and the buckets before it are ready, overlapping the rest of backward; at its end
    every gradient is the average over its unit's holders.
-4. weights.py (backward masking): after ``optimizer.step()`` (an optimizer hook, or an explicit
-   ``sync_weights()``) each unit's first holder sends its new values to all (one all-gather).
-   sharding.py (``shard=True``): gradients are reduce-scattered into per-holder shards, the
-   optimizer steps the shards (``shard_parameters()``), and the updated shards are all-gathered
-   into the weights after the step.
+4. weights.py (backward masking): after ``optimizer.step()`` (before the model's next forward,
+   from a forward pre-hook on it, or an explicit ``sync_weights()``) each unit's first holder
+   sends its new values to all (one all-gather). sharding.py (``shard=True``): gradients are
+   reduce-scattered into per-holder shards, the optimizer steps the shards (``parameters()``),
+   and the updated shards are all-gathered into the weights the same way.
 5. assembly.py: the full model (and optimizer state) from the pieces, and back.
 6. redraw.py (``redraw()``): a new plan during training; the units that change hands move, with
    their optimizer state, one at a time.
@@ -35,7 +35,6 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from . import assembly, evaluation, redraw, reducer, sharding, weights
 from .errors import SDPConfigError
@@ -68,15 +67,16 @@ class SubnetworkDataParallel(Subnetwork):
             and to check that untraceable blocks keep their input's shape.
         timeout: seconds after which a collective that has not completed (a dead or stuck peer)
             raises ``CollectiveError`` naming it.
-        sync_weights_after_step: backward masking: broadcast updated units after every optimizer
-            step that updates this module's parameters. Turn off to call ``sync_weights()`` yourself
-            (e.g. with several optimizers).
+        sync_weights_after_step: backward masking or ``shard``: once an optimizer has stepped
+            ``parameters()``, share the updated weights before the model's next forward (a forward
+            pre-hook on ``model``), ``full_state_dict()`` or checkpoint; every rank must then run
+            that forward, as under FSDP2. Turn off to call ``sync_weights()`` yourself.
         bucket_cap_mb: gradients are all-reduced in buckets of about this size per holder set,
             each issued as soon as backward has produced its gradients (as DDP's buckets are).
         shard: ZeRO-2 inside holder sets (``sharding.py``): each bucket held by k > 1 workers
             is reduce-scattered, and each holder keeps the gradient and optimizer state of 1/k of
-            it (shared parameters: 1/N). Build the optimizer over ``shard_parameters()``; it
-            must be elementwise (SGD, Adam, AdamW, ...).
+            it (shared parameters: 1/N). ``parameters()`` are then those shards (as FSDP2's
+            are); the optimizer must be elementwise (SGD, Adam, AdamW, ...).
         reduce_dtype: send gradients in this dtype (``torch.bfloat16`` or ``torch.float16``):
             half the bytes; each bucket is divided by its holder count, cast, reduced and cast
             back (DDP's compression hooks; FSDP2's ``reduce_dtype``). None: the gradients' dtype.
@@ -111,11 +111,13 @@ class SubnetworkDataParallel(Subnetwork):
         self.seed, self.exchange = seed, exchange
         self.reducer = reducer.GradientReducer(self.rank, self.buckets, exchange)
         self._hook_handles = self._register_hooks(sync_weights_after_step and (masking == "backward" or shard))
+        weakref.finalize(self, _remove_all, self._hook_handles)
         exchange.bytes_sent, exchange.wire_bytes = 0, 0.0  # counted from here: set-up is not training
 
     def _register_hooks(self, weights_after_step: bool) -> list[Any]:
-        # through a weak reference: a parameter's hook must not keep the wrapper (and with it the
-        # whole model) alive after the user drops it; gc cannot see cycles through tensor hooks
+        # through a weak reference: a hook must not keep the wrapper (and with it the whole model)
+        # alive after the user drops it; gc cannot see cycles through tensor hooks. The handles are
+        # removed when the wrapper goes away (weakref.finalize).
         this = weakref.ref(self)
 
         def grad_ready(param: torch.Tensor) -> None:
@@ -123,27 +125,33 @@ class SubnetworkDataParallel(Subnetwork):
             if sdp is not None:
                 sdp.reducer.grad_ready(param)
 
-        handles = [p.register_post_accumulate_grad_hook(grad_ready) for p in self.parameters()]
-        if self.sharded:
-            sharded = sharding.sharded_param_ids(self.buckets)
-
-            def check_optimizer(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-                if this() is not None and any(id(p) in sharded for g in optimizer.param_groups for p in g["params"]):
-                    raise SDPConfigError("SubnetworkDataParallel(shard=True): the optimizer steps the model's "
-                                         "parameters, whose gradients live in the shards; build it over "
-                                         "sdp.shard_parameters()")
-
-            handles.append(register_optimizer_step_pre_hook(check_optimizer))
+        handles = [p.register_post_accumulate_grad_hook(grad_ready) for p in self.trained_parameters()]
+        self._auto_sync = weights_after_step
         if weights_after_step:
-            ids = {id(p) for p in self.shard_parameters()}
-
-            def after_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            # the weights the optimizer stepped are shared before the model's next forward (as
+            # FSDP2 gathers its shards in a forward pre-hook), on the model itself, so a trainer
+            # that calls the inner model (transformers.Trainer) syncs too
+            def before_forward(module: nn.Module, args: Any) -> None:
                 sdp = this()
-                if sdp is not None and any(id(p) in ids for g in optimizer.param_groups for p in g["params"]):
-                    sdp.sync_weights()
+                if sdp is not None:
+                    sdp.sync_weights_if_stepped()
 
-            handles.append(register_optimizer_step_post_hook(after_step))
+            handles.append(self.module.register_forward_pre_hook(before_forward))
+        self._synced_versions = self._versions()
         return handles
+
+    def _versions(self) -> list[int]:
+        """In-place update counters of what the optimizer steps: they change when it steps."""
+        return [p._version for p in self.parameters()]
+
+    def weights_loaded(self) -> None:
+        super().weights_loaded()
+        self._synced_versions = self._versions()  # a load is not a step: nothing to share
+
+    def sync_weights_if_stepped(self) -> None:
+        """``sync_weights()`` if an optimizer stepped since the last one (sync_weights_after_step)."""
+        if self._auto_sync and self._versions() != self._synced_versions:
+            self.sync_weights()
 
     def redraw(self, seed: int, optimizer: torch.optim.Optimizer) -> int:
         """Re-draw the plan with ``seed`` (collective; every rank passes the same seed): the units
@@ -157,9 +165,8 @@ class SubnetworkDataParallel(Subnetwork):
         moved = redraw.redraw({self.rank: self}, {self.rank: optimizer}, new_plan, self.exchange)
         self.seed = seed
         self.reducer = reducer.GradientReducer(self.rank, self.buckets, self.exchange)
-        for handle in self._hook_handles:
-            handle.remove()
-        self._hook_handles = self._register_hooks(False)
+        _remove_all(self._hook_handles)
+        self._hook_handles[:] = self._register_hooks(False)
         return moved
 
     @property
@@ -175,7 +182,7 @@ class SubnetworkDataParallel(Subnetwork):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self.reducer.reset()  # a backward that raised before its callback must not block the next
-        return self.module(*args, **kwargs)
+        return self.module(*args, **kwargs)  # its forward pre-hook syncs stepped weights first
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -194,7 +201,8 @@ class SubnetworkDataParallel(Subnetwork):
                                        self.exchange, self.world_size, max_norm, self.device)
 
     def sync_weights(self) -> None:
-        """After ``optimizer.step()`` (runs by itself from an optimizer hook): sharded, every
+        """After ``optimizer.step()`` (with ``sync_weights_after_step``, by itself before the
+        model's next forward, ``full_state_dict()`` or checkpoint; collective): sharded, every
         holder's updated part of each bucket is all-gathered into the weights; backward masking,
         every unit's first holder sends its updated values to all workers (one all-gather), which
         then hold bitwise-identical full weights."""
@@ -202,19 +210,22 @@ class SubnetworkDataParallel(Subnetwork):
             sharding.gather_weights({self.rank: self.buckets}, self.exchange)
         if self.masking == "backward":
             weights.sync_weights({self.rank: self.layout}, self.exchange, self.world_size)
+        self._synced_versions = self._versions()
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The assembled full model on CPU, with the original model's keys (collective: call it on
         every rank). Each unit comes from its first holder; norm running statistics are averaged
         over the unit's holders (shared ones over all workers)."""
+        self.sync_weights_if_stepped()
         return assembly.full_state_dict({self.rank: self.layout}, self.exchange, self.world_size)
 
     def full_optimizer_state(self, optimizer: torch.optim.Optimizer) -> assembly.OptimizerState:
         """The optimizer state of the full model, keyed by the full model's keys (collective)."""
+        self.sync_weights_if_stepped()
         optimizers: dict[int, Any] = {self.rank: optimizer}
         if self.sharded:
             optimizers = sharding.unsharded_state({self.rank: self.buckets}, optimizers,
-                                                  {self.rank: list(self.parameters())}, self.exchange)
+                                                  {self.rank: list(self.trained_parameters())}, self.exchange)
         return assembly.full_optimizer_state({self.rank: self.layout}, optimizers, self.exchange, self.world_size)
 
     def ensemble_log_probs(self, logits: torch.Tensor) -> torch.Tensor:
@@ -222,3 +233,9 @@ class SubnetworkDataParallel(Subnetwork):
         batch that every worker evaluates, the log of the mean over the N workers of their predicted
         probabilities (collective; a valid input for ``F.cross_entropy``)."""
         return evaluation.ensemble_log_probs({self.rank: logits}, self.exchange, self.world_size)
+
+
+def _remove_all(handles: list[Any]) -> None:
+    for handle in handles:
+        handle.remove()
+    handles.clear()

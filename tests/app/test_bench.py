@@ -18,6 +18,7 @@ from subnetdp.app.bench import _blocks_run_forward, main, parse_strategy
 from subnetdp.app.parallelism import RealSDP
 
 from _models import batch_for, make
+from _runs import assert_chart
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -52,8 +53,10 @@ def test_every_strategy_on_a_fake_process_group(tmp_path: Path) -> None:
     assert sdp["wire_mib_per_step"] < ddp["wire_mib_per_step"] and fsdp["wire_mib_per_step"] > 0
     text = (tmp_path / "bench.md").read_text()
     assert "| ddp | " in text and "## Targets" in text
-    for png in ("memory_by_kind.png", "step_time.png", "memory_vs_time.png"):
-        assert (tmp_path / png).stat().st_size > 10_000
+    # bench_report.charts: 10 x 4.5 in, 10 x 4.5 in and 7 x 5 in at 120 dpi
+    for png, size in (("memory_by_kind.png", (1200, 540)), ("step_time.png", (1200, 540)),
+                      ("memory_vs_time.png", (840, 600))):
+        assert_chart(tmp_path / png, *size)
 
 
 @pytest.mark.slow
@@ -123,7 +126,7 @@ def test_scaling_plot_over_committed_runs(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "scripts/plot_scaling.py", *folders, "--out", str(tmp_path / "s.png")],
                             capture_output=True, text=True, env=ENV, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert (tmp_path / "s.png").stat().st_size > 20_000
+    assert_chart(tmp_path / "s.png", 1650, 495)  # 15 x 4.5 in at 110 dpi
     sys.path.insert(0, "scripts")
     try:
         from plot_scaling import labels, ratios

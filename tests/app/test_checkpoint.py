@@ -175,3 +175,12 @@ def test_the_exported_file_has_the_mode_of_any_new_file(tiny_run, tmp_path: Path
         finally:
             os.umask(old)
         assert target.stat().st_mode & 0o777 == mode, (oct(umask), oct(target.stat().st_mode))
+
+
+def test_an_sdp_checkpoint_of_format_1_is_refused_in_one_line_naming_the_version(tmp_path: Path) -> None:
+    old = {"config": {"strategy": {"name": "sdp"}}, "step": 4}  # subnetdp 0.1.0 wrote no "format"
+    with pytest.raises(ckpt.CheckpointError, match=r"written by subnetdp 0\.1\.0 .*format 1") as info:
+        ckpt.require_readable(old, tmp_path)
+    assert "\n" not in str(info.value)
+    ckpt.require_readable({"config": {"strategy": {"name": "ddp"}}}, tmp_path)  # DDP's format is unchanged
+    ckpt.require_readable({"config": {"strategy": {"name": "sdp"}}, "format": ckpt.FORMAT}, tmp_path)

@@ -94,7 +94,8 @@ def no_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_rerun_with_a_bad_coverage_leaves_the_run_folder_untouched(finished, tmp_path, capsys) -> None:
     config, out = _copy(finished, tmp_path)
     before = _snapshot(out)
-    assert len([k for k in before if k.startswith("checkpoints/")]) == 4  # 2 checkpoints: rank file, manifest
+    # 2 checkpoints, each: its manifest, the rank file, and the model's DCP files (.metadata, __0_0.distcp)
+    assert len([k for k in before if k.startswith("checkpoints/")]) == 8
     code = main(["train", str(config), "--simulate", "2", "--out", str(out), "--set", "strategy.coverage=0.1"])
     line = _one_error_line(capsys.readouterr().err)
     assert code == 2 and line.startswith("error: --set strategy.coverage=0.1: ")

@@ -15,7 +15,7 @@ import pytest
 
 from subnetdp.app.sweep import expand
 
-from _runs import cli
+from _runs import assert_chart, cli
 
 ROOT = Path(__file__).resolve().parents[2]
 SWEEPS = sorted((ROOT / "sweeps").glob("*.toml"))
@@ -63,12 +63,23 @@ def test_study_tables_script_prints_the_committed_results(tmp_path: Path) -> Non
     condition = {"config": {"strategy": {"name": "ddp"}, "run": {"steps": 10, "schedule": "iteration"}, "model": {}},
                  "workers": 4, "metrics": {"accuracy": {"mean": 0.9, "std": 0.01, "n": 3}}}
     (results / "results.json").write_text(json.dumps({"conditions": [condition]}))
+    printed = {}
     for root in (tmp_path / "results", ROOT / "results"):
         result = subprocess.run([sys.executable, str(ROOT / "scripts" / "study_tables.py"), "--results", str(root)],
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stderr
-        assert "| DDP, 10 steps | 4 | 90.00 ± 1.00 (n=3) |" in result.stdout or root == ROOT / "results"
-        assert "###" in result.stdout
+        printed[root] = result.stdout
+    # one condition of its own: its one table and row, mean ± std in percent
+    ours = printed[tmp_path / "results"]
+    assert ours.startswith("### ResNet-18 w8, Fashion-MNIST: test accuracy (%)"), ours
+    assert [line for line in ours.splitlines() if line.startswith("| DDP")] == [
+        "| DDP, 10 steps | 4 | 90.00 ± 1.00 (n=3) |"]
+    # the committed study: a table for each of its three sweeps, and every row is docs/results.md's
+    committed, doc = printed[ROOT / "results"], (ROOT / "docs" / "results.md").read_text()
+    for title in ("ResNet-18 w8, Fashion-MNIST", "ViT tiny, Fashion-MNIST", "LLaMA 4L d128, Shakespeare (chars)"):
+        assert f"### {title}: " in committed
+    rows = [line for line in committed.splitlines() if line.startswith("| ")]
+    assert len(rows) > 20 and [row for row in rows if row not in doc] == []
 
 
 def test_levers_report_tabulates_the_committed_levers_and_draws_the_pareto_chart(tmp_path: Path) -> None:
@@ -79,7 +90,8 @@ def test_levers_report_tabulates_the_committed_levers_and_draws_the_pareto_chart
     assert "re-drawn every 10" in result.stdout and "peak memory / DDP" in result.stdout
     ddp_rows = [line for line in result.stdout.splitlines() if line.startswith("| DDP, ")]
     assert len(ddp_rows) >= 3 and all("| 1.00x | 1.00x |" in row for row in ddp_rows), ddp_rows  # one per table
-    assert chart.stat().st_size > 10_000
+    tables = [line for line in result.stdout.splitlines() if line.startswith("### ")]
+    assert_chart(chart, 715 * len(tables), 650)  # a 5.5 x 5 in panel per table, at 130 dpi
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ import pytest
 
 from subnetdp.app.sweep import SweepError, expand, main
 
-from _runs import TINY_TASK, cli
+from _runs import TINY_TASK, assert_chart, cli
 
 BASE = """
 [run]
@@ -173,8 +173,8 @@ name = "sdp"
     rows = [line for line in table.splitlines() if line.startswith("| ")]
     assert rows[1].startswith("| DDP | 2 | iteration |") and "(n=2)" in rows[1] and len(rows) == 4
     assert f"torch {summaries[0]['machine']['torch']}" in table and str(path) in table
-    for png in ("metric_vs_coverage.png", "loss_by_step.png"):
-        assert (out / png).stat().st_size > 1000
+    assert_chart(out / "metric_vs_coverage.png", 660, 504)  # one panel (N = 2) of 5.5 x 4.2 in at 120 dpi
+    assert_chart(out / "loss_by_step.png", 900, 540)  # 7.5 x 4.5 in at 120 dpi
 
     # the same command again: every cell is complete
     before = _mtimes(out)
@@ -214,16 +214,26 @@ name = "sdp"
     assert len(json.loads((out / "results.json").read_text())["conditions"]) == 3
 
 
-def test_a_run_recorded_before_a_schema_key_was_added_is_still_complete() -> None:
+def test_a_run_recorded_before_a_schema_key_was_added_is_still_complete(tmp_path: Path) -> None:
     from subnetdp.app.config import load_config
-    from subnetdp.app.sweep import _same_config
+    from subnetdp.app.sweep import Cell, cell_state
     wanted = load_config(None, ["strategy.coverage=0.5"]).to_dict()
+    cell = Cell(id="sdp/n2/s0", group="sdp", workers=2, seed=0, overrides={"strategy.coverage": 0.5}, config=wanted)
+    summary = tmp_path / "cells" / cell.id / "summary.json"
+    summary.parent.mkdir(parents=True)
+
+    def state_with(recorded: dict | None) -> str:
+        summary.write_text(json.dumps({"config": recorded} if recorded is not None else {"steps": 3}))
+        return cell_state(cell, tmp_path, "simulate")
+
     older = json.loads(json.dumps(wanted))
     del older["strategy"]["full_phase"]  # a key that did not exist when the run was made
-    assert _same_config(older, wanted)
+    assert state_with(older) == "complete" == state_with(wanted)
     older["strategy"]["coverage"] = 0.25
-    assert not _same_config(older, wanted)
-    assert not _same_config(None, wanted)
+    with pytest.raises(SweepError, match=r"sdp/n2/s0: .* different config \(strategy.coverage: 0.25 there, 0.5 now\)"):
+        state_with(older)
+    with pytest.raises(SweepError, match="was written with a different config; use a different --out"):
+        state_with(None)  # a summary that records no config
 
 
 def test_a_sweep_or_base_config_that_is_not_utf8_is_one_line(tmp_path: Path, capsys) -> None:

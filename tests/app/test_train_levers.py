@@ -5,6 +5,7 @@ memory per worker; the options that cannot apply are refused in one line."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -120,8 +121,9 @@ def test_export_scale_branches_writes_the_scaled_evaluation_as_plain_weights(tmp
 
 
 @pytest.mark.slow
-def test_runs_that_cannot_move_to_other_workers_say_so_on_resume(tmp_path: Path) -> None:
-    """A re-drawn run, and a run in its sharded full phase, resume on the same workers only."""
+def test_a_redrawn_run_resumes_on_its_own_workers_and_the_sharded_full_phase_moves(tmp_path: Path) -> None:
+    """A re-drawn run resumes on the same workers only (one line); a run in its sharded full phase
+    moves to 2 workers, each reading its chunks of the DCP checkpoint, and finishes."""
     config = _config(tmp_path, CONSTANT)
     _train(config, tmp_path / "redrawn", *REDRAW, "--set", "run.steps=3")
     result = _train(None, tmp_path / "redrawn", "--resume", "--simulate", "2", "--set", "run.steps=6", check=False)
@@ -131,8 +133,11 @@ def test_runs_that_cannot_move_to_other_workers_say_so_on_resume(tmp_path: Path)
     _train(config, tmp_path / "full", "--simulate", "4", *full)
     for step in (5, 6):  # as if stopped at step 4, inside the full phase (steps 4-6)
         shutil.rmtree(tmp_path / "full" / "checkpoints" / f"step-{step:08d}")
-    result = _train(None, tmp_path / "full", "--resume", "--simulate", "2", check=False)
-    assert result.returncode == 2 and "sharded full phase" in result.stderr, result.stderr
+    result = _train(None, tmp_path / "full", "--resume", "--simulate", "2")
+    assert "re-planned and moved" in result.stdout
+    losses = _losses(tmp_path / "full")
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6] and all(math.isfinite(v) for v in losses.values())
+    assert _summary(tmp_path / "full")["workers"] == 2
 
 
 @pytest.mark.slow

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from subnetdp import SubnetworkSimulator
+from subnetdp import SubnetworkDataParallel, SubnetworkSimulator
 from subnetdp.engine.layout import Piece, flatten, narrow_ranges, unflatten_into
 
-from _models import make
+from _dist import run_distributed
+from _models import batch_for, make
 
 
 @pytest.mark.parametrize("kind,level", [("mlp", "block"), ("mlp", "neuron"), ("resnet", "block"),
@@ -33,11 +34,29 @@ def test_pieces_tile_every_tensor_of_the_full_model_exactly_once(kind: str, leve
         assert len(piece.holders) == (4 if piece.unit is None else sim.plan.k)
 
 
+def _listed(pieces: list[Piece]) -> list[tuple]:
+    return [(p.key, p.holders, p.is_param, tuple(p.shape), p.dtype, p.unit, p.full_ranges, p.group) for p in pieces]
+
+
+def _pieces_of_a_real_rank(rank: int, world: int) -> dict[str, list[tuple]]:
+    torch.manual_seed(rank)  # each rank its own model, initialised its own way, planned on its own
+    return {level: _listed(SubnetworkDataParallel(make("resnet"), **{level: "blocks"}, coverage=0.5,
+                                                  example_input=batch_for("resnet", 0)[0]).layout.pieces)
+            for level in ("blocks", "neurons")}
+
+
 def test_every_worker_lists_the_same_pieces() -> None:
-    sim = SubnetworkSimulator(make("resnet"), 4, neurons="blocks", coverage=0.5)
-    first = [(p.key, p.holders, p.full_ranges) for p in sim.workers[0].layout.pieces]
-    for worker in sim.workers[1:]:
-        assert [(p.key, p.holders, p.full_ranges) for p in worker.layout.pieces] == first
+    """Each rank cuts the model by its own list of pieces, made in its own process (its own
+    hash seed, model and plan); the collectives and the assembly pair them by position. (The
+    simulator's workers share one plan, so comparing them with each other proves nothing.)"""
+    ranks = run_distributed(_pieces_of_a_real_rank, 4)
+    for level in ("blocks", "neurons"):
+        sim = SubnetworkSimulator(make("resnet"), 4, **{level: "blocks"}, coverage=0.5,
+                                  example_input=batch_for("resnet", 0)[0])
+        expected = _listed(sim.workers[0].layout.pieces)
+        assert len({p[1] for p in expected}) > 2 and any(p[6] for p in expected) == (level == "neurons")
+        for rank, listed in enumerate(ranks):
+            assert listed[level] == expected, (level, rank)
 
 
 def test_a_held_slice_is_located_in_the_local_tensor() -> None:

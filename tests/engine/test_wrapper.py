@@ -507,7 +507,7 @@ def test_two_optimizers_without_the_step_hook_need_one_sync_weights_call() -> No
 
 def test_requires_initialised_process_group() -> None:
     assert not dist.is_initialized()
-    with pytest.raises(Exception, match="not initialised"):
+    with pytest.raises(SDPConfigError, match="torch.distributed is not initialised: call dist.init_process_group"):
         SubnetworkDataParallel(make("mlp"), blocks="blocks", coverage=0.5)
 
 

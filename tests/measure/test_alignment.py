@@ -14,7 +14,7 @@ from subnetdp import SubnetworkSimulator
 from subnetdp.measure.alignment import ddp_gradient, gradient_alignment, sdp_gradient
 
 from _models import batch_for, make
-from _runs import TINY_TASK, cli
+from _runs import TINY_TASK, assert_chart, cli
 
 VARIANTS = [("block", "forward"), ("block", "backward"), ("neuron", "forward"), ("neuron", "backward")]
 
@@ -179,4 +179,4 @@ def test_align_command_on_a_ddp_run(tmp_path) -> None:
         else:
             assert -1 < row["cosine"] < 1
     assert "cosine" in result.stdout and "neuron" in result.stdout
-    assert plot.stat().st_size > 5_000
+    assert_chart(plot, 960, 576)  # 8 x 4.8 in at 120 dpi

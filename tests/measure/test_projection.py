@@ -27,6 +27,8 @@ from subnetdp.measure.projection import (
     tree_latency,
 )
 
+from _runs import assert_chart
+
 ROOT = Path(__file__).resolve().parents[2]
 H200_BENCH = ROOT / "benchmarks" / "h200-llama134m" / "bench.json"
 CPU_BENCH = ROOT / "benchmarks" / "scaling-cpu" / "n4" / "bench.json"
@@ -226,7 +228,7 @@ def check_outputs(out: Path, workers: list[int]) -> dict:
     assert "a projection, not a measurement" in text
     rows = [line for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert len(rows) == len(workers) * len(STRATEGIES)
-    assert (out / "projection.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert_chart(out / "projection.png", 1300, 500)  # 13 x 5 in at 100 dpi
     data = json.loads((out / "projection.json").read_text())
     assert sorted({r["n"] for r in data["rows"]}) == sorted(workers)
     return data
