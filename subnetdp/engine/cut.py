@@ -13,6 +13,7 @@ of the full model's state now lives on that worker.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -198,3 +199,18 @@ def _split_for_backward(module: nn.Module, name: str, param: nn.Parameter, held:
 def _split(key: str) -> tuple[str, str]:
     module, _, name = key.rpartition(".")
     return module, name
+
+
+def meta_copy(block: nn.Module) -> nn.Module:
+    """A copy of ``block`` whose parameters and persistent buffers are on the meta device (nothing
+    allocated); non-persistent buffers (rotary tables, masks) are real copies, since a state dict
+    cannot restore them."""
+    memo: dict[int, object] = {}
+    for module in block.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+        for name, b in module._buffers.items():
+            if b is not None and name not in module._non_persistent_buffers_set:
+                memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(block, memo)

@@ -16,14 +16,13 @@ group per worker (every other case raises ``SDPConfigError`` before anything mov
 
 from __future__ import annotations
 
-import copy
 from dataclasses import replace
 from typing import TYPE_CHECKING, Mapping
 
 import torch
 from torch import nn
 
-from .cut import LocalLayout
+from .cut import LocalLayout, meta_copy
 from .errors import SDPConfigError
 from .exchange import Exchange
 from .layout import Piece, flatten, unflatten_into
@@ -50,21 +49,6 @@ def replan(plan: Plan, seed: int, tolerance: float | None = REDRAW_TOLERANCE) ->
     return make_plan(units, plan.world_size, plan.coverage, seed, level=plan.level, shared_params=plan.shared_params,
                      shared_bytes=plan.shared_bytes, shared_flops=plan.shared_flops if plan.flops_counted else None,
                      tolerance=tolerance)
-
-
-def meta_copy(block: nn.Module) -> nn.Module:
-    """A copy of ``block`` whose parameters and persistent buffers are on the meta device (nothing
-    allocated); non-persistent buffers (rotary tables, masks) are real copies, since a state dict
-    cannot restore them."""
-    memo: dict[int, object] = {}
-    for module in block.modules():
-        for name, p in module._parameters.items():
-            if p is not None:
-                memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
-        for name, b in module._buffers.items():
-            if b is not None and name not in module._non_persistent_buffers_set:
-                memo[id(b)] = torch.empty_like(b, device="meta")
-    return copy.deepcopy(block, memo)
 
 
 def check_redrawable(worker: "Subnetwork", optimizers: Mapping[int, torch.optim.Optimizer]) -> None:

@@ -18,7 +18,7 @@ shard's gradient, and the parameters' own gradients are dropped once every bucke
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable, Mapping
+from typing import Iterable, Mapping, Protocol
 
 import torch
 from torch import nn
@@ -27,8 +27,15 @@ from .cut import LocalLayout
 from .exchange import Exchange, Pending
 from .layout import Location, flatten
 
-if TYPE_CHECKING:
-    from .sharding import Shard
+
+class BucketShard(Protocol):
+    """This worker's part of a bucket under ``shard=True`` (``sharding.Shard``)."""
+
+    padding: int
+    size: int
+    param: nn.Parameter
+
+    def take_gradient(self, averaged: torch.Tensor) -> None: ...
 
 HolderSet = tuple[int, ...]
 
@@ -42,7 +49,7 @@ class Bucket:
         self.params = {id(s.tensor) for s in segments}
         self.pending: set[int] = set()
         self.sync: BucketSync | None = None
-        self.shard: Shard | None = None  # set when sharding: this worker's part of the bucket
+        self.shard: BucketShard | None = None  # set when sharding: this worker's part of the bucket
         self.reduce_dtype: torch.dtype | None = None  # set to send gradients in a narrower dtype
 
     @property

@@ -10,11 +10,10 @@ import torch
 from torch import nn
 
 from . import assembly, sharding
-from .cut import cut_model
+from .cut import cut_model, meta_copy
 from .errors import SDPConfigError
 from .plan import Plan
 from .planning import Units
-from .redraw import meta_copy
 from .reducer import make_buckets
 from .units import get_module
 
