@@ -119,8 +119,8 @@ def _resumed_config(args: argparse.Namespace, out: Path, first: bool) -> object:
     Without --nproc or --simulate, the run continues on the workers it had."""
     import os
 
-    from . import checkpoint as ckpt
     from .config import load_config, with_overrides
+    from .train import checkpoint as ckpt
     skipped: list[tuple[Path, str]] = []
     found = ckpt.latest(out / "checkpoints", verify=False, skipped=skipped)  # sizes only: hashes come at load
     if found is None:
@@ -152,11 +152,11 @@ def _check_train(args: argparse.Namespace) -> tuple[object, Path] | int:
     line: ``error: ...`` (2), or that a resumed run is complete (0)."""
     import os
 
-    from . import checkpoint as ckpt
     from .builders import check_builder_keys
     from .config import ConfigError, check_workers, config_warnings, load_config
     from .lock import check_unlocked
-    from .run_folder import check_run_folder
+    from .train import checkpoint as ckpt
+    from .train.run_folder import check_run_folder
     under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ or "RANK" in os.environ
     for flag, value in (("--nproc", args.nproc), ("--simulate", args.simulate)):
         if value is not None and value < 1:
@@ -244,8 +244,8 @@ def _train_command(args: argparse.Namespace) -> int:
             worker_args.append("--no-progress")
         cmd = torchrun_command(args.nproc, "subnetdp.app.cli", *worker_args, quiet_stop=True)
         return _launch_workers(cmd, worker_env(config["run.threads"], keep_if_set=True), args, out)
-    from .checkpoint import CheckpointError
-    from .train import DivergedError, run_training
+    from .train.checkpoint import CheckpointError
+    from .train.loop import DivergedError, run_training
     try:
         summary = run_training(config, out, simulate=args.simulate, resume=args.resume,
                                progress=not args.no_progress)
@@ -270,10 +270,10 @@ def _launch_workers(cmd: list[str], env: dict[str, str], args: argparse.Namespac
     import shlex
     import signal
 
-    from .checkpoint import latest
     from .launch import run_process_tree
     from .lock import LOCKED_BY_LAUNCHER, RunFolderLocked
     from .lock import acquire as acquire_run_folder
+    from .train.checkpoint import latest
     try:
         lock = acquire_run_folder(out)
     except RunFolderLocked as exc:
@@ -320,8 +320,8 @@ def _launch_workers(cmd: list[str], env: dict[str, str], args: argparse.Namespac
 def _export_command(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .checkpoint import CheckpointError
-    from .export import export
+    from .train.checkpoint import CheckpointError
+    from .train.export import export
     out = Path(args.out or Path(args.run_dir) / "model.safetensors")
     try:
         exported = export(Path(args.run_dir), out, args.step, force=args.force, scale_branches=args.scale_branches)
@@ -478,13 +478,13 @@ def main(argv: list[str] | None = None) -> int:
 
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
-        from .bench import main as bench_main
+        from .bench.runner import main as bench_main
         return bench_main(rest)
     if args.command == "sweep":
-        from .sweep import main as sweep_main
+        from .study.sweep import main as sweep_main
         return sweep_main(rest)
     if args.command == "align":
-        from .align import main as align_main
+        from .study.align import main as align_main
         return align_main(rest)
     if args.command == "demo":
         from .demo import main as demo_main

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from subnetdp.app.bench import _blocks_run_forward, main, parse_strategy
+from subnetdp.app.bench.runner import _blocks_run_forward, main, parse_strategy
 from subnetdp.app.parallelism import RealSDP
 
 from _models import batch_for, make

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from subnetdp.app import checkpoint as ckpt
+from subnetdp.app.train import checkpoint as ckpt
 
 # what train.py records besides what finalize adds (step, world_size, files)
 MANIFEST = {"config": {}, "simulate": False, "strategy": "DDP", "model_kwargs": {}, "model": "resnet18",

@@ -88,7 +88,7 @@ def test_report_compares_finished_runs_and_refuses_unfinished_ones(tmp_path, cap
 def test_without_matplotlib_figures_are_skipped_and_tables_written(tmp_path, capsys, monkeypatch) -> None:
     import sys as _sys
 
-    from subnetdp.app.bench_report import charts
+    from subnetdp.app.bench.report import charts
     from subnetdp.app.report import plot_losses
 
     monkeypatch.setitem(_sys.modules, "matplotlib", None)  # as if not installed

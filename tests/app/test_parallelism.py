@@ -31,7 +31,7 @@ WORKERS = 2
 
 
 def _train(par: Parallelism, steps: int = 4, clip: float = 0.5) -> list[float]:
-    """The loop of subnetdp.app.train.train_step, on the residual MLP: the mean loss per step."""
+    """The loop of subnetdp.app.train.workers.train_step, on the residual MLP: the mean loss per step."""
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in par.models]
     losses = []
     for step in range(steps):

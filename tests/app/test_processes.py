@@ -134,7 +134,7 @@ class Tree:
 
 def _wait_for_training(tree: Tree, out: Path, checkpoint: bool = False, timeout: float = 240) -> None:
     """Until metrics.jsonl has a line (and, with ``checkpoint``, a checkpoint is complete)."""
-    from subnetdp.app.checkpoint import latest
+    from subnetdp.app.train.checkpoint import latest
     deadline = time.monotonic() + timeout
     metrics = out / "metrics.jsonl"
     while time.monotonic() < deadline:

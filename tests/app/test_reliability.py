@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from subnetdp.app import checkpoint as ckpt
-from subnetdp.app import export as export_module
 from subnetdp.app.cli import main
+from subnetdp.app.train import checkpoint as ckpt
+from subnetdp.app.train import export as export_module
 
 from _runs import _train
 
@@ -376,7 +376,7 @@ def test_bench_fails_when_every_strategy_failed(tmp_path, capsys, monkeypatch) -
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr("subnetdp.app.bench.measure", broken)
+    monkeypatch.setattr("subnetdp.app.bench.runner.measure", broken)
     out = tmp_path / "bench"
     assert main([*BENCH, "--workers", "2", "--strategies", "ddp,fsdp", "--out", str(out)]) == 1
     err = capsys.readouterr().err

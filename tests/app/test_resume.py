@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from subnetdp.app.export import assemble_from_checkpoint
+from subnetdp.app.train.export import assemble_from_checkpoint
 
 from _runs import SYNTHETIC, _config, _train, assert_chart, cli
 

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from subnetdp.app.builders import build_task
 from subnetdp.app.config import load_config
-from subnetdp.app.export import assemble_from_checkpoint
+from subnetdp.app.train.export import assemble_from_checkpoint
 
 from _runs import ENV, SYNTHETIC, _config, _train, cli
 

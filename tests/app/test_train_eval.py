@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 from subnetdp import SubnetworkSimulator
-from subnetdp.app import train as train_module
 from subnetdp.app.baselines import StochasticDepth
 from subnetdp.app.config import ConfigError, load_config
-from subnetdp.app.evaluation import branch_scale
+from subnetdp.app.train import loop as train_module
+from subnetdp.app.train.evaluation import branch_scale
 from subnetdp.models import resnet18
 
 from _runs import SYNTHETIC, _config, _train

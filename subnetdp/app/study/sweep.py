@@ -65,10 +65,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Iterable
 
-from ..plotting import pyplot
-from .config import RESUMABLE_CHANGES, ConfigError, from_dict, load_config, parse_override, total_steps
-from .jsonfile import strict_json
-from .launch import ProcessTrees, stop_signals, worker_env
+from ...plotting import pyplot
+from ..config import RESUMABLE_CHANGES, ConfigError, from_dict, load_config, parse_override, total_steps
+from ..jsonfile import strict_json
+from ..launch import ProcessTrees, stop_signals, worker_env
 
 LAUNCHES = ("simulate", "nproc")
 MAIN_METRICS = ("accuracy", "accuracy_recalibrated", "test_loss", "val_loss", "perplexity")
@@ -153,7 +153,7 @@ def _sets(items: Iterable[str], what: str) -> dict[str, Any]:
 
 def load_sweep(sweep_path: str | Path, extra_sets: Iterable[str] = ()) -> Sweep:
     """Read a sweep file, expand its groups into cells, dedupe them and validate every config."""
-    from .builders import check_builder_keys
+    from ..builders import check_builder_keys
 
     path = Path(sweep_path)
     try:
@@ -285,7 +285,7 @@ def cell_state(cell: Cell, out: Path, launch: str) -> str:
                          + "; use a different --out (a sweep never overwrites results)")
     if not folder.exists():
         return "new"
-    from .checkpoint import CheckpointError, latest
+    from ..train.checkpoint import CheckpointError, latest
     try:
         found = latest(folder / "checkpoints", verify=False)
         if found is None:

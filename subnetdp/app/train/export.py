@@ -28,12 +28,12 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from ..engine import checkpoint as sdp_checkpoint
-from ..engine import holders_needed
-from ..engine.evaluation import fold_residual_scale
+from ...engine import checkpoint as sdp_checkpoint
+from ...engine import holders_needed
+from ...engine.evaluation import fold_residual_scale
+from ..builders import MODELS, rebuild_model
+from ..config import from_dict
 from . import checkpoint as ckpt
-from .builders import MODELS, rebuild_model
-from .config import from_dict
 from .reshard import is_replicated, replica_state
 
 

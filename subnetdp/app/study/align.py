@@ -38,14 +38,14 @@ from typing import Any
 
 import torch
 
-from ..engine import SDPConfigError
-from ..engine.errors import PlanError
-from ..measure.alignment import ddp_gradient, gradient_alignment
-from ..plotting import pyplot
-from . import checkpoint as ckpt
-from .builders import build_task, rebuild_model
-from .config import from_dict
-from .export import assemble_from_checkpoint
+from ...engine import SDPConfigError
+from ...engine.errors import PlanError
+from ...measure.alignment import ddp_gradient, gradient_alignment
+from ...plotting import pyplot
+from ..builders import build_task, rebuild_model
+from ..config import from_dict
+from ..train import checkpoint as ckpt
+from ..train.export import assemble_from_checkpoint
 
 TABLE_COLUMNS = [("step", "step"), ("level", "level"), ("masking", "masking"), ("coverage", "C"),
                  ("k", "k"), ("cosine", "cosine"), ("cosine_shared", "cos shared"),

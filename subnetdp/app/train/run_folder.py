@@ -18,13 +18,13 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..config import RESUMABLE_CHANGES, Config, ConfigError, from_dict, phase_steps
+from ..lock import RunFolderLock, RunFolderLocked, locked_by_launcher
+from ..lock import acquire as acquire_run_folder
 from . import checkpoint as ckpt
-from .config import RESUMABLE_CHANGES, Config, ConfigError, from_dict, phase_steps
-from .lock import RunFolderLock, RunFolderLocked, locked_by_launcher
-from .lock import acquire as acquire_run_folder
 
 if TYPE_CHECKING:
-    from .train import Context
+    from .context import Context
 
 # what a run writes into its folder, and what `--overwrite` removes (config.json is rewritten)
 RUN_OUTPUTS = ("metrics.jsonl", "summary.json", "checkpoints")

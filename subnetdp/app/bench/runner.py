@@ -53,17 +53,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..engine.units import get_module, resolve_block_paths
-from ..measure import ByteCounter, optimizer_state_bytes, tensor_bytes
-from ..measure.comm import count_collective_bytes
-from ..measure.live import LiveTensorTracker
-from ..measure.memory import local_tensor
-from .baselines import StochasticDepth, checkpoint_blocks
-from .builders import Task, build_task
-from .config import from_dict
-from .launch import run_process_tree, torchrun_command, worker_env
-from .parallelism import Parallelism, RealDDP, RealSDP, level_kwargs
-from .runtime import PeakMemory, autocast, choose_device, machine_info, percentiles
+from ...engine.units import get_module, resolve_block_paths
+from ...measure import ByteCounter, optimizer_state_bytes, tensor_bytes
+from ...measure.comm import count_collective_bytes
+from ...measure.live import LiveTensorTracker
+from ...measure.memory import local_tensor
+from ..baselines import StochasticDepth, checkpoint_blocks
+from ..builders import Task, build_task
+from ..config import from_dict
+from ..launch import run_process_tree, torchrun_command, worker_env
+from ..parallelism import Parallelism, RealDDP, RealSDP, level_kwargs
+from ..runtime import PeakMemory, autocast, choose_device, machine_info, percentiles
 
 DEFAULT_STRATEGIES = ("ddp,fsdp,ddp-ckpt,ddp-sd@0.5,sdp-block-fwd@0.5,sdp-block-fwd@0.25,sdp-block-bwd@0.5,"
                       "sdp-neuron-fwd@0.5,sdp-neuron-bwd@0.5,sdp-block-fwd-ckpt@0.5")
@@ -378,7 +378,7 @@ def _launch(args: argparse.Namespace, strategy: str, log: Any) -> int:
             worker_args += [f"--{key.replace('_', '-')}", str(value)]
     if args.bf16:
         worker_args.append("--bf16")
-    cmd = torchrun_command(args.workers, "subnetdp.app.bench", *worker_args)
+    cmd = torchrun_command(args.workers, "subnetdp.app.bench.runner", *worker_args)
     env = worker_env(1 if args.device == "cpu" else None)
     log.write(f"$ {' '.join(cmd)}\n")
     log.flush()
@@ -505,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         run_launched(args, strategies, out)
     results = collect(out, strategies)
-    from .bench_report import write_report
+    from .report import write_report
     command = "subnetdp bench " + " ".join(a for a in (argv if argv is not None else sys.argv[2:]))
     machine = {**machine_info(torch.device(args.device)), "python": platform.python_version()}
     write_report(out, results, vars(args), command, machine)

@@ -99,7 +99,7 @@ def finalize(root: Path, step: int, world_size: int, manifest: dict[str, Any], k
     model_files = {f"{MODEL_DIR}/{p.name}": {"name": f"{MODEL_DIR}/{p.name}", "bytes": p.stat().st_size,
                                              "sha256": _sha256(p)}
                    for p in sorted((partial / MODEL_DIR).glob("*")) if p.is_file()}
-    from .. import __version__
+    from ... import __version__
     body = {**manifest, "step": step, "world_size": world_size, "files": files, "written_at": time.time(),
             "format": FORMAT, "subnetdp_version": __version__,
             **({"model_checkpoint": "dcp", "model_files": model_files} if model_files else {})}

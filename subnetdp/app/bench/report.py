@@ -8,7 +8,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from ..plotting import pyplot
+from ...plotting import pyplot
 
 MiB = 2 ** 20
 KINDS = ("parameters", "gradients", "optimizer_state", "saved_activations", "other")

@@ -16,8 +16,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..config import Config
 from . import checkpoint as ckpt
-from .config import Config
 
 
 def is_replicated(config: Config, manifest: dict[str, Any]) -> bool:

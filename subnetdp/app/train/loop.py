@@ -15,10 +15,7 @@ evaluation.py.
 from __future__ import annotations
 
 import contextlib
-import datetime
-import hashlib
 import json
-import math
 import os
 import random
 import socket
@@ -27,343 +24,35 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, TextIO
+from typing import Any, TextIO
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-from ..engine import checkpoint as sdp_checkpoint
-from ..engine.errors import CollectiveError
-from ..engine.evaluation import fold_residual_scale
-from ..engine.units import resolve_block_paths
-from ..measure import optimizer_state_bytes, tensor_bytes
-from ..measure.live import WorkerPeakTracker
+from ...engine import checkpoint as sdp_checkpoint
+from ...measure import optimizer_state_bytes, tensor_bytes
+from ..builders import Task, build_task
+from ..config import Config, ConfigError, phase_steps
+from ..jsonfile import strict_json
+from ..launch import die_with_parent, note_failure
+from ..runtime import PeakMemory, machine_info, percentiles
 from . import checkpoint as ckpt
 from . import reshard
-from .baselines import StochasticDepth, checkpoint_blocks
-from .builders import Task, build_task
-from .config import Config, ConfigError, phase_steps
+from .context import Context, DivergedError, setup_context
 from .evaluation import eval_cap, evaluate, inference_flops, make_eval_models
-from .jsonfile import strict_json
-from .launch import die_with_parent, note_failure
-from .parallelism import Parallelism, level_kwargs, parallelize
 from .run_folder import check_resume, lock_run_folder, prepare_run_folder, resume_changes, truncate_metrics
-from .runtime import PeakMemory, autocast, choose_device, machine_info, percentiles
-
-
-class DivergedError(RuntimeError):
-    """The training loss or gradient norm became NaN or infinite: the run stops before that step's
-    update, so nothing non-finite is applied or checkpointed."""
-
-# ---------------------------------------------------------------------------------------------
-# set-up
-
-
-@dataclass
-class Context:
-    """Where this process sits: a real rank of a process group, or the one process of a simulation."""
-
-    rank: int
-    world_size: int                  # workers (virtual ones under --simulate)
-    local_rank: int
-    device: torch.device
-    simulate: bool
-    backend: str | None = None
-    timeout: float | None = None     # run.timeout: how long a collective may take (named in its error)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @contextlib.contextmanager
-    def _collective(self, what: str) -> Iterator[None]:
-        """A collective that fails (a dead peer, or a stuck one past the timeout) raises one
-        CollectiveError naming it, as the engine's collectives do."""
-        try:
-            yield
-        except Exception as exc:  # noqa: BLE001 - every backend failure becomes one clear error
-            within = f" within {self.timeout:g}s" if self.timeout is not None else ""
-            raise CollectiveError(f"rank {self.rank}: {what} over workers {list(range(self.world_size))} failed or "
-                                  f"did not complete{within}; a peer has probably died or is stuck. "
-                                  f"Backend said: {exc}") from exc
-
-    @property
-    def processes(self) -> int:
-        """Processes of the run: the world size, or the one that plays every virtual worker."""
-        return 1 if self.simulate else self.world_size
-
-    def barrier(self) -> None:
-        if not self.simulate:
-            with self._collective("barrier"):
-                dist.barrier()
-
-    def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
-        """``values`` summed over every process (collective), on CPU."""
-        if self.simulate:
-            return values
-        values = values.to(self.device if self.backend == "nccl" else "cpu")  # NCCL reduces GPU tensors only
-        with self._collective("all_reduce of logged figures"):
-            dist.all_reduce(values)
-        return values.cpu()
-
-    def gather(self, local: list[Any]) -> list[Any]:
-        """Every worker's value in rank order, from this process's values of its local workers:
-        a simulation holds them all; a real rank contributes its one (collective)."""
-        if self.simulate:
-            return local
-        gathered: list[Any] = [None] * self.world_size
-        with self._collective("all_gather of per-rank figures"):
-            dist.all_gather_object(gathered, local[0])
-        return gathered
-
-
-def setup_context(config: Config, simulate: int | None) -> Context:
-    run = config.section("run")
-    torch.set_num_threads(run["threads"])
-    if run["device"] == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("[run] device = 'cuda' but torch sees no CUDA device")
-    if simulate is not None:
-        return Context(0, simulate, 0, choose_device(run["device"]), simulate=True)
-    if "RANK" not in os.environ:
-        raise ConfigError("not started by torchrun: use `subnetdp train CONFIG --nproc N` (it calls "
-                          "torchrun), `torchrun ... -m subnetdp.app.cli train CONFIG`, or --simulate N")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    device = choose_device(run["device"], local_rank)
-    cuda = device.type == "cuda"
-    backend = run["backend"]
-    if backend == "auto":  # NCCL refuses several ranks on one GPU ("Duplicate GPU detected")
-        backend = "nccl" if cuda and local_world <= torch.cuda.device_count() else "gloo"
-    if backend == "nccl" and not cuda:
-        raise ConfigError("[run] backend = 'nccl' needs CUDA devices; use gloo on CPU")
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=run["timeout"]),
-                            device_id=device if backend == "nccl" else None)
-    return Context(dist.get_rank(), dist.get_world_size(), local_rank, device, simulate=False, backend=backend,
-                   timeout=run["timeout"])
-
-
-def make_optimizer(config: Config, params: list[nn.Parameter], steps: int, first_step: int = 0
-                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """The optimizer and its schedule over ``steps``; ``first_step`` continues a schedule (the full
-    phase starts where the SDP phase left it)."""
-    o = config.section("optim")
-    if o["name"] == "sgd":
-        optimizer: torch.optim.Optimizer = torch.optim.SGD(
-            params, lr=o["lr"], momentum=o["momentum"], nesterov=o["nesterov"], weight_decay=o["weight_decay"])
-    else:
-        optimizer = torch.optim.AdamW(params, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"],
-                                      weight_decay=o["weight_decay"])
-    warmup, floor = o["warmup_steps"], o["min_lr_ratio"]
-
-    def factor(step: int) -> float:
-        step += first_step
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, steps - warmup))
-        if o["lr_schedule"] == "cosine":
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-        if o["lr_schedule"] == "linear":
-            return floor + (1 - floor) * (1 - progress)
-        return 1.0
-
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def sdp_kwargs(config: Config, task: Task, device: torch.device) -> dict[str, Any]:
-    """The engine's SDP keywords from [strategy]."""
-    s = config.section("strategy")
-    return {**level_kwargs(s["level"], task.blocks), "coverage": s["coverage"], "masking": s["masking"],
-            "seed": s["plan_seed"], "scale": s["scale"], "neuron_groups": s["neuron_groups"] or None,
-            "example_input": task.example_input.to(device), "shard": s["shard"],
-            "reduce_dtype": None if s["reduce_dtype"] == "none" else getattr(torch, s["reduce_dtype"])}
-
-
-def full_phase_kwargs(config: Config, task: Task, device: torch.device) -> dict[str, Any]:
-    """The full phase as the engine runs it with full_phase_shard: every worker holds every block
-    (coverage 1), and the gradients and optimizer state are split over all N (shard): DDP's
-    updates, with 1/N of the gradient and optimizer memory per worker."""
-    return {"blocks": task.blocks, "coverage": 1.0, "masking": "forward", "seed": 0,
-            "example_input": task.example_input.to(device), "shard": True}
-
-
-def draw_seed(config: Config, draw: int) -> int:
-    """The plan seed of the run's ``draw``-th plan (strategy.redraw_every): draw 0 is
-    strategy.plan_seed; later ones are derived from it, run.seed and the draw, the same on every rank."""
-    if draw == 0:
-        return config["strategy.plan_seed"]
-    digest = hashlib.sha256(f"{config['strategy.plan_seed']}/{config['run.seed']}/{draw}".encode()).digest()
-    return int.from_bytes(digest[:4], "big")
-
-
-def draw_of_step(config: Config, step: int) -> int:
-    """Which plan trains step ``step`` (0-based): a new one every strategy.redraw_every steps."""
-    every = config["strategy.redraw_every"]
-    return step // every if every else 0
-
-
-def strategy_label(config: Config) -> str:
-    s = config.section("strategy")
-    if s["name"] == "ddp":
-        return "DDP"
-    level = "B-SDP" if s["level"] == "block" else "N-SDP"
-    masking = "fwd" if s["masking"] == "forward" else "bwd"
-    return f"{level} {masking} C={s['coverage']:g}"
-
-
-# ---------------------------------------------------------------------------------------------
-# workers: what one process trains
-
-
-@dataclass
-class Trainer:
-    """What this process trains, as its parallelism lays it out, with one optimizer and schedule
-    per local model."""
-
-    config: Config
-    task: Task
-    ctx: Context
-    par: Parallelism
-    optimizers: list[torch.optim.Optimizer]
-    schedulers: list[torch.optim.lr_scheduler.LambdaLR]
-    stochastic_depth: StochasticDepth | None = None
-    full_phase: bool = False                     # the assembled full model, trained as DDP
-    peak_grad_bytes: int = 0
-
-    def state(self) -> list[dict[str, Any]]:
-        return [{"model": m.state_dict(), "optimizer": o.state_dict(), "scheduler": s.state_dict()}
-                for m, o, s in zip(self.par.models, self.optimizers, self.schedulers)]
-
-    def load_state(self, states: list[dict[str, Any]]) -> None:
-        for m, o, s, state in zip(self.par.models, self.optimizers, self.schedulers, states):
-            m.load_state_dict(state["model"])
-            o.load_state_dict(state["optimizer"])
-            s.load_state_dict(state["scheduler"])
-
-    def apply_schedule(self) -> None:
-        """Set each optimizer's learning rate from its schedule at the schedule's current step. A
-        loaded optimizer carries the rate its checkpoint was taken at; a resume that changes
-        run.steps changes the schedule, and its first step must already follow the new one."""
-        for optimizer, scheduler in zip(self.optimizers, self.schedulers):
-            step = scheduler.last_epoch
-            rates = [base * factor(step) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
-            for group, rate in zip(optimizer.param_groups, rates):
-                group["lr"] = rate
-            scheduler._last_lr = rates  # what get_last_lr() reports
-
-
-def build_trainer(config: Config, task: Task, ctx: Context, steps: int,
-                  full_phase_from: dict[str, torch.Tensor] | None = None, first_step: int = 0,
-                  branch_scale: float | None = None) -> Trainer:
-    """The models, optimizers and schedules of this process.
-    With ``full_phase_from`` (an assembled state dict) it is the full phase: that full model on
-    every worker (its residual branches scaled by ``branch_scale`` when given), trained with DDP's
-    updates (sharded over the workers with full_phase_shard), its schedule continuing at
-    ``first_step``."""
-    torch.manual_seed(config["run.seed"])  # the same initial model on every rank
-    model = task.make_model().to(ctx.device)
-    full_phase = full_phase_from is not None
-    sharded_full = full_phase and config["strategy.full_phase_shard"]
-    if full_phase:
-        model.load_state_dict(full_phase_from, strict=True)
-        if branch_scale is not None:
-            fold_residual_scale(model, task.blocks, branch_scale)
-    if config["strategy.checkpointing"] or (full_phase and config["strategy.full_phase_checkpointing"]):
-        checkpoint_blocks(model, resolve_block_paths(model, task.blocks))
-    drop = config["strategy.stochastic_depth"]
-    depth = StochasticDepth(model, resolve_block_paths(model, task.blocks), drop, config["run.seed"]) if drop else None
-    sdp = config["strategy.name"] == "sdp" and (not full_phase or sharded_full)
-    kwargs = (full_phase_kwargs(config, task, ctx.device) if sharded_full
-              else sdp_kwargs(config, task, ctx.device) if sdp else {})
-    par = parallelize(model, sdp=sdp, device=ctx.device, virtual_workers=ctx.world_size if ctx.simulate else None,
-                      timeout=config["run.timeout"], **kwargs)
-    pairs = [make_optimizer(config, par.optimized_parameters(m), steps, first_step) for m in par.models]
-    return Trainer(config, task, ctx, par, [p[0] for p in pairs], [p[1] for p in pairs],
-                   stochastic_depth=depth, full_phase=full_phase)
-
-
-def _not_finite(losses: list[float], grads: list[torch.Tensor]) -> torch.Tensor:
-    """[any loss not finite, the gradient norm not finite] of this process, as 0/1 floats."""
-    norm = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
-    return torch.tensor([float(not all(math.isfinite(v) for v in losses)), float(not torch.isfinite(norm).item())])
-
-
-def check_finite(tr: Trainer, step: int, losses: list[float], grads: list[torch.Tensor]) -> None:
-    """DivergedError on every rank when any worker's loss or gradient norm is NaN or infinite
-    (collective: one all-reduce of two numbers), before the optimizer applies it."""
-    bad = tr.ctx.all_reduce_sum(_not_finite(losses, grads))
-    if bad.any():
-        what = " and ".join(name for name, n in zip(("loss", "gradient norm"), bad.tolist()) if n)
-        where = "" if tr.ctx.simulate else f" on {int(bad.max().item())} of {tr.ctx.world_size} workers"
-        raise DivergedError(f"the run diverged at step {step + 1}: the training {what} is not finite (NaN or "
-                            f"infinite){where}; stopped before that step's update, nothing non-finite was "
-                            "checkpointed. Lower optim.lr, or set optim.grad_clip or optim.warmup_steps")
-
-
-def worker_optimizers(tr: Trainer) -> list[tuple[int, torch.optim.Optimizer]]:
-    """(worker, its optimizer) for every local worker; simulated DDP's workers share one."""
-    ranks = tr.par.ranks
-    if len(tr.optimizers) == len(ranks):
-        return list(zip(ranks, tr.optimizers))
-    return [(r, tr.optimizers[0]) for r in ranks]
-
-
-def worker_memory_tracker(tr: Trainer) -> WorkerPeakTracker:
-    """A live-tensor tracker with each local worker's tensors as its baseline."""
-    optimizers = dict(worker_optimizers(tr))
-    state, params = {}, {}
-    modules = tr.par.unwrapped_models
-    for i, (rank, model) in enumerate(tr.par.local_workers):
-        module = modules[min(i, len(modules) - 1)]  # simulated DDP: one model for every worker
-        params[rank] = list(module.parameters()) + tr.par.optimized_parameters(model)
-        moments = [v for st in optimizers[rank].state.values() for v in st.values() if isinstance(v, torch.Tensor)]
-        grads = [p.grad for p in params[rank] if p.grad is not None]
-        state[rank] = params[rank] + grads + list(module.buffers()) + moments
-    return WorkerPeakTracker(state, params)
-
-
-def train_step(tr: Trainer, step: int, tracker: WorkerPeakTracker | None = None) -> float:
-    """One optimizer step of every local worker; returns the mean loss over this process's workers.
-    A non-finite loss or gradient norm on any worker raises DivergedError before the update.
-    ``tracker``: each worker's work is attributed to it (memory per worker)."""
-    cfg, ctx, task, par = tr.config, tr.ctx, tr.task, tr.par
-    batch_size, seed = cfg["data.batch_size"], cfg["run.seed"]
-
-    def attributed(rank: int) -> Any:
-        return tracker.worker(rank) if tracker is not None else contextlib.nullcontext()
-
-    losses = []
-    for rank, model in par.local_workers:
-        x, y = task.data.train_batch(step, rank, ctx.world_size, batch_size, seed)
-        x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
-        if tr.stochastic_depth is not None:
-            tr.stochastic_depth.draw(step, rank)
-        with attributed(rank):
-            with autocast(cfg["run.autocast"], ctx.device):
-                loss = task.forward_loss(model, x, y)
-            par.backward(loss)
-        losses.append(loss.item())
-    par.after_backward()
-    if cfg["optim.grad_clip"] > 0:
-        par.clip_grad_norm_(cfg["optim.grad_clip"])
-    grads = [p.grad for m in par.models for p in par.optimized_parameters(m) if p.grad is not None]
-    check_finite(tr, step, losses, grads)
-    # gradients are freed at zero_grad: their size is read here, while they exist
-    tr.peak_grad_bytes = max(tr.peak_grad_bytes, tensor_bytes(grads))
-    for (rank, _), optimizer, scheduler in zip(worker_optimizers(tr), tr.optimizers, tr.schedulers):
-        with attributed(rank):
-            optimizer.step()  # backward-masked SDP broadcasts updated units from an optimizer hook
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-    par.after_step()
-    return sum(losses) / len(losses)
-
-
-# ---------------------------------------------------------------------------------------------
-# measurement
+from .workers import (
+    LocalWorkers,
+    build_workers,
+    draw_of_step,
+    draw_seed,
+    strategy_label,
+    train_step,
+    worker_memory_tracker,
+)
 
 
 @dataclass
@@ -377,7 +66,7 @@ class StepStats:
     phase_flops: dict[str, float] = field(default_factory=lambda: {"own": 0.0, "full": 0.0})
 
 
-def rank_figures(tr: Trainer, stats: StepStats) -> dict[str, Any]:
+def rank_figures(tr: LocalWorkers, stats: StepStats) -> dict[str, Any]:
     par, times = tr.par, stats.step_times
     figures = {
         # SDP: the model's trained parameters (its parameters() are the shards under strategy.shard)
@@ -398,7 +87,7 @@ def rank_figures(tr: Trainer, stats: StepStats) -> dict[str, Any]:
     return figures
 
 
-def _gather_figures(tr: Trainer, figures: dict[str, Any]) -> list[dict[str, Any]]:
+def _gather_figures(tr: LocalWorkers, figures: dict[str, Any]) -> list[dict[str, Any]]:
     """Every rank's figures (collective), or the simulation's one."""
     if tr.ctx.simulate:
         return [figures]
@@ -523,7 +212,7 @@ class TrainingRun:
         self.ckpt_root = out / "checkpoints"
         self.own_steps, self.full_steps = phase_steps(config)
         self.steps = self.own_steps + self.full_steps
-        self.tr = build_trainer(config, task, ctx, self.steps)
+        self.tr = build_workers(config, task, ctx, self.steps)
         self.plan = self.tr.par.plan  # of the SDP phase; kept through the full phase
         self.eval_models = make_eval_models(config, task, self.plan, ctx.device)
         self.start_step = 0
@@ -546,7 +235,7 @@ class TrainingRun:
         """SDP ends at step ``at``: every worker continues with the assembled full model, as DDP,
         its learning-rate schedule continuing from there."""
         scaled = self.config["strategy.full_phase_start"] == "scaled" and self.plan is not None
-        self.tr = build_trainer(self.config, self.task, self.ctx, self.steps,
+        self.tr = build_workers(self.config, self.task, self.ctx, self.steps,
                                 full_phase_from=self.tr.par.full_state_dict(), first_step=at,
                                 branch_scale=self.plan.k / self.plan.world_size if scaled else None)
         self.full_phase_from = at

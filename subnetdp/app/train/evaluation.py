@@ -2,7 +2,7 @@
 and after re-estimating norm statistics), each worker's own subnetwork and their ensemble, and the
 forward FLOPs of each of those views.
 
-Every function takes the run's :class:`~subnetdp.app.train.Trainer`; the test/validation split is
+Every function takes the run's :class:`~subnetdp.app.train.workers.LocalWorkers`; the test/validation split is
 sharded over real ranks (a simulation evaluates all of it in its one process), and so is the
 re-estimation of norm statistics: each piece of work is done once, whatever the number of ranks.
 """
@@ -17,13 +17,13 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-from ..engine import Plan, recalibrate_norm_statistics, scale_residual_branches
-from .builders import Task
-from .config import Config, ConfigError
-from .runtime import autocast
+from ...engine import Plan, recalibrate_norm_statistics, scale_residual_branches
+from ..builders import Task
+from ..config import Config, ConfigError
+from ..runtime import autocast
 
-if TYPE_CHECKING:  # train.py imports this module; the Trainer is only named here for type hints
-    from .train import Trainer
+if TYPE_CHECKING:
+    from .workers import LocalWorkers
 
 
 def branch_scale(config: Config, plan: Plan | None) -> float | None:
@@ -65,7 +65,7 @@ def eval_cap(config: Config, final: bool = True) -> int | None:
     return (config["eval.max_batches"] if final or not periodic else periodic) or None
 
 
-def evaluate(tr: Trainer, eval_models: dict[str, nn.Module], progress: bool = False,
+def evaluate(tr: LocalWorkers, eval_models: dict[str, nn.Module], progress: bool = False,
              desc: str = "evaluation", final: bool = True) -> dict[str, float]:
     """Assemble the full model, evaluate it on the test/validation split (sharded over ranks), and
     again after re-estimating norm statistics when [eval] recalibrate_norm_batches > 0; then the
@@ -100,7 +100,7 @@ def _has_norm_statistics(model: nn.Module) -> bool:
 class _EvaluationPlan:
     """What one evaluation does on this rank, and how many batches that is (for the progress bar)."""
 
-    def __init__(self, tr: Trainer, eval_models: dict[str, nn.Module], cap: int | None) -> None:
+    def __init__(self, tr: LocalWorkers, eval_models: dict[str, nn.Module], cap: int | None) -> None:
         cfg, ctx = tr.config, tr.ctx
         self.calibration = cfg["eval.recalibrate_norm_batches"]
         # the full phase (even sharded over the workers) has one full model: no subnetworks
@@ -116,7 +116,7 @@ class _EvaluationPlan:
         return self.calibration > 0 and _has_norm_statistics(model)
 
 
-def recalibrate_shared(tr: Trainer, model: nn.Module, bar: tqdm | None = None) -> None:
+def recalibrate_shared(tr: LocalWorkers, model: nn.Module, bar: tqdm | None = None) -> None:
     """Re-estimate ``model``'s BatchNorm statistics on [eval] recalibrate_norm_batches training
     batches, split over the ranks (each runs its share, then the per-rank averages are combined,
     weighted by their batch counts, in one all-reduce): every rank ends with the statistics that
@@ -148,7 +148,7 @@ def recalibrate_shared(tr: Trainer, model: nn.Module, bar: tqdm | None = None) -
 
 
 @torch.no_grad()
-def evaluate_model(tr: Trainer, model: nn.Module, bar: tqdm | None = None, cap: int | None = None
+def evaluate_model(tr: LocalWorkers, model: nn.Module, bar: tqdm | None = None, cap: int | None = None
                    ) -> dict[str, float]:
     """One plain model on this process's shard of the split (its first ``cap`` batches), reduced
     over all ranks."""
@@ -166,7 +166,7 @@ def evaluate_model(tr: Trainer, model: nn.Module, bar: tqdm | None = None, cap: 
 
 
 @torch.no_grad()
-def evaluate_subnetworks(tr: Trainer, views: list[str], bar: tqdm | None = None, cap: int | None = None
+def evaluate_subnetworks(tr: LocalWorkers, views: list[str], bar: tqdm | None = None, cap: int | None = None
                          ) -> dict[str, float]:
     """Each worker's own subnetwork (as trained, its own norm statistics) and the ensemble of the
     N subnetworks (mean of their probabilities), on the whole test/validation split: every worker
@@ -203,7 +203,7 @@ def evaluate_subnetworks(tr: Trainer, views: list[str], bar: tqdm | None = None,
     return metrics
 
 
-def inference_flops(tr: Trainer, eval_model: nn.Module) -> dict[str, float]:
+def inference_flops(tr: LocalWorkers, eval_model: nn.Module) -> dict[str, float]:
     """Forward FLOPs per sample of each evaluated view, counted on the example input: the
     assembled model, one subnetwork (mean over workers) and the ensemble (all N subnetworks)."""
     def count(model: nn.Module) -> float:
