@@ -4,7 +4,7 @@ resumed each time with `--resume` on the new worker count, next to the same run 
     python scripts/elastic_demo.py --out results/elastic                  # ResNet-18 w8, Fashion-MNIST
     python scripts/elastic_demo.py --out /tmp/e --steps 24 --set data.name=synthetic-images
 
-Each phase is a real `subnetdp train --simulate N` process; the first two are killed (SIGKILL) as
+Each phase is a real `subnetdp train --workers N --simulate` process; the first two are killed (SIGKILL) as
 soon as the checkpoint at their stop step is complete, as a lost allocation would be. Writes
 OUT/{whole,elastic}/ (the two runs), OUT/elastic_loss.png and OUT/elastic.md (final metrics).
 """
@@ -25,8 +25,9 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def _train(out: Path, workers: int, sets: list[str], resume: bool, kill_at: int | None) -> None:
-    cmd = [sys.executable, "-m", "subnetdp.app.cli", "train", str(CONFIG), "--out", str(out), "--simulate",
-           str(workers), "--no-progress", *[a for s in sets for a in ("--set", s)], *(["--resume"] if resume else [])]
+    cmd = [sys.executable, "-m", "subnetdp.app.cli", "train", str(CONFIG), "--out", str(out), "--workers",
+           str(workers), "--simulate", "--no-progress", *[a for s in sets for a in ("--set", s)],
+           *(["--resume"] if resume else [])]
     print("$", " ".join(cmd[1:]), flush=True)
     proc = subprocess.Popen(cmd, env=ENV)
     marker = out / "checkpoints" / f"step-{kill_at:08d}" / "manifest.json" if kill_at else None

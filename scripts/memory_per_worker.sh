@@ -5,11 +5,11 @@
 # peak_memory_per_worker (per phase, per worker); scripts/study_tables.py tabulates them.
 #
 #   bash scripts/memory_per_worker.sh                       # all three tasks, 4 simulated workers
-#   TASKS=llama_shakespeare RECIPES="ddp b-sdp" LAUNCH="--nproc 4" OUT=/tmp/m bash scripts/memory_per_worker.sh
+#   TASKS=llama_shakespeare RECIPES="ddp b-sdp" LAUNCH="--workers 4" OUT=/tmp/m bash scripts/memory_per_worker.sh
 set -euo pipefail
 OUT="${OUT:-results/memory}"; TASKS="${TASKS:-resnet18_fashion_mnist vit_fashion_mnist llama_shakespeare}"
 RECIPES="${RECIPES:-}"  # names to run (default: all)
-LAUNCH="${LAUNCH:---simulate 4}"; STEPS="${STEPS:-8}"  # at least 4: two steps of each phase
+LAUNCH="${LAUNCH:---workers 4 --simulate}"; STEPS="${STEPS:-8}"  # at least 4: two steps of each phase
 common=(--set run.steps="$STEPS" --set run.schedule=flops --set run.eval_interval=0 --set run.checkpoint_interval=0
         --set run.log_interval=1 --set eval.max_batches=1 --set eval.recalibrate_norm_batches=1 --no-progress)
 full=(--set strategy.full_phase=0.5 --set strategy.full_phase_checkpointing=true)

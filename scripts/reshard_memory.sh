@@ -12,6 +12,6 @@ common=(--set "model.preset=$PRESET" --set data.seq_len=64 --set data.batch_size
         --set run.eval_interval=1000 --set run.log_interval=1 --set strategy.full_phase=0 --no-progress)
 train=(subnetdp train configs/llama_shakespeare.toml "${common[@]}")
 rss() { /usr/bin/time -f %M -o "$OUT/$1.maxrss_kib" "${@:2}"; echo "$1: $(cat "$OUT/$1.maxrss_kib") KiB"; }
-rss trained4 "${train[@]}" --nproc 4 --out "$OUT/run" --set run.steps=1
-rss fresh3 "${train[@]}" --nproc 3 --out "$OUT/fresh3" --set run.steps=2
-rss resumed3 "${train[@]}" --nproc 3 --out "$OUT/run" --resume --set run.steps=2
+rss trained4 "${train[@]}" --workers 4 --out "$OUT/run" --set run.steps=1
+rss fresh3 "${train[@]}" --workers 3 --out "$OUT/fresh3" --set run.steps=2
+rss resumed3 "${train[@]}" --workers 3 --out "$OUT/run" --resume --set run.steps=2

@@ -43,7 +43,7 @@ grad_clip = 1.0
 batch_size = 8
 max_batches = 4
 TOML
-R() { timeout 120 python3 -m subnetdp.app.cli train $CFG --no-progress --nproc 2 --out /tmp/resume "$@" 2>&1 | tail -2; }
+R() { timeout 120 python3 -m subnetdp.app.cli train $CFG --no-progress --workers 2 --out /tmp/resume "$@" 2>&1 | tail -2; }
 { R; cp /tmp/resume/metrics.jsonl /tmp/full.jsonl; rm -rf /tmp/resume/checkpoints/step-00000010
   R --resume; python3 - <<'PY'
 import json

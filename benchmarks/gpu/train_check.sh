@@ -3,7 +3,7 @@
 # (vocab 32000, 1024 tokens), 8 sequences per worker. Runs from the repo root with the machine's
 # own torch (PYTHONPATH=.), writes logs and summaries to $OUT (default runs/gpu-check).
 #   1. DDP, 1 rank, NCCL (one GPU per rank)
-#   2. B-SDP fwd C=0.5, --simulate 4 on the one GPU (4 virtual workers, one process)
+#   2. B-SDP fwd C=0.5, --workers 4 --simulate on the one GPU (4 virtual workers, one process)
 #   3. B-SDP fwd C=0.5, 2 gloo ranks sharing the GPU (NCCL refuses two ranks on one GPU),
 #      with a checkpoint, a resume and an export
 set -uo pipefail
@@ -37,11 +37,11 @@ batch_size = 8
 max_batches = 4
 TOML
 T() { timeout "$1" python3 -m subnetdp.app.cli train "$OUT/llama134m.toml" --no-progress "${@:2}"; echo "exit $?"; }
-T 120 --nproc 1 --out "$OUT/ddp1" --overwrite --set strategy.name=ddp 2>&1 | tail -4 | tee "$OUT/ddp1.log"
-T 150 --simulate 4 --out "$OUT/sim4" --overwrite 2>&1 | tail -3 | tee "$OUT/sim4.log"
-T 150 --nproc 2 --out "$OUT/sdp2" --overwrite --set run.steps=20 --set run.checkpoint_interval=10 2>&1 | tail -3 | tee "$OUT/sdp2.log"
+T 120 --workers 1 --out "$OUT/ddp1" --overwrite --set strategy.name=ddp 2>&1 | tail -4 | tee "$OUT/ddp1.log"
+T 150 --workers 4 --simulate --out "$OUT/sim4" --overwrite 2>&1 | tail -3 | tee "$OUT/sim4.log"
+T 150 --workers 2 --out "$OUT/sdp2" --overwrite --set run.steps=20 --set run.checkpoint_interval=10 2>&1 | tail -3 | tee "$OUT/sdp2.log"
 rm -rf "$OUT/sdp2/checkpoints/step-00000020"
-T 150 --nproc 2 --out "$OUT/sdp2" --set run.steps=20 --set run.checkpoint_interval=10 --resume 2>&1 | tail -2 | tee -a "$OUT/sdp2.log"
+T 150 --workers 2 --out "$OUT/sdp2" --set run.steps=20 --set run.checkpoint_interval=10 --resume 2>&1 | tail -2 | tee -a "$OUT/sdp2.log"
 python3 -m subnetdp.app.cli export "$OUT/sdp2" --out /tmp/sdp2.safetensors 2>&1 | tail -1 | tee -a "$OUT/sdp2.log"
 python3 - "$OUT" <<'PY' | tee "$OUT/table.txt"
 import json, sys, pathlib

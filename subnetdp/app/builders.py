@@ -6,7 +6,7 @@ ones. Sizes that follow from the data (input channels, classes, vocabulary, sequ
 filled in from the dataset and are not set in [model].
 
 Checking a config (``check_builder_keys``) reads only the builders' signatures: this module imports
-torch, the models and the readers where it builds something, so the `subnetdp train --nproc`
+torch, the models and the readers where it builds something, so the `subnetdp train --workers`
 launcher validates a config without paying for a torch import before torchrun starts.
 """
 

@@ -1,7 +1,7 @@
 """The `subnetdp` command.
 
-    subnetdp train configs/resnet18_fashion_mnist.toml --nproc 4 --out runs/r18
-    subnetdp train configs/llama_shakespeare.toml --simulate 8 --set strategy.coverage=0.25
+    subnetdp train configs/resnet18_fashion_mnist.toml --workers 4 --out runs/r18
+    subnetdp train configs/llama_shakespeare.toml --workers 8 --simulate --set strategy.coverage=0.25
     subnetdp train --out runs/r18 --resume                               # the run as it was started
     subnetdp export runs/r18 --out r18.safetensors
     subnetdp plan --model resnet18 --workers 8 --coverage 0.5            # block level
@@ -73,7 +73,8 @@ def _plan_command(args: argparse.Namespace) -> int:
         return 2
     model, blocks, example = _build(args)
     try:
-        plan = plan_for(model, args.workers, coverage=args.coverage, seed=args.seed,
+        plan = plan_for(model, args.workers, coverage=args.coverage,
+                        seed=args.plan_seed if args.seed is None else args.seed,
                         neuron_groups=args.neuron_groups, example_input=example, **level_kwargs(args.level, blocks))
     except (SDPConfigError, PlanError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -92,17 +93,19 @@ def _plan_command(args: argparse.Namespace) -> int:
 
 TRAIN_EPILOG = """\
 how it runs:
-  --nproc N       starts N local workers through torchrun (torch.distributed.run): gloo on CPU
+  --workers N     starts N local workers through torchrun (torch.distributed.run): gloo on CPU
                   (one thread each), NCCL with one GPU per rank, gloo when ranks share a GPU
   torchrun        under your own torchrun (several machines) call the module instead:
                     torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d \\
                       --rdzv-endpoint HOST:29500 -m subnetdp.app.cli train CONFIG --out DIR
                   (see docs/training.md for this and a SLURM script)
-  --simulate N    N virtual workers in this one process (same plan, same averaging)
+  --workers N --simulate
+                  N virtual workers in this one process (same plan, same averaging)
 
-outputs in --out: config.json, metrics.jsonl, summary.json, checkpoints/ (one file per rank plus
-a manifest); `subnetdp export DIR` writes the assembled model as safetensors. A folder that
-already holds a run is refused before anything starts: --resume continues it (one that is
+outputs in --out: config.json, metrics.jsonl, summary.json, checkpoints/ (per step: a manifest,
+one small file per rank, and SDP's model and optimizer state through torch.distributed.checkpoint);
+`subnetdp export DIR` writes the assembled model as safetensors. A folder that already holds a
+run is refused before anything starts: --resume continues it (one that is
 complete is left untouched: a line says so, exit code 0) with the config and workers it was
 started with (`subnetdp train --out DIR --resume`), --overwrite deletes its metrics.jsonl,
 summary.json and checkpoints/ and starts again. A run whose loss, gradient norm or weights become
@@ -116,7 +119,7 @@ def _resumed_config(args: argparse.Namespace, out: Path, first: bool) -> object:
     """The config a resume of ``out`` trains with: the one its newest checkpoint recorded (how the
     run was started, with the changes of earlier resumes), and this command's ``--set`` on top.
     A CONFIG file given as well is not applied; ``first`` says, in one line, where it differs.
-    Without --nproc or --simulate, the run continues on the workers it had."""
+    Without --workers, the run continues on the workers it had."""
     import os
 
     from .config import load_config, with_overrides
@@ -158,7 +161,7 @@ def _check_train(args: argparse.Namespace) -> tuple[object, Path] | int:
     from .train import checkpoint as ckpt
     from .train.run_folder import check_run_folder
     under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ or "RANK" in os.environ
-    for flag, value in (("--nproc", args.nproc), ("--simulate", args.simulate)):
+    for flag, value in (("--workers", args.nproc), ("--workers", args.simulate)):
         if value is not None and value < 1:
             print(f"error: {flag} must be >= 1 workers, got {value}", file=sys.stderr)
             return 2
@@ -227,6 +230,14 @@ def _train_command(args: argparse.Namespace) -> int:
                 print(f"  {name}: {', '.join(params)}\n"
                       + textwrap.fill(first_paragraph, 100, initial_indent=" " * 6, subsequent_indent=" " * 6))
         return 0
+    if args.nproc is not None:  # called with the old spelling programmatically (main() rewrites argv)
+        args.workers = args.nproc
+    # internally: nproc = processes to start through torchrun, simulate = virtual workers (None: not
+    # given; --resume then takes the run's own, else 1 process)
+    if args.simulate:
+        args.nproc, args.simulate = None, args.workers if args.workers is not None or args.resume else 1
+    else:
+        args.nproc, args.simulate = args.workers, None
     checked = _check_train(args)
     if isinstance(checked, int):
         return checked
@@ -300,7 +311,7 @@ def _launch_workers(cmd: list[str], env: dict[str, str], args: argparse.Namespac
             how = (f"continue from its checkpoint of step {found[1]['step']} with: "
                    f"{shlex.join(['subnetdp', 'train', '--out', str(out), '--resume'])}")
         else:
-            again = ["subnetdp", "train", str(args.config), "--nproc", str(args.nproc), "--out", str(out)]
+            again = ["subnetdp", "train", str(args.config), "--workers", str(args.nproc), "--out", str(out)]
             for item in args.set:
                 again += ["--set", item]
             how = f"it wrote no checkpoint yet: start it again with: {shlex.join(again + ['--overwrite'])}"
@@ -324,7 +335,8 @@ def _export_command(args: argparse.Namespace) -> int:
     from .train.export import export
     out = Path(args.out or Path(args.run_dir) / "model.safetensors")
     try:
-        exported = export(Path(args.run_dir), out, args.step, force=args.force, scale_branches=args.scale_branches)
+        exported = export(Path(args.run_dir), out, args.step, force=args.overwrite or args.force,
+                          scale_branches=args.scale_branches)
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -369,6 +381,46 @@ def _torch_version() -> str:
         return torch.__version__
 
 
+# renamed options (old spelling -> new), accepted with a warning until 0.3.0; CHANGELOG.md lists them
+RENAMED = {"train": {"--nproc": "--workers", "--simulate N": "--workers N --simulate"},
+           "export": {"--force": "--overwrite"}, "plan": {"--seed": "--plan-seed"},
+           "bench": {"--bf16": "--autocast bfloat16"}}
+
+
+def renamed_argv(argv: list[str]) -> list[str]:
+    """``argv`` with the old spellings of renamed options (``RENAMED``) rewritten, each with a warning."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name, _, value = arg.partition("=")
+        new: list[str] | None = None
+        if command == "train" and name == "--nproc":
+            new = ["--workers", value] if value else ["--workers"]
+            old = "--nproc N"
+        elif command == "train" and name == "--simulate" and (value or (i + 1 < len(argv) and argv[i + 1].isdigit())):
+            if not value:
+                value, i = argv[i + 1], i + 1
+            new, old = ["--workers", value, "--simulate"], "--simulate N"
+        elif command == "export" and name == "--force":
+            new, old = ["--overwrite"], "--force"
+        elif command == "plan" and name == "--seed":
+            new = ["--plan-seed", value] if value else ["--plan-seed"]
+            old = "--seed"
+        elif command == "bench" and name == "--bf16":
+            new, old = ["--autocast", "bfloat16"], "--bf16"
+        if new is None:
+            out.append(arg)
+        else:
+            renamed = {k.split()[0]: v for k, v in RENAMED[command].items()}[old.split()[0]]
+            print(f"warning: subnetdp {command} {old} is now {renamed}; the old spelling is accepted until 0.3.0",
+                  file=sys.stderr)
+            out += new
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="subnetdp", description="Subnetwork Data Parallelism for PyTorch.")
     versions = f"subnetdp {__version__} (torch {_torch_version()}, python {platform.python_version()})"
@@ -387,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--coverage", "-c", type=float, default=0.5, help="coverage C in (0, 1] (default 0.5)")
     plan.add_argument("--level", choices=["block", "neuron"], default="block",
                       help="block: whole residual blocks; neuron: hidden-neuron groups inside blocks")
-    plan.add_argument("--seed", type=int, default=0, help="plan seed (default 0)")
+    plan.add_argument("--plan-seed", type=int, default=0, help="plan seed, as strategy.plan_seed (default 0)")
+    plan.add_argument("--seed", type=int, default=None, help=argparse.SUPPRESS)  # renamed --plan-seed in 0.2.0
     plan.add_argument("--neuron-groups", type=int, default=None, help="groups per neuron site (default N)")
     plan.add_argument("--json", help="also write the plan as JSON to this file")
     g = plan.add_argument_group("resnet18")
@@ -411,24 +464,25 @@ def main(argv: list[str] | None = None) -> int:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("config", nargs="?", help="a TOML config, e.g. configs/resnet18_fashion_mnist.toml (not "
                        "needed, and not applied, with --resume: the run continues as it was started)")
-    train.add_argument("--nproc", type=int, default=None,
-                       help="local worker processes started through torchrun (default 1; with --resume, the "
-                       "run's own number of workers)")
-    train.add_argument("--simulate", type=int, metavar="N", default=None,
-                       help="run N virtual workers in this one process instead of N processes")
+    train.add_argument("--workers", "-n", type=int, default=None,
+                       help="workers N: local processes started through torchrun, or with --simulate virtual "
+                       "workers in this one process (default 1; with --resume, the run's own)")
+    train.add_argument("--simulate", action="store_true",
+                       help="run the --workers as virtual workers in this one process (the same plan and averaging)")
+    train.add_argument("--nproc", type=int, default=None, help=argparse.SUPPRESS)  # renamed --workers in 0.2.0
     train.add_argument("--out", help="output folder (default runs/<run.name>)")
     train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a config key, e.g. --set strategy.coverage=0.25 (repeatable)")
     train.add_argument("--resume", action="store_true",
                        help="continue the run in --out from its newest complete checkpoint, with the config and "
                        "workers it was started with; --set changes what a resume may change (run.steps, intervals, "
-                       "[eval] keys; strategy.coverage or another --nproc/--simulate re-plans the run and moves "
+                       "[eval] keys; strategy.coverage or other --workers re-plans the run and moves "
                        "its state), and every change is printed; a run that is already complete is left as it is")
     train.add_argument("--auto-resume", action="store_true",
                        help="--resume when --out holds a complete checkpoint, else start from scratch (replacing "
                        "what a start killed before its first checkpoint left): for torchrun --max-restarts, "
                        "elastic jobs and requeued batch jobs")
-    train.add_argument("--overwrite", action="store_true",
+    train.add_argument("--overwrite", "--force", action="store_true",
                        help="--out holds an earlier run: delete its metrics.jsonl, summary.json and checkpoints/ "
                        "and start again (without it, such a folder is refused)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -442,8 +496,9 @@ def main(argv: list[str] | None = None) -> int:
     exp.add_argument("run_dir", help="the run's --out folder")
     exp.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest complete one)")
     exp.add_argument("--out", help="output file (default RUN_DIR/model.safetensors); refused if it exists, "
-                     "unless --force")
-    exp.add_argument("--force", action="store_true", help="replace an existing --out (atomically)")
+                     "unless --overwrite")
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing --out (atomically)")
+    exp.add_argument("--force", action="store_true", help=argparse.SUPPRESS)  # renamed --overwrite in 0.2.0
     exp.add_argument("--scale-branches", action="store_true",
                      help="B-SDP: multiply each residual branch's last layer by k/N (the 'x k/N' evaluation in "
                      "summary.json, usually the better assembled model), still the plain model's weights")
@@ -476,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", add_help=False, help="DDP vs B-SDP on 4 CPU workers (see `subnetdp demo --help`)")
     demo.set_defaults(func=None)
 
-    args, rest = parser.parse_known_args(argv)
+    args, rest = parser.parse_known_args(renamed_argv(list(sys.argv[1:] if argv is None else argv)))
     if args.command == "bench":
         from .bench.runner import main as bench_main
         return bench_main(rest)

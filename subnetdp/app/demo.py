@@ -49,14 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     for name, sets in runs.items():
         print(f"\n=== {name.upper()}: {args.workers} workers ===", flush=True)
         # a rerun of the demo replaces the demo's own two runs in --out (and nothing else there)
-        cmd = [sys.executable, "-m", "subnetdp.app.cli", "train", args.config, "--nproc", str(args.workers),
+        cmd = [sys.executable, "-m", "subnetdp.app.cli", "train", args.config, "--workers", str(args.workers),
                "--out", str(out / name), "--overwrite"]
         for item in sets:
             cmd += ["--set", item]
         if args.no_progress:
             cmd.append("--no-progress")
         # its own session, dying with this process (even of SIGKILL); a stop signal is passed on
-        result = run_process_tree(cmd, env, grace_s=10.0)  # `train --nproc` gives torchrun 5 s
+        result = run_process_tree(cmd, env, grace_s=10.0)  # `train --workers` gives torchrun 5 s
         if result.stopped_by or result.returncode < 0:
             sig = result.stopped_by or -result.returncode
             print(f"{'stopped' if result.stopped_by else 'error: the run was killed'} by {signal.Signals(sig).name}: "

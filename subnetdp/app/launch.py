@@ -3,7 +3,7 @@ starts N workers with one thread each, and running that process tree so that it 
 launcher (signals forwarded, stragglers killed, workers dying with their parent, the workers'
 errors reported last).
 
-Used by `subnetdp train --nproc`, `bench`, `demo` (``run_process_tree``: one tree) and `sweep`
+Used by `subnetdp train --workers`, `bench`, `demo` (``run_process_tree``: one tree) and `sweep`
 (``ProcessTrees``: several side by side); nothing here knows SDP.
 """
 

@@ -5,7 +5,7 @@
 
 The lock is an ``fcntl.flock`` on the file, so the kernel releases it when its holder exits or is
 killed: a file left behind by a dead run (its pid, host and start time still in it) blocks
-nothing. It is taken by the `subnetdp train --nproc N` launcher before it starts torchrun (it tells
+nothing. It is taken by the `subnetdp train --workers N` launcher before it starts torchrun (it tells
 its workers through ``LOCKED_BY_LAUNCHER``), or by rank 0 of a job the user started with torchrun,
 or by a ``--simulate`` process.
 """

@@ -3,7 +3,7 @@ uses it (as torchtitan keeps ``parallelize`` apart from its trainer).
 
 One interface, :class:`Parallelism`, and four implementations:
 
-    strategy   real ranks (torchrun)                 virtual workers (one process, --simulate N)
+    strategy   real ranks (torchrun)                 virtual workers (one process, --workers N --simulate)
     DDP        RealDDP: DistributedDataParallel      SimulatedDDP: one model; each of the N workers'
                with a byte-counting comm hook        losses backpropagated as loss / N
     SDP        RealSDP: SubnetworkDataParallel       SimulatedSDP: SubnetworkSimulator

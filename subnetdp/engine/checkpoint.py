@@ -51,7 +51,7 @@ from torch.distributed.checkpoint.planner import LoadPlan, ReadItem, SavePlan, T
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from . import assembly, sharding
-from .errors import SDPConfigError
+from .errors import CollectiveError, SDPConfigError
 from .layout import Piece
 from .simulator import SubnetworkSimulator
 from .subnetwork import Subnetwork
@@ -389,8 +389,21 @@ def _dcp(call: Any, state: dict[str, Any], path: str | Path, planner: Any, model
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
             call(state, checkpoint_id=str(path), planner=planner, no_dist=True)
-    else:
-        call(state, checkpoint_id=str(path), planner=planner, process_group=model.exchange.parent)
+        return
+    ex = model.exchange
+    # every peer is there (within the wrapper's timeout, CollectiveError naming it otherwise):
+    # DCP's own collectives wait for the process group's timeout, and raise the backend's error
+    ex.all_reduce(ex.world, {ex.rank: torch.zeros(1, device=model.device)}, f"checkpoint {call.__name__}").wait()
+    try:
+        call(state, checkpoint_id=str(path), planner=planner, process_group=ex.parent)
+    except Exception as exc:  # noqa: BLE001 - a peer lost inside DCP is the same error as anywhere else
+        text = str(exc)
+        if not any(s in text for s in ("Connection closed", "Connection reset", "Timed out", "timed out")):
+            raise
+        raise CollectiveError(f"rank {ex.rank}: checkpoint {call.__name__} (torch.distributed.checkpoint) over "
+                              f"workers {list(ex.world)} failed or did not complete within "
+                              f"{ex.timeout.total_seconds():g}s; a peer has probably died or is stuck. Backend said: "
+                              f"{text.strip().splitlines()[-1]}") from exc
 
 
 def save(path: str | Path, model: Model, optimizers: Optimizers | None = None,

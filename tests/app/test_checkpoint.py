@@ -132,7 +132,7 @@ def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
     from _runs import _config, _train
     tmp = tmp_path_factory.mktemp("tiny")
     config, out = _config(tmp), tmp / "run"
-    _train(config, out, "--simulate", "2", "--set", "run.steps=2", "--set", "run.checkpoint_interval=2",
+    _train(config, out, "--workers", "2", "--simulate", "--set", "run.steps=2", "--set", "run.checkpoint_interval=2",
            "--set", "run.eval_interval=0", "--set", "eval.recalibrate_norm_batches=0")
     return config, out
 
@@ -150,7 +150,8 @@ def test_export_and_resume_of_a_run_whose_manifest_lacks_a_key_are_one_line(tiny
         saved = manifest.pop(key)
         path.write_text(json.dumps(manifest))
         for argv in (["export", str(out), "--out", str(tmp_path / "m.safetensors")],
-                     ["train", str(config), "--simulate", "2", "--out", str(out), "--resume", "--no-progress",
+                     ["train", str(config), "--workers", "2", "--simulate", "--out", str(out), "--resume",
+                      "--no-progress",
                       "--set", "run.steps=4"]):
             assert main(argv) == 2, (key, argv)
             err = capsys.readouterr().err

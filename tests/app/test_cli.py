@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from subnetdp.app.cli import main
+from subnetdp.app.cli import main, renamed_argv
 
 from _runs import assert_chart
 
@@ -74,8 +74,9 @@ def test_report_compares_finished_runs_and_refuses_unfinished_ones(tmp_path, cap
     from _runs import _config, _train
 
     config = _config(tmp_path)
-    _train(config, tmp_path / "ddp", "--simulate", "2", "--set", "strategy.name=ddp", "--set", "run.steps=4")
-    _train(config, tmp_path / "sdp", "--simulate", "2", "--set", "run.steps=4")
+    _train(config, tmp_path / "ddp", "--workers", "2", "--simulate", "--set", "strategy.name=ddp", "--set",
+           "run.steps=4")
+    _train(config, tmp_path / "sdp", "--workers", "2", "--simulate", "--set", "run.steps=4")
     out = tmp_path / "report"
     assert main(["report", str(tmp_path / "ddp"), str(tmp_path / "sdp"), "--out", str(out)]) == 0
     text = (out / "report.md").read_text()
@@ -101,8 +102,8 @@ def test_a_config_that_is_not_utf8_is_one_line(tmp_path, capsys) -> None:
     """Issue 17, item 7: was a UnicodeDecodeError traceback."""
     config = tmp_path / "latin1.toml"
     config.write_bytes('[run]\nname = "café"\n'.encode("latin-1"))
-    for argv in (["train", str(config), "--simulate", "1", "--out", str(tmp_path / "run")],
-                 ["train", str(config), "--nproc", "2", "--out", str(tmp_path / "run")]):
+    for argv in (["train", str(config), "--workers", "1", "--simulate", "--out", str(tmp_path / "run")],
+                 ["train", str(config), "--workers", "2", "--out", str(tmp_path / "run")]):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err == f"error: {config}: not a TOML file: byte 17 is not UTF-8 text (b'\\xe9')\n", err[-3000:]
@@ -154,3 +155,26 @@ def test_report_of_a_run_whose_files_are_not_json_is_one_line(tmp_path, capsys) 
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {run}: cannot read its summary.json and metrics.jsonl: ") and "\n" not in err
     assert not (tmp_path / "report").exists()
+
+
+@pytest.mark.parametrize("old, new", [
+    (["train", "c.toml", "--simulate", "2"], ["train", "c.toml", "--workers", "2", "--simulate"]),
+    (["train", "c.toml", "--nproc", "4", "--out", "r"], ["train", "c.toml", "--workers", "4", "--out", "r"]),
+    (["train", "c.toml", "--nproc=4"], ["train", "c.toml", "--workers", "4"]),
+    (["export", "r", "--force"], ["export", "r", "--overwrite"]),
+    (["plan", "--seed", "3"], ["plan", "--plan-seed", "3"]),
+    (["bench", "--bf16"], ["bench", "--autocast", "bfloat16"]),
+])
+def test_renamed_options_are_accepted_with_a_warning(old: list[str], new: list[str], capsys) -> None:
+    assert renamed_argv(old) == new
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: subnetdp {old[0]} ") and "accepted until 0.3.0" in err and err.count("\n") == 1
+    assert renamed_argv(new) == new and capsys.readouterr().err == ""  # the new spellings pass untouched
+
+
+def test_plan_with_the_old_seed_option_prints_the_same_plan(capsys) -> None:
+    assert main(["plan", "--workers", "4", "--width", "8", "--plan-seed", "3"]) == 0
+    new = capsys.readouterr()
+    assert main(["plan", "--workers", "4", "--width", "8", "--seed", "3"]) == 0
+    old = capsys.readouterr()
+    assert old.out == new.out and "--seed is now --plan-seed" in old.err

@@ -1,4 +1,4 @@
-"""Every config shipped under configs/ trains: two steps with `--simulate 2` on its real data,
+"""Every config shipped under configs/ trains: two steps with `--workers 2 --simulate` on its real data,
 through the real CLI, then the result is exported and loads into the plain model. And the commands
 shown in the configs' header comments are valid commands.
 
@@ -75,7 +75,7 @@ def test_shipped_config_trains_two_steps_and_exports(path: Path, tmp_path: Path)
     if reason:
         pytest.skip(reason)
     out = tmp_path / "run"
-    args = ["train", str(path), "--simulate", "2", "--out", str(out), "--no-progress"]
+    args = ["train", str(path), "--workers", "2", "--simulate", "--out", str(out), "--no-progress"]
     for item in _overrides(config):
         args += ["--set", item]
     result = run_cli(*args)

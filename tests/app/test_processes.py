@@ -210,13 +210,13 @@ def test_lock_names_its_holder_and_a_dead_holders_file_blocks_nothing(tmp_path, 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_signal_to_the_launcher_stops_torchrun_and_every_worker(tmp_path, sig):
     config, out = _config(tmp_path), tmp_path / "run"
-    tree = Tree([*CLI, str(config), "--nproc", "2", "--out", str(out), "--no-progress", *LONG])
+    tree = Tree([*CLI, str(config), "--workers", "2", "--out", str(out), "--no-progress", *LONG])
     try:
         _wait_for_training(tree, out, checkpoint=sig == signal.SIGTERM)
         assert len(tree.workers()) == 2
         if sig == signal.SIGTERM:  # while it runs, the folder is locked, with or without --resume
-            for extra in ([], ["--resume"], ["--simulate", "1"]):
-                second, seconds = _run_cli(str(config), "--nproc", "2", "--out", str(out), "--no-progress", *extra)
+            for extra in ([], ["--resume"], ["--workers", "1", "--simulate"]):
+                second, seconds = _run_cli(str(config), "--workers", "2", "--out", str(out), "--no-progress", *extra)
                 assert second.returncode == 2, second.stderr[-3000:]
                 assert _last_line(second.stderr).startswith(f"error: {out} is in use by another run: pid "
                                                              f"{tree.proc.pid} on host "), second.stderr[-3000:]
@@ -243,7 +243,7 @@ def test_a_stop_signal_to_the_launcher_stops_torchrun_and_every_worker(tmp_path,
             assert not (out / ".lock").exists()
         else:  # its checkpoint, if one was written yet, or start again
             assert f"with: subnetdp train --out {out} --resume" in last or \
-                f": subnetdp train {config} --nproc 2 --out {out} " + " ".join(LONG) in last, last
+                f": subnetdp train {config} --workers 2 --out {out} " + " ".join(LONG) in last, last
     finally:
         tree.kill()
 
@@ -251,7 +251,7 @@ def test_a_stop_signal_to_the_launcher_stops_torchrun_and_every_worker(tmp_path,
 @pytest.mark.slow
 def test_torchrun_killed_under_the_launcher_takes_its_workers_along(tmp_path):
     config, out = _config(tmp_path), tmp_path / "run"
-    tree = Tree([*CLI, str(config), "--nproc", "2", "--out", str(out), "--no-progress", *LONG])
+    tree = Tree([*CLI, str(config), "--workers", "2", "--out", str(out), "--no-progress", *LONG])
     try:
         _wait_for_training(tree, out)
         os.kill(tree.torchrun(), signal.SIGKILL)
@@ -267,7 +267,7 @@ def test_torchrun_killed_under_the_launcher_takes_its_workers_along(tmp_path):
 @pytest.mark.slow
 def test_a_sigkilled_launcher_takes_torchrun_and_its_workers_along(tmp_path):
     config, out = _config(tmp_path), tmp_path / "run"
-    tree = Tree([*CLI, str(config), "--nproc", "2", "--out", str(out), "--no-progress", *LONG])
+    tree = Tree([*CLI, str(config), "--workers", "2", "--out", str(out), "--no-progress", *LONG])
     try:
         _wait_for_training(tree, out)
         assert len(tree.workers()) == 2
@@ -289,7 +289,8 @@ def test_workers_of_the_users_own_torchrun_die_with_it_and_rank_0_holds_the_lock
         _wait_for_training(tree, out)
         workers = tree.workers()
         assert sorted(workers) == [0, 1], (workers, tree.known)
-        second, _ = _run_cli(str(config), "--simulate", "2", "--out", str(out), "--no-progress", "--resume")
+        second, _ = _run_cli(str(config), "--workers", "2", "--simulate", "--out", str(out), "--no-progress",
+                             "--resume")
         assert second.returncode == 2, second.stderr[-3000:]
         assert _last_line(second.stderr).startswith(f"error: {out} is in use by another run: pid {workers[0]} on host "
                                                     ), (workers, second.stderr[-3000:])
@@ -308,7 +309,7 @@ def test_workers_of_the_users_own_torchrun_die_with_it_and_rank_0_holds_the_lock
 @pytest.mark.parametrize("how", ["killed", "stuck"])
 def test_a_dead_or_stuck_peer_ends_the_run_with_its_collective_error(tmp_path, how):
     config, out = _config(tmp_path), tmp_path / "run"
-    tree = Tree([*CLI, str(config), "--nproc", "2", "--out", str(out), "--no-progress", *LONG])
+    tree = Tree([*CLI, str(config), "--workers", "2", "--out", str(out), "--no-progress", *LONG])
     try:
         _wait_for_training(tree, out)
         os.kill(tree.workers()[1], signal.SIGKILL if how == "killed" else signal.SIGSTOP)
@@ -351,7 +352,7 @@ def test_a_stopped_or_killed_sweep_takes_its_cells_along_and_the_rerun_resumes(t
     tree = Tree(command)
     try:
         _wait_for_training(tree, cell, checkpoint=True)
-        assert tree.alive()  # the cell's `subnetdp train --simulate 2`, below the sweep
+        assert tree.alive()  # the cell's `subnetdp train --workers 2 --simulate`, below the sweep
         os.kill(tree.proc.pid, sig)
         if sig == signal.SIGTERM:
             rc, _, err, seconds = tree.communicate(timeout=STOPPED_WITHIN)
@@ -378,7 +379,7 @@ DEMO_SETS = ["data.name=synthetic-images", "data.train_size=256", "data.test_siz
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_a_stopped_or_killed_demo_takes_its_run_along(tmp_path, sig):
-    """`subnetdp demo` ran `subnetdp train --nproc` with subprocess.run: killed, or stopped (then it
+    """`subnetdp demo` ran `subnetdp train --workers` with subprocess.run: killed, or stopped (then it
     died alone), it left the run training, holding its folder's lock."""
     command = [sys.executable, "-m", "subnetdp.app.cli", "demo", "--workers", "2", "--steps", "100000", "--out",
                str(tmp_path), "--no-progress"]

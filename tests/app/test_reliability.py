@@ -55,7 +55,7 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     config = base / "small.toml"
     config.write_text(SMALL)
     out = base / "run"
-    assert main(["train", str(config), "--simulate", "2", "--out", str(out), "--no-progress"]) == 0
+    assert main(["train", str(config), "--workers", "2", "--simulate", "--out", str(out), "--no-progress"]) == 0
     return config, out
 
 
@@ -81,7 +81,7 @@ def _one_error_line(err: str) -> str:
 
 @pytest.fixture
 def no_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The `--nproc` launcher must fail before it builds a torchrun command."""
+    """The `--workers` launcher must fail before it builds a torchrun command."""
     def refuse(*args: object, **kwargs: object) -> list[str]:
         raise AssertionError("torchrun was launched")
     monkeypatch.setattr("subnetdp.app.launch.torchrun_command", refuse)
@@ -96,7 +96,8 @@ def test_rerun_with_a_bad_coverage_leaves_the_run_folder_untouched(finished, tmp
     before = _snapshot(out)
     # 2 checkpoints, each: its manifest, the rank file, and the model's DCP files (.metadata, __0_0.distcp)
     assert len([k for k in before if k.startswith("checkpoints/")]) == 8
-    code = main(["train", str(config), "--simulate", "2", "--out", str(out), "--set", "strategy.coverage=0.1"])
+    code = main(["train", str(config), "--workers", "2", "--simulate", "--out", str(out), "--set",
+                 "strategy.coverage=0.1"])
     line = _one_error_line(capsys.readouterr().err)
     assert code == 2 and line.startswith("error: --set strategy.coverage=0.1: ")
     assert "the smallest valid coverage for 2 workers is 0.5" in line
@@ -106,13 +107,14 @@ def test_rerun_with_a_bad_coverage_leaves_the_run_folder_untouched(finished, tmp
 def test_rerun_without_resume_or_overwrite_is_refused(finished, tmp_path, capsys, no_torchrun) -> None:
     config, out = _copy(finished, tmp_path)
     before = _snapshot(out)
-    for launch in (["--simulate", "2"], ["--nproc", "2"]):  # the launcher refuses before torchrun starts
+    for launch in (["--workers", "2", "--simulate"], ["--workers", "2"]):  # the launcher refuses before torchrun starts
         assert main(["train", str(config), *launch, "--out", str(out)]) == 2
         line = _one_error_line(capsys.readouterr().err)
         assert f"--out {out} already holds a run (metrics.jsonl, summary.json, checkpoints/)" in line
         assert "--resume" in line and "--overwrite" in line
     assert _snapshot(out) == before
-    assert main(["train", str(config), "--simulate", "2", "--out", str(out), "--resume", "--overwrite"]) == 2
+    assert main(["train", str(config), "--workers", "2", "--simulate", "--out", str(out), "--resume",
+                 "--overwrite"]) == 2
     assert "give one of them" in _one_error_line(capsys.readouterr().err)
 
 
@@ -121,7 +123,8 @@ def test_overwrite_replaces_only_what_a_run_writes(finished, tmp_path, capsys) -
     (out / "notes.txt").write_text("mine")
     # a stale checkpoint the new run would not write: it must not survive into the new run
     shutil.copytree(out / "checkpoints" / "step-00000004", out / "checkpoints" / "step-00000010")
-    assert main(["train", str(config), "--simulate", "2", "--out", str(out), "--no-progress", "--overwrite",
+    assert main(["train", str(config), "--workers", "2", "--simulate", "--out", str(out), "--no-progress",
+                 "--overwrite",
                  "--set", "run.steps=2"]) == 0
     assert (out / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002"]
@@ -133,7 +136,7 @@ def test_overwrite_replaces_only_what_a_run_writes(finished, tmp_path, capsys) -
 def test_overwrite_reaches_the_torchrun_workers(finished, tmp_path) -> None:
     """The workers check the folder again: the launcher passes --overwrite on to them."""
     config, out = _copy(finished, tmp_path)
-    _train(config, out, "--nproc", "2", "--overwrite", "--set", "run.steps=2")
+    _train(config, out, "--workers", "2", "--overwrite", "--set", "run.steps=2")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["workers"] == 2 and not summary["simulated"] and summary["steps"] == 2
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002"]
@@ -142,7 +145,7 @@ def test_overwrite_reaches_the_torchrun_workers(finished, tmp_path) -> None:
 def test_coverage_below_one_over_n_is_one_line_before_torchrun(tmp_path, capsys, no_torchrun) -> None:
     config = tmp_path / "c.toml"
     config.write_text(SMALL + "[strategy]\ncoverage = 0.1\n")
-    assert main(["train", str(config), "--nproc", "4", "--out", str(tmp_path / "run")]) == 2
+    assert main(["train", str(config), "--workers", "4", "--out", str(tmp_path / "run")]) == 2
     line = _one_error_line(capsys.readouterr().err)
     assert line == (f"error: {config}: [strategy] coverage 0.1 is below 1/N for N = 4 workers (no worker would "
                     "hold a unit); the smallest valid coverage for 4 workers is 0.25")
@@ -156,7 +159,7 @@ def test_coverage_below_one_over_n_is_one_line_before_torchrun(tmp_path, capsys,
 def test_resume_of_a_finished_run_changes_nothing(finished, tmp_path, capsys, no_torchrun) -> None:
     config, out = _copy(finished, tmp_path)
     before = _snapshot(out)
-    for launch in (["--simulate", "2"], ["--nproc", "2"]):
+    for launch in (["--workers", "2", "--simulate"], ["--workers", "2"]):
         assert main(["train", str(config), *launch, "--out", str(out), "--resume"]) == 0
         text = capsys.readouterr().out.strip()
         assert text == (f"{out}: the run is already complete (checkpoint at step 4 of 4); nothing to resume, "
@@ -164,7 +167,7 @@ def test_resume_of_a_finished_run_changes_nothing(finished, tmp_path, capsys, no
                         "run.steps=N larger than 4")
     assert _snapshot(out) == before
     # a resume under a changed config is still refused, complete or not
-    assert main(["train", str(config), "--simulate", "2", "--out", str(out), "--resume",
+    assert main(["train", str(config), "--workers", "2", "--simulate", "--out", str(out), "--resume",
                  "--set", "optim.lr=0.5"]) == 2
     assert "optim.lr: checkpoint 0.1, now 0.5" in capsys.readouterr().err
     assert _snapshot(out) == before
@@ -173,7 +176,7 @@ def test_resume_of_a_finished_run_changes_nothing(finished, tmp_path, capsys, no
 def test_resume_without_a_checkpoint_is_one_line_before_torchrun(tmp_path, capsys, no_torchrun) -> None:
     config = tmp_path / "c.toml"
     config.write_text(SMALL)
-    assert main(["train", str(config), "--nproc", "2", "--out", str(tmp_path / "run"), "--resume"]) == 2
+    assert main(["train", str(config), "--workers", "2", "--out", str(tmp_path / "run"), "--resume"]) == 2
     assert "--resume: no complete checkpoint under" in _one_error_line(capsys.readouterr().err)
 
 
@@ -186,7 +189,7 @@ def test_torn_metrics_line_is_dropped_on_resume(finished, tmp_path, capsys) -> N
     (out / "summary.json").unlink()
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"step": 5, "loss": 2.3, "l')  # the disk filled up mid-line
-    assert main(["train", str(config), "--simulate", "2", "--out", str(out), "--resume", "--no-progress",
+    assert main(["train", str(config), "--workers", "2", "--simulate", "--out", str(out), "--resume", "--no-progress",
                  "--set", "run.steps=6"]) == 0
     assert "dropped 1 unreadable line (torn by an interrupted write)" in capsys.readouterr().err
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -284,15 +287,15 @@ def test_export_refuses_an_existing_out_unless_force(finished, tmp_path, capsys,
     (["--set", "run.steps=ten"], "error: --set run.steps=ten: [run] steps = 'ten': expected a int like 100"),
     (["--set", "run.step=3"], "error: --set run.step=3: unknown key in [run] 'step' (did you mean 'steps'?)"),
     (["--set", "model.width=0"], "error: --set model.width=0: [model] width = 0 for 'resnet18': must be >= 1"),
-    (["--nproc", "0"], "error: --nproc must be >= 1 workers, got 0"),
-    (["--nproc", "-2"], "error: --nproc must be >= 1 workers, got -2"),
-    (["--simulate", "0"], "error: --simulate must be >= 1 workers, got 0"),
+    (["--workers", "0"], "error: --workers must be >= 1 workers, got 0"),
+    (["--workers", "-2"], "error: --workers must be >= 1 workers, got -2"),
+    (["--workers", "0", "--simulate"], "error: --simulate must be >= 1 workers, got 0"),
 ])
 def test_bad_train_values_are_one_line(tmp_path, capsys, no_torchrun, args, message) -> None:
     config = tmp_path / "c.toml"
     config.write_text(SMALL)
     if "--nproc" not in args and "--simulate" not in args:
-        args = [*args, "--simulate", "2"]
+        args = [*args, "--workers", "2", "--simulate"]
     assert main(["train", str(config), "--out", str(tmp_path / "run"), *args]) == 2
     assert _one_error_line(capsys.readouterr().err).startswith(message)
     assert not (tmp_path / "run").exists()
@@ -306,7 +309,7 @@ def test_bad_train_values_are_one_line(tmp_path, capsys, no_torchrun, args, mess
 def test_bad_data_sizes_in_the_config_file_name_the_file(tmp_path, capsys, key, value, message) -> None:
     config = tmp_path / "lm.toml"
     config.write_text(LM + f"{key} = {value}\n")
-    assert main(["train", str(config), "--simulate", "2", "--out", str(tmp_path / "run")]) == 2
+    assert main(["train", str(config), "--workers", "2", "--simulate", "--out", str(tmp_path / "run")]) == 2
     line = _one_error_line(capsys.readouterr().err)
     assert line == f"error: {config}: {message}" and "--set" not in line
 
@@ -314,10 +317,10 @@ def test_bad_data_sizes_in_the_config_file_name_the_file(tmp_path, capsys, key, 
 def test_out_that_is_a_file_or_not_writable_is_one_line(tmp_path, capsys, monkeypatch, no_torchrun) -> None:
     config = tmp_path / "c.toml"
     config.write_text(SMALL)
-    assert main(["train", str(config), "--simulate", "2", "--out", str(config)]) == 2
+    assert main(["train", str(config), "--workers", "2", "--simulate", "--out", str(config)]) == 2
     assert _one_error_line(capsys.readouterr().err) == (
         f"error: --out {config} is a file, not a folder: give a folder for the run")
-    assert main(["train", str(config), "--nproc", "2", "--out", str(config / "run")]) == 2
+    assert main(["train", str(config), "--workers", "2", "--out", str(config / "run")]) == 2
     assert _one_error_line(capsys.readouterr().err) == f"error: --out {config}/run: {config} is a file, not a folder"
     locked = tmp_path / "locked"
     locked.mkdir()
@@ -326,7 +329,7 @@ def test_out_that_is_a_file_or_not_writable_is_one_line(tmp_path, capsys, monkey
     else:
         locked.chmod(0o500)
     try:
-        assert main(["train", str(config), "--simulate", "2", "--out", str(locked / "run")]) == 2
+        assert main(["train", str(config), "--workers", "2", "--simulate", "--out", str(locked / "run")]) == 2
         assert _one_error_line(capsys.readouterr().err) == f"error: --out {locked}/run: {locked} is not writable"
     finally:
         locked.chmod(0o700)
@@ -335,7 +338,7 @@ def test_out_that_is_a_file_or_not_writable_is_one_line(tmp_path, capsys, monkey
 def test_warmup_longer_than_the_run_warns(tmp_path, capsys) -> None:
     config = tmp_path / "c.toml"
     config.write_text(SMALL)
-    assert main(["train", str(config), "--simulate", "2", "--out", str(tmp_path / "run"), "--no-progress",
+    assert main(["train", str(config), "--workers", "2", "--simulate", "--out", str(tmp_path / "run"), "--no-progress",
                  "--set", "run.steps=2", "--set", "optim.warmup_steps=10"]) == 0
     assert ("warning: optim.warmup_steps = 10 is more than the run's 2 steps: the learning rate never leaves "
             "warm-up and peaks at 2/10 of optim.lr = 0.1") in capsys.readouterr().err
@@ -400,7 +403,7 @@ def test_a_resume_that_skips_a_damaged_checkpoint_says_so(finished, tmp_path, ca
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launch", [["--simulate", "2"], ["--nproc", "2"]])
+@pytest.mark.parametrize("launch", [["--workers", "2", "--simulate"], ["--workers", "2"]])
 def test_data_smaller_than_one_global_batch_is_one_line_and_writes_nothing(tmp_path, capsys, launch) -> None:
     """64 training images, 2 workers x 40: one line naming the key, exit 2; the folder holds no
     run afterwards, so the corrected command runs without --overwrite."""
@@ -419,7 +422,7 @@ def test_data_smaller_than_one_global_batch_is_one_line_and_writes_nothing(tmp_p
                            "batch of 80 examples, more than the 64 of the train set: lower data.batch_size (at most "
                            "32)"), line
     assert not any((out / name).exists() for name in ("metrics.jsonl", "summary.json", "checkpoints"))
-    assert main(["train", str(config), "--simulate", "2", "--out", str(out), "--no-progress",
+    assert main(["train", str(config), "--workers", "2", "--simulate", "--out", str(out), "--no-progress",
                  "--set", "data.batch_size=32", "--set", "run.steps=1"]) == 0
 
 
@@ -445,7 +448,7 @@ def test_full_phase_with_backward_masking_trains_and_ends_as_ddp(tmp_path, capsy
     config = tmp_path / "c.toml"
     config.write_text(SMALL)
     out = tmp_path / "run"
-    assert main(["train", str(config), "--simulate", "2", "--out", str(out), "--no-progress",
+    assert main(["train", str(config), "--workers", "2", "--simulate", "--out", str(out), "--no-progress",
                  "--set", "strategy.masking=backward", "--set", "strategy.full_phase=0.5"]) == 0
     assert "strategy.full_phase with masking = 'backward'" in capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())

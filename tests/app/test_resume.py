@@ -1,5 +1,5 @@
 """Resume is exact for every SDP variant: a run stopped at a checkpoint and resumed logs the same
-losses, step for step, as the run that never stopped (--simulate 2, CPU)."""
+losses, step for step, as the run that never stopped (--workers 2 --simulate, CPU)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def _losses(out: Path) -> dict[int, float]:
 @pytest.mark.slow
 def test_resume_is_exact(tmp_path: Path, level: str, masking: str) -> None:
     config = _config(tmp_path, CONSTANT)
-    sets = ["--simulate", "2", "--set", "strategy.name=sdp", "--set", f"strategy.level={level}",
+    sets = ["--workers", "2", "--simulate", "--set", "strategy.name=sdp", "--set", f"strategy.level={level}",
             "--set", f"strategy.masking={masking}", "--set", "strategy.coverage=0.5"]
     _train(config, tmp_path / "whole", *sets)
     _train(config, tmp_path / "stopped", *sets, "--set", "run.steps=3")
@@ -48,9 +48,9 @@ def test_resume_on_another_kind_of_worker_moves_model_and_optimizer_exactly(tmp_
     assembly and the cut again (the re-plan-and-move path) and training continues as if unmoved."""
     config = _config(tmp_path, CONSTANT)
     sets = ["--set", "strategy.name=sdp", "--set", "strategy.level=neuron", "--set", "strategy.masking=forward"]
-    _train(config, tmp_path / "whole", "--simulate", "2", *sets)
-    _train(config, tmp_path / "moved", "--simulate", "2", *sets, "--set", "run.steps=3")
-    result = _train(config, tmp_path / "moved", "--nproc", "2", *sets, "--set", "run.steps=6", "--resume")
+    _train(config, tmp_path / "whole", "--workers", "2", "--simulate", *sets)
+    _train(config, tmp_path / "moved", "--workers", "2", "--simulate", *sets, "--set", "run.steps=3")
+    result = _train(config, tmp_path / "moved", "--workers", "2", *sets, "--set", "run.steps=6", "--resume")
     assert "re-planned and moved" in result.stdout
     whole, moved = _losses(tmp_path / "whole"), _losses(tmp_path / "moved")
     for step in (4, 5, 6):
@@ -63,11 +63,11 @@ def test_four_then_three_then_four_workers_continue_the_loss_curve(tmp_path: Pat
     text = CONSTANT.replace("steps = 6", "steps = 24").replace("checkpoint_interval = 3", "checkpoint_interval = 8")
     config = _config(tmp_path, text)
     sets = ["--set", f"strategy.name={strategy}", "--set", "strategy.coverage=0.5"]
-    _train(config, tmp_path / "whole", "--simulate", "4", *sets)
+    _train(config, tmp_path / "whole", "--workers", "4", "--simulate", *sets)
     out = tmp_path / "elastic"
-    _train(config, out, "--simulate", "4", *sets, "--set", "run.steps=8")
-    _train(config, out, "--simulate", "3", *sets, "--set", "run.steps=16", "--resume")
-    _train(config, out, "--simulate", "4", *sets, "--set", "run.steps=24", "--resume")
+    _train(config, out, "--workers", "4", "--simulate", *sets, "--set", "run.steps=8")
+    _train(config, out, "--workers", "3", "--simulate", *sets, "--set", "run.steps=16", "--resume")
+    _train(config, out, "--workers", "4", "--simulate", *sets, "--set", "run.steps=24", "--resume")
     whole, elastic = _losses(tmp_path / "whole"), _losses(out)
     assert sorted(elastic) == list(range(1, 25))
     assert elastic[8] == whole[8]  # the same run up to the first stop
@@ -84,13 +84,14 @@ def test_four_then_three_then_four_workers_continue_the_loss_curve(tmp_path: Pat
 def test_auto_resume_starts_then_resumes_on_other_workers(tmp_path: Path) -> None:
     config = _config(tmp_path, CONSTANT)
     out = tmp_path / "run"
-    _train(config, out, "--simulate", "2", "--auto-resume", "--set", "run.steps=3")  # nothing there: starts
+    _train(config, out, "--workers", "2", "--simulate", "--auto-resume", "--set",
+           "run.steps=3")  # nothing there: starts
     assert sorted(_losses(out)) == [1, 2, 3]
     # the launcher decides, and hands its workers --resume: simulated workers become 2 real ones
-    result = _train(config, out, "--nproc", "2", "--auto-resume", "--set", "run.steps=6")
+    result = _train(config, out, "--workers", "2", "--auto-resume", "--set", "run.steps=6")
     assert "re-planned and moved" in result.stdout
     assert sorted(_losses(out)) == [1, 2, 3, 4, 5, 6]
-    refused = _train(config, out, "--simulate", "2", "--auto-resume", "--resume", check=False)
+    refused = _train(config, out, "--workers", "2", "--simulate", "--auto-resume", "--resume", check=False)
     assert refused.returncode == 2 and "--auto-resume decides between --resume and --overwrite" in refused.stderr
 
 
@@ -117,7 +118,7 @@ def test_sharded_runs_train_as_unsharded_resume_exactly_and_move_to_unsharded(tm
     sharded checkpoint resumes exactly, and resumes unsharded through the re-plan-and-move path."""
     adamw = CONSTANT.replace("[optim]", "[optim]\nname = \"adamw\"").replace("lr = 0.05", "lr = 0.01")
     config = _config(tmp_path, adamw)
-    sets = ["--simulate", "4", "--set", "strategy.name=sdp", "--set", "strategy.level=neuron",
+    sets = ["--workers", "4", "--simulate", "--set", "strategy.name=sdp", "--set", "strategy.level=neuron",
             "--set", "strategy.coverage=0.5"]
     _train(config, tmp_path / "plain", *sets)
     _train(config, tmp_path / "sharded", *sets, "--set", "strategy.shard=true")
@@ -159,7 +160,7 @@ def test_a_plain_resume_continues_the_run_as_it_was_started(tmp_path: Path) -> N
     change, and each change is printed."""
     config = _config(tmp_path, CONSTANT.replace("steps = 6", "steps = 12"))
     out = tmp_path / "run"
-    _train(config, out, "--simulate", "2", "--set", "run.steps=6")
+    _train(config, out, "--workers", "2", "--simulate", "--set", "run.steps=6")
     whole = _losses(out)
     _stop_after(out, 3)
     result = _cli("train", "--out", str(out), "--resume", "--no-progress")
@@ -186,8 +187,8 @@ def test_a_resume_that_stretches_the_schedule_trains_on_at_the_new_rate(tmp_path
     its next step follows the new schedule; the optimizer's stored rate of 0 is not kept."""
     config = _config(tmp_path, SYNTHETIC.replace("checkpoint_interval = 4", "checkpoint_interval = 0"))
     out = tmp_path / "run"
-    _train(config, out, "--simulate", "2", "--set", "run.steps=4")
-    _train(config, out, "--simulate", "2", "--set", "run.steps=5", "--resume")
+    _train(config, out, "--workers", "2", "--simulate", "--set", "run.steps=4")
+    _train(config, out, "--workers", "2", "--simulate", "--set", "run.steps=5", "--resume")
 
     def conv_weights(step: int) -> list[torch.Tensor]:
         state, _ = assemble_from_checkpoint(out, step)

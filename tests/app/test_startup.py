@@ -80,7 +80,7 @@ print(before, ours == theirs, len(ours) > 30, ours[""] > 0)
 
 
 def test_the_nproc_launcher_checks_a_config_without_importing_torch(tmp_path) -> None:
-    """Everything `subnetdp train --nproc N` checks before torchrun starts (config, builder keys,
+    """Everything `subnetdp train --workers N` checks before torchrun starts (config, builder keys,
     workers, run folder, a resume's checkpoint) runs without torch: a launch starts a second
     sooner, and the workers pay for torch once each."""
     config = tmp_path / "c.toml"
@@ -92,6 +92,6 @@ def test_the_nproc_launcher_checks_a_config_without_importing_torch(tmp_path) ->
         "    raise SystemExit(0)\n"
         "launch.torchrun_command = stop\n"
         "from subnetdp.app.cli import main\n"
-        f"main(['train', {str(config)!r}, '--nproc', '2', '--out', {str(tmp_path / 'run')!r}])")
+        f"main(['train', {str(config)!r}, '--workers', '2', '--out', {str(tmp_path / 'run')!r}])")
     assert "torchrun would start now" in found["out"]
     assert not [m for m in found["modules"] if m == "torch" or m.startswith("torch.")]

@@ -39,8 +39,8 @@ def test_views_on_real_ranks_equal_the_simulator(tmp_path: Path) -> None:
     config = _config(tmp_path, VIEWS)
     capped = ["--set", "eval.max_batches=3", "--set", "eval.batch_size=16",  # 48 of the 128 test images
               "--set", "strategy.shard=true"]
-    _train(config, tmp_path / "real", "--nproc", "2", *capped)
-    _train(config, tmp_path / "sim", "--simulate", "2", *capped)
+    _train(config, tmp_path / "real", "--workers", "2", *capped)
+    _train(config, tmp_path / "sim", "--workers", "2", "--simulate", *capped)
     losses = [[json.loads(x).get("loss") for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
               for run in ("real", "sim")]
     assert len([x for x in losses[0] if x is not None]) == 6
@@ -60,8 +60,8 @@ def test_views_on_real_ranks_equal_the_simulator(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_ddp_has_no_subnetwork_views_and_flop_matching_is_measured(tmp_path: Path) -> None:
     config = _config(tmp_path, VIEWS)
-    _train(config, tmp_path / "ddp", "--simulate", "4", "--set", "strategy.name=ddp")
-    _train(config, tmp_path / "sdp", "--simulate", "4", "--set", "run.schedule=flops")
+    _train(config, tmp_path / "ddp", "--workers", "4", "--simulate", "--set", "strategy.name=ddp")
+    _train(config, tmp_path / "sdp", "--workers", "4", "--simulate", "--set", "run.schedule=flops")
     ddp, sdp = _final(tmp_path / "ddp"), _final(tmp_path / "sdp")
     assert not any(k.startswith(("subnet_", "ensemble_", "scaled_")) for k in ddp["final_eval"])
     assert sdp["steps"] == 2 * ddp["steps"]
@@ -134,7 +134,7 @@ def test_stochastic_depth_is_a_ddp_baseline_and_views_are_checked(tmp_path: Path
     with pytest.raises(ConfigError, match="valid views are subnetworks, ensemble"):
         load_config(None, ['eval.views=["assembled"]'])
     out = tmp_path / "sd"
-    _train(_config(tmp_path, VIEWS), out, "--simulate", "2", "--set", "strategy.name=ddp",
+    _train(_config(tmp_path, VIEWS), out, "--workers", "2", "--simulate", "--set", "strategy.name=ddp",
            "--set", "strategy.stochastic_depth=0.5")
     final = _final(out)["final_eval"]
     assert math.isfinite(final["accuracy"]) and "scaled_accuracy" in final  # branches x survival 0.5
@@ -149,7 +149,7 @@ def test_stochastic_depth_rejects_dropping_every_block_always() -> None:
 def test_full_phase_ends_sdp_with_the_full_model_and_resumes_exactly_across_the_switch(tmp_path: Path) -> None:
     text = VIEWS.replace("steps = 6", "steps = 8")
     text = text.replace("checkpoint_interval = 0", "checkpoint_interval = 3\nkeep_checkpoints = 5")
-    sets = ["--simulate", "2", "--set", "strategy.full_phase=0.5", "--set", "run.schedule=flops"]
+    sets = ["--workers", "2", "--simulate", "--set", "strategy.full_phase=0.5", "--set", "run.schedule=flops"]
     reference = tmp_path / "reference"
     _train(_config(tmp_path, text), reference, *sets)
     summary = _final(reference)
@@ -208,7 +208,7 @@ def test_a_full_phase_run_keeps_its_switch_on_resume(tmp_path: Path) -> None:
     config = _config(tmp_path, VIEWS.replace("steps = 6", "steps = 8").replace('views = ["subnetworks", "ensemble"]\n',
                                                                                 ""))
     out = tmp_path / "run"
-    sets = ["--simulate", "2", "--set", "strategy.full_phase=0.25"]
+    sets = ["--workers", "2", "--simulate", "--set", "strategy.full_phase=0.25"]
     _train(config, out, *sets)
     assert _final(out)["full_phase"]["from_step"] == 6 and _final(out)["steps"] == 8
     before = sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*"))
@@ -225,7 +225,7 @@ def test_a_full_phase_run_keeps_its_switch_on_resume(tmp_path: Path) -> None:
 def test_evaluation_shows_progress_and_reports_its_time(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from subnetdp.app.cli import main
     config = _config(tmp_path, VIEWS)
-    assert main(["train", str(config), "--simulate", "2", "--out", str(tmp_path / "run")]) == 0
+    assert main(["train", str(config), "--workers", "2", "--simulate", "--out", str(tmp_path / "run")]) == 0
     err = capsys.readouterr().err
     assert "evaluation at step 6" in err and "BN re-estimation" in err and "subnetworks" in err
     times = _final(tmp_path / "run")["time_s"]
@@ -237,7 +237,7 @@ def test_evaluation_shows_progress_and_reports_its_time(tmp_path: Path, capsys: 
 
 def test_periodic_evaluations_can_be_capped_below_the_final_one(tmp_path: Path) -> None:
     config = _config(tmp_path, VIEWS.replace("eval_interval = 0", "eval_interval = 2"))
-    _train(config, tmp_path / "run", "--simulate", "2", "--set", "eval.batch_size=16",
+    _train(config, tmp_path / "run", "--workers", "2", "--simulate", "--set", "eval.batch_size=16",
            "--set", "eval.periodic_max_batches=1", "--set", "eval.max_batches=4")
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["eval_examples"]) for r in records if "eval" in r] == [(2, 16), (4, 16), (6, 64)]

@@ -15,7 +15,7 @@ from _runs import SYNTHETIC, _config, _train, cli
 
 CONSTANT = SYNTHETIC.replace("steps = 12", "steps = 6").replace("checkpoint_interval = 4", "checkpoint_interval = 3") \
     .replace("lr = 0.05", "lr = 0.05\nlr_schedule = \"constant\"")
-REDRAW = ["--simulate", "4", "--set", "strategy.name=sdp", "--set", "strategy.coverage=0.5",
+REDRAW = ["--workers", "4", "--simulate", "--set", "strategy.name=sdp", "--set", "strategy.coverage=0.5",
           "--set", "strategy.redraw_every=2"]
 
 
@@ -48,7 +48,7 @@ def test_a_run_with_redrawn_plans_resumes_exactly_and_exports(tmp_path: Path) ->
 @pytest.mark.slow
 def test_the_sharded_full_phase_trains_as_the_replicated_one_inside_the_sdp_phase_memory(tmp_path: Path) -> None:
     config = _config(tmp_path, CONSTANT)
-    sets = ["--simulate", "4", "--set", "strategy.name=sdp", "--set", "strategy.coverage=0.5",
+    sets = ["--workers", "4", "--simulate", "--set", "strategy.name=sdp", "--set", "strategy.coverage=0.5",
             "--set", "strategy.full_phase=0.5", "--set", "strategy.full_phase_checkpointing=true"]
     _train(config, tmp_path / "sharded", *sets)
     _train(config, tmp_path / "replicated", *sets, "--set", "strategy.full_phase_shard=false")
@@ -71,7 +71,7 @@ def test_the_sharded_full_phase_trains_as_the_replicated_one_inside_the_sdp_phas
 ])
 def test_levers_that_cannot_apply_are_refused_in_one_line(tmp_path: Path, sets: list[str], named: str) -> None:
     args = [a for s in ["strategy.name=sdp", *sets] for a in ("--set", s)]
-    result = _train(_config(tmp_path, CONSTANT), tmp_path / "run", "--simulate", "2", *args, check=False)
+    result = _train(_config(tmp_path, CONSTANT), tmp_path / "run", "--workers", "2", "--simulate", *args, check=False)
     assert result.returncode == 2
     assert named in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "run").exists()
@@ -86,7 +86,7 @@ def test_activation_checkpointing_changes_no_update(tmp_path: Path) -> None:
         'name = "synthetic-images"\nbatch_size = 8\ntrain_size = 512\ntest_size = 128',
         'name = "synthetic-text"\nbatch_size = 4\nseq_len = 16')
     config = _config(tmp_path, text)
-    sets = ["--simulate", "2", "--set", "strategy.name=sdp", "--set", "strategy.full_phase=0.5"]
+    sets = ["--workers", "2", "--simulate", "--set", "strategy.name=sdp", "--set", "strategy.full_phase=0.5"]
     _train(config, tmp_path / "plain", *sets)
     _train(config, tmp_path / "ckpt", *sets, "--set", "strategy.checkpointing=true",
            "--set", "strategy.full_phase_checkpointing=true")
@@ -101,7 +101,7 @@ def test_export_scale_branches_writes_the_scaled_evaluation_as_plain_weights(tmp
     from subnetdp.engine import scale_residual_branches
     from subnetdp.models import resnet18
 
-    _train(_config(tmp_path, CONSTANT), tmp_path / "run", "--simulate", "4", "--set", "strategy.name=sdp",
+    _train(_config(tmp_path, CONSTANT), tmp_path / "run", "--workers", "4", "--simulate", "--set", "strategy.name=sdp",
            "--set", "strategy.coverage=0.5")
     for name, extra in (("plain", []), ("scaled", ["--scale-branches"])):
         result = cli("export", str(tmp_path / "run"), "--out", str(tmp_path / f"{name}.safetensors"), *extra)
@@ -113,7 +113,7 @@ def test_export_scale_branches_writes_the_scaled_evaluation_as_plain_weights(tmp
     scale_residual_branches(plain, "blocks", 2 / 4)  # what the run evaluated as scaled_*
     x = torch.randn(3, 1, 32, 32)
     torch.testing.assert_close(scaled(x), plain(x))
-    _train(_config(tmp_path, CONSTANT), tmp_path / "ddp", "--simulate", "2", "--set", "run.steps=1",
+    _train(_config(tmp_path, CONSTANT), tmp_path / "ddp", "--workers", "2", "--simulate", "--set", "run.steps=1",
            "--set", "strategy.name=ddp")
     refused = cli("export", str(tmp_path / "ddp"), "--out", str(tmp_path / "x.safetensors"), "--scale-branches")
     assert refused.returncode == 2 and "B-SDP" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
@@ -126,14 +126,15 @@ def test_a_redrawn_run_resumes_on_its_own_workers_and_the_sharded_full_phase_mov
     moves to 2 workers, each reading its chunks of the DCP checkpoint, and finishes."""
     config = _config(tmp_path, CONSTANT)
     _train(config, tmp_path / "redrawn", *REDRAW, "--set", "run.steps=3")
-    result = _train(None, tmp_path / "redrawn", "--resume", "--simulate", "2", "--set", "run.steps=6", check=False)
+    result = _train(None, tmp_path / "redrawn", "--resume", "--workers", "2", "--simulate", "--set", "run.steps=6",
+                    check=False)
     assert result.returncode == 2 and "re-drawn plans" in result.stderr, result.stderr
     full = ["--set", "strategy.name=sdp", "--set", "strategy.full_phase=0.5", "--set", "run.checkpoint_interval=1",
             "--set", "run.keep_checkpoints=10"]
-    _train(config, tmp_path / "full", "--simulate", "4", *full)
+    _train(config, tmp_path / "full", "--workers", "4", "--simulate", *full)
     for step in (5, 6):  # as if stopped at step 4, inside the full phase (steps 4-6)
         shutil.rmtree(tmp_path / "full" / "checkpoints" / f"step-{step:08d}")
-    result = _train(None, tmp_path / "full", "--resume", "--simulate", "2")
+    result = _train(None, tmp_path / "full", "--resume", "--workers", "2", "--simulate")
     assert "re-planned and moved" in result.stdout
     losses = _losses(tmp_path / "full")
     assert sorted(losses) == [1, 2, 3, 4, 5, 6] and all(math.isfinite(v) for v in losses.values())
@@ -144,8 +145,8 @@ def test_a_redrawn_run_resumes_on_its_own_workers_and_the_sharded_full_phase_mov
 def test_redrawn_plans_on_real_ranks_train_as_the_simulator(tmp_path: Path) -> None:
     config = _config(tmp_path, CONSTANT)
     sets = ["--set", "strategy.name=sdp", "--set", "strategy.coverage=0.5", "--set", "strategy.redraw_every=2"]
-    _train(config, tmp_path / "simulated", "--simulate", "2", *sets)
-    _train(config, tmp_path / "real", "--nproc", "2", *sets)
+    _train(config, tmp_path / "simulated", "--workers", "2", "--simulate", *sets)
+    _train(config, tmp_path / "real", "--workers", "2", *sets)
     simulated, real = _losses(tmp_path / "simulated"), _losses(tmp_path / "real")
     assert sorted(real) == sorted(simulated) == [1, 2, 3, 4, 5, 6]
     for step in simulated:

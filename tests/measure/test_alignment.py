@@ -163,7 +163,8 @@ def test_align_command_on_a_ddp_run(tmp_path) -> None:
     cfg = tmp_path / "cfg.toml"
     cfg.write_text(CONFIG)
     run = tmp_path / "run"
-    train = cli("train", str(cfg), "--simulate", "2", "--out", str(run), "--no-progress")  # in this process
+    train = cli("train", str(cfg), "--workers", "2", "--simulate", "--out", str(run),
+                "--no-progress")  # in this process
     assert train.returncode == 0, train.stderr[-3000:]
     out, plot = tmp_path / "align.json", tmp_path / "align.png"
     result = cli("align", str(run), "--coverage", "0.5", "1", "--level", "block", "neuron", "--out", str(out),

@@ -69,7 +69,7 @@ def markdown(rows: list[dict[str, Any]], failed: list[str], args: dict[str, Any]
              f"{args['workers']} ranks ({args['backend']}), {args['batch_size']} samples per rank per step"
              + (f" of {args['seq_len']} tokens" if args["model"] == "llama" else " (1 x 32 x 32 images, 10 classes)")
              + f", AdamW, {args['steps']} timed steps after {args['warmup']} warm-up"
-             + (", bf16 autocast" if args.get("bf16") else "") + ".", "",
+             + (", bf16 autocast" if args.get("bf16") or args.get("autocast") == "bfloat16" else "") + ".", "",
              "Per worker: memory is the largest over ranks, time the median over steps and ranks; "
              "ratios are to DDP in this run.", "",
              "| strategy | peak tensor MiB | vs DDP | params | grads | optim | activations | other | "

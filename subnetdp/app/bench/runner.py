@@ -266,7 +266,7 @@ def measure(args: argparse.Namespace, strategy: Strategy, device: torch.device) 
     torch.manual_seed(args.seed)
     model = task.make_model().to(device)
     harness = apply_strategy(strategy, model, task, device, args.lr)
-    mixed_precision = "bfloat16" if args.bf16 else "none"
+    mixed_precision = "bfloat16" if args.bf16 else args.autocast
     counted = ByteCounter()
     batches = [task.data.train_batch(i, rank, world, args.batch_size, args.seed) for i in range(4)]
 
@@ -376,8 +376,7 @@ def _launch(args: argparse.Namespace, strategy: str, log: Any) -> int:
         value = getattr(args, key)
         if value not in (None, ""):
             worker_args += [f"--{key.replace('_', '-')}", str(value)]
-    if args.bf16:
-        worker_args.append("--bf16")
+    worker_args += ["--autocast", "bfloat16" if args.bf16 else args.autocast]
     cmd = torchrun_command(args.workers, "subnetdp.app.bench.runner", *worker_args)
     env = worker_env(1 if args.device == "cpu" else None)
     log.write(f"$ {' '.join(cmd)}\n")
@@ -478,7 +477,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="gloo: real ranks on CPU, or sharing one GPU (default); nccl: one GPU per rank; "
                         "fake: one process measures each rank in turn in a process group whose collectives "
                         "do nothing (exact per-rank memory, compute-only time, no communication time)")
-    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for forward/backward")
+    parser.add_argument("--autocast", choices=["none", "bfloat16"], default="none",
+                        help="autocast dtype for forward/backward, as run.autocast (default none)")
+    parser.add_argument("--bf16", action="store_true", help=argparse.SUPPRESS)  # renamed --autocast bfloat16
     parser.add_argument("--loss-chunk", type=int, default=0, metavar="TOKENS",
                         help="llama: compute the loss's logits this many tokens at a time, recomputed in "
                         "backward (every strategy alike; default 0: all logits at once)")

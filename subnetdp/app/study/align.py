@@ -1,6 +1,6 @@
 """`subnetdp align`: gradient alignment of SDP variants with DDP along a finished run's checkpoints.
 
-    subnetdp train configs/resnet18_fashion_mnist.toml --nproc 4 --out runs/r18-ddp \\
+    subnetdp train configs/resnet18_fashion_mnist.toml --workers 4 --out runs/r18-ddp \\
         --set strategy.name=ddp --set run.checkpoint_interval=50 --set run.keep_checkpoints=1000
     subnetdp align runs/r18-ddp --coverage 0.25 0.5 0.75 --plot runs/r18-ddp/alignment.png
 

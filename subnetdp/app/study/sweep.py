@@ -13,7 +13,7 @@ A sweep file (TOML):
     [sweep]
     name = "resnet18-fmnist"
     base = "../configs/resnet18_fashion_mnist.toml"  # a `subnetdp train` config, relative to this file
-    launch = "simulate"        # simulate: `train --simulate N`; nproc: `train --nproc N` (torchrun)
+    launch = "simulate"        # simulate: `train --workers N --simulate`; nproc: `train --workers N` (torchrun)
     workers = [4]              # one cell per N
     seeds = [0, 1, 2]          # run.seed of the cells
     set = ["run.steps=600"]    # optional: overrides for every cell
@@ -73,7 +73,7 @@ from ..launch import ProcessTrees, stop_signals, worker_env
 LAUNCHES = ("simulate", "nproc")
 MAIN_METRICS = ("accuracy", "accuracy_recalibrated", "test_loss", "val_loss", "perplexity")
 GROUP_KEYS = {"name", "seeds", "workers"}
-STOP_GRACE_S = 10.0  # stopped: seconds the cells get to stop (train --nproc gives torchrun 5) before SIGKILL
+STOP_GRACE_S = 10.0  # stopped: seconds the cells get to stop (train --workers gives torchrun 5) before SIGKILL
 
 
 class SweepError(ValueError):
@@ -306,7 +306,7 @@ def train_command(cell: Cell, base: Path, out: Path, launch: str, resume: bool) 
     """The cell's `subnetdp train`. A resume continues the run as it was started, so it also
     names every key a resume may change with the cell's value: the resumed run is the cell."""
     cmd = [sys.executable, "-m", "subnetdp.app.cli", "train", str(base), "--out", str(out / "cells" / cell.id),
-           "--no-progress", f"--{launch}", str(cell.workers)]
+           "--no-progress", "--workers", str(cell.workers), *(["--simulate"] if launch == "simulate" else [])]
     sets = cell.sets()
     if resume:
         sets += [f"{section}.{key}={_toml(cell.config[section][key])}" for section, key in sorted(RESUMABLE_CHANGES)]

@@ -90,8 +90,8 @@ def setup_context(config: Config, simulate: int | None) -> Context:
     if simulate is not None:
         return Context(0, simulate, 0, choose_device(run["device"]), simulate=True)
     if "RANK" not in os.environ:
-        raise ConfigError("not started by torchrun: use `subnetdp train CONFIG --nproc N` (it calls "
-                          "torchrun), `torchrun ... -m subnetdp.app.cli train CONFIG`, or --simulate N")
+        raise ConfigError("not started by torchrun: use `subnetdp train CONFIG --workers N` (it calls "
+                          "torchrun), `torchrun ... -m subnetdp.app.cli train CONFIG`, or --workers N --simulate")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     device = choose_device(run["device"], local_rank)

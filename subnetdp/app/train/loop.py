@@ -1,8 +1,8 @@
 """The training loop behind `subnetdp train`: one rank of a torchrun job, or N virtual workers.
 
-    subnetdp train configs/resnet18_fashion_mnist.toml --nproc 4 --out runs/r18
+    subnetdp train configs/resnet18_fashion_mnist.toml --workers 4 --out runs/r18
     torchrun --nproc-per-node 4 -m subnetdp.app.cli train configs/resnet18_fashion_mnist.toml --out runs/r18
-    subnetdp train configs/resnet18_fashion_mnist.toml --simulate 8 --out runs/sim8   # one process
+    subnetdp train configs/resnet18_fashion_mnist.toml --workers 8 --simulate --out runs/sim8   # one process
 
 Every worker builds the same model from the same seed, has it parallelised (parallelism.py: torch
 DDP or SDP, over real ranks or virtual workers), and trains on its own shard: the batch of step s

@@ -1,8 +1,8 @@
 """Resume a run on another number of workers, or at another coverage: "re-plan and move".
 
-    subnetdp train CONFIG --nproc 4 --out runs/r            # killed at step 400
-    subnetdp train CONFIG --nproc 3 --out runs/r --resume   # continues on 3 workers
-    subnetdp train CONFIG --nproc 4 --out runs/r --resume --set strategy.coverage=0.75
+    subnetdp train CONFIG --workers 4 --out runs/r            # killed at step 400
+    subnetdp train CONFIG --workers 3 --out runs/r --resume   # continues on 3 workers
+    subnetdp train CONFIG --workers 4 --out runs/r --resume --set strategy.coverage=0.75
 
 SDP checkpoints hold the model and optimizer state as chunks of the full tensors
 (torch.distributed.checkpoint, ``engine/checkpoint.py``): each new worker, cut under the new plan,
