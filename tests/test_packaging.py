@@ -40,7 +40,9 @@ def test_wheel_requires_a_torch_floor_and_offers_extras(built) -> None:
     torch_req = [r for r in requires if r.startswith("torch")]
     assert torch_req == ["torch>=2.6"]  # a floor, never a pinned (CPU or CUDA) build
     extras = {line.split(": ", 1)[1] for line in metadata.splitlines() if line.startswith("Provides-Extra: ")}
-    assert {"hf", "plots", "tensorboard", "test"} <= extras
+    assert {"app", "hf", "plots", "tensorboard", "test"} <= extras
+    core = sorted(r.split(">")[0].split("=")[0] for r in requires if "extra ==" not in r)
+    assert core == ["numpy", "torch"]  # the library; the application's packages are the `app` extra
     assert not any(r.startswith("matplotlib") and "extra" not in r for r in requires)  # plots are optional
     assert "subnetdp/integrations/hf_trainer.py" in names and not any(n.startswith("tests/") for n in names)
 

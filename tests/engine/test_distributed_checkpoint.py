@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
+import subnetdp.checkpoint as sdp_checkpoint
 from subnetdp import SubnetworkDataParallel, SubnetworkSimulator
-from subnetdp.engine import checkpoint as sdp_checkpoint
 
 from _dist import run_distributed
 from _models import make, train_simulated
