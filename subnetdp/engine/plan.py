@@ -22,7 +22,7 @@ import json
 import math
 import random
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import Sequence, cast
 
 import numpy as np
 
@@ -198,7 +198,7 @@ def make_plan(units: Sequence[UnitCost], world_size: int, coverage: float, seed:
         raise PlanError("unit names repeat")
     n, k = world_size, holders_needed(coverage, world_size)
     flops_counted = all(u.flops is not None for u in units)
-    flops = {u.name: float(u.flops) if flops_counted else float(u.params) for u in units}
+    flops = {u.name: float(u.flops) if flops_counted and u.flops is not None else float(u.params) for u in units}
     rng = random.Random(seed)
     perm = list(range(n))
     rng.shuffle(perm)
@@ -211,10 +211,11 @@ def make_plan(units: Sequence[UnitCost], world_size: int, coverage: float, seed:
     p_total = sum(u.params for u in units) or 1
     f_total = sum(flops.values()) or 1.0
     columns = [[u.params / p_total for u in units], [flops[u.name] / f_total for u in units]]
-    if all(u.activations is not None for u in units) and sum(u.activations for u in units) > 0:
+    activations = [u.activations for u in units if u.activations is not None]
+    if len(activations) == len(units) and sum(activations) > 0:  # every unit's counted
         # activation memory is not proportional to either: early ResNet stages hold most of it
-        a_total = sum(u.activations for u in units)
-        columns.append([u.activations / a_total for u in units])
+        a_total = sum(activations)
+        columns.append([a / a_total for a in activations])
     cost = np.array(columns).T  # (U, criteria): each worker's load is balanced on its largest share
     member = np.zeros((len(windows), n))
     for j, w in enumerate(windows):
@@ -284,7 +285,7 @@ def _best_of_restarts(units: Sequence[UnitCost], cost: np.ndarray, member: np.nd
         if assignment is None:
             continue
         counts = np.bincount(assignment, minlength=member.shape[0])
-        load = sum(np.outer(member[a], cost[i]) for i, a in enumerate(assignment))
+        load = _load(assignment, cost, member)
         key = (_components(member, counts), *_objective(load))
         if best_key is None or key < best_key:
             best, best_key = assignment, key
@@ -357,7 +358,8 @@ def _assign_greedy(units: Sequence[UnitCost], cost: np.ndarray, member: np.ndarr
 
 
 def _load(assignment: list[int], cost: np.ndarray, member: np.ndarray) -> np.ndarray:
-    return sum(np.outer(member[a], cost[i]) for i, a in enumerate(assignment))
+    # an array, not sum()'s start 0: there is at least one unit (make_plan rejects none)
+    return cast(np.ndarray, sum(np.outer(member[a], cost[i]) for i, a in enumerate(assignment)))
 
 
 def _assign_at_random(cost: np.ndarray, member: np.ndarray, rng: random.Random, tolerance: float,

@@ -22,11 +22,14 @@ import copy
 import operator
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence, cast
 
 import torch
 import torch.fx
 from torch import nn
+
+if TYPE_CHECKING:
+    from typing_extensions import TypeIs  # typing.TypeIs from Python 3.13
 
 from .errors import SDPConfigError
 
@@ -132,8 +135,10 @@ def _param_modules_upstream(node: Any, modules: dict[str, nn.Module]) -> set[str
         if n in seen:
             continue
         seen.add(n)
-        if n.op == "call_module" and any(True for _ in modules[n.target].parameters()):
-            found.add(n.target)
+        if n.op == "call_module":
+            target = cast(str, n.target)  # call_module: the module's qualified name
+            if any(True for _ in modules[target].parameters()):
+                found.add(target)
         stack.extend(_input_nodes(n))
     return found
 
@@ -243,7 +248,8 @@ def trace_residual(block: nn.Module, name: str) -> ResidualGraph | None:
                 f"block {name!r}: cannot tell the residual branch from the shortcut "
                 f"(both sides of the add use {len(upstream_a)} parameterised modules)")
         branch, shortcut = (a, b) if len(upstream_a) > len(upstream_b) else (b, a)
-        branches.append((node, branch))
+        # a Node: only a Node has parameterised modules upstream, and the branch has more than the shortcut
+        branches.append((node, cast(torch.fx.Node, branch)))
         if not (isinstance(shortcut, torch.fx.Node) and _is_add(shortcut)):
             break
         node = shortcut
@@ -277,7 +283,7 @@ class BlockInfo:
         # the previous layer's backward): an in-place activation there would corrupt it.
         for node in gm.graph.nodes:
             if node.op == "call_module" and getattr(gm.get_submodule(node.target), "inplace", False):
-                out_of_place = copy.copy(gm.get_submodule(node.target))
+                out_of_place: Any = copy.copy(gm.get_submodule(node.target))  # any module with .inplace
                 out_of_place.inplace = False
                 name = node.target.replace(".", "_") + "_out_of_place"
                 gm.add_submodule(name, out_of_place)
@@ -319,7 +325,7 @@ def analyse_block(block: nn.Module, path: str) -> BlockInfo:
     while stack:
         node = stack.pop()
         if node.op == "call_module":
-            shortcut_modules.add(node.target)
+            shortcut_modules.add(cast(str, node.target))  # call_module: the module's qualified name
         stack.extend(node.all_input_nodes)
     return BlockInfo(path, traced=True, shortcut_modules=sorted(shortcut_modules))
 
@@ -414,7 +420,7 @@ def is_conv1d(module: Any) -> bool:
             and weight.dim() == 2 and tuple(weight.shape) == (module.nx, module.nf))
 
 
-def _is_projection(module: Any) -> bool:
+def _is_projection(module: Any) -> TypeIs[nn.Module]:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
@@ -519,10 +525,10 @@ def _match_attention(module: nn.Module, ch: dict[str, nn.Module], path: str,
         inner, out = ch.get(owner), _submodule(module, o)
         if inner is None or not _is_projection(out):
             continue
-        layers = [_submodule(inner, n) for n in (q, k, v)]
-        if all(_is_projection(m) for m in layers) and _in_features(out) == _out_features(layers[0]):
+        layers = [m for m in (_submodule(inner, n) for n in (q, k, v)) if _is_projection(m)]
+        if len(layers) == 3 and _in_features(out) == _out_features(layers[0]):  # q, k and v all projections
             names = tuple(_join(owner, n) for n in (q, k, v))
-            return _qkvo_site(inner, owner, layers, names, out, o, path, block)  # type: ignore[arg-type]
+            return _qkvo_site(inner, owner, layers, names, out, o, path, block)
     for qkv, o in _FUSED_ATTENTION:
         if is_proj(qkv) and is_proj(o) and _out_features(ch[qkv]) == 3 * _in_features(ch[o]):
             rows = _in_features(ch[o])
@@ -584,7 +590,8 @@ def refresh_shape_attributes(module: nn.Module) -> None:
         module.out_channels = module.weight.shape[0]
         module.in_channels = module.weight.shape[1] * module.groups
     elif type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx"):
-        module.nx, module.nf = module.weight.shape
+        conv1d: Any = module  # Hugging Face's Conv1D, known by name only
+        conv1d.nx, conv1d.nf = conv1d.weight.shape
     elif isinstance(module, nn.modules.batchnorm._NormBase):
         ref = module.weight if module.weight is not None else module.running_mean
         module.num_features = ref.shape[0]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from subnetdp.app.study.sweep import expand
+from subnetdp.app.study.grid import expand
 
 from _runs import assert_chart, cli
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from subnetdp.app.study.sweep import SweepError, expand, main
+from subnetdp.app.study.grid import SweepError, expand
+from subnetdp.app.study.sweep import main
 
 from _runs import TINY_TASK, assert_chart, cli
 
@@ -216,7 +217,8 @@ name = "sdp"
 
 def test_a_run_recorded_before_a_schema_key_was_added_is_still_complete(tmp_path: Path) -> None:
     from subnetdp.app.config import load_config
-    from subnetdp.app.study.sweep import Cell, cell_state
+    from subnetdp.app.study.cells import cell_state
+    from subnetdp.app.study.grid import Cell
     wanted = load_config(None, ["strategy.coverage=0.5"]).to_dict()
     cell = Cell(id="sdp/n2/s0", group="sdp", workers=2, seed=0, overrides={"strategy.coverage": 0.5}, config=wanted)
     summary = tmp_path / "cells" / cell.id / "summary.json"
