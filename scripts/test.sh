@@ -9,4 +9,5 @@ bash scripts/get_data.sh || echo "Fashion-MNIST not installed: its tests will be
 . .venv/bin/activate
 export OMP_NUM_THREADS=1
 python -m ruff check .  # style: line length, import order, unused names (pyproject.toml)
+python -m mypy  # types: subnetdp/engine (pyproject.toml [tool.mypy])
 python -m pytest tests "$@"

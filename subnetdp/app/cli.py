@@ -482,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="--resume when --out holds a complete checkpoint, else start from scratch (replacing "
                        "what a start killed before its first checkpoint left): for torchrun --max-restarts, "
                        "elastic jobs and requeued batch jobs")
-    train.add_argument("--overwrite", "--force", action="store_true",
+    train.add_argument("--overwrite", action="store_true",
                        help="--out holds an earlier run: delete its metrics.jsonl, summary.json and checkpoints/ "
                        "and start again (without it, such a folder is refused)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")

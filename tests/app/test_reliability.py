@@ -241,17 +241,17 @@ def test_export_of_a_missing_step_or_folder_is_one_line(finished, tmp_path, caps
     assert _one_error_line(capsys.readouterr().err) == f"error: {tmp_path}/nope is not a run folder (no such folder)"
 
 
-def test_export_refuses_an_existing_out_unless_force(finished, tmp_path, capsys, monkeypatch) -> None:
+def test_export_refuses_an_existing_out_unless_overwrite(finished, tmp_path, capsys, monkeypatch) -> None:
     _, out = _copy(finished, tmp_path)
     target = tmp_path / "m.safetensors"
     target.write_bytes(b"an older export")
     assert main(["export", str(out), "--out", str(target)]) == 2
     assert _one_error_line(capsys.readouterr().err) == (
-        f"error: --out {target} already exists: pass --force to replace it, or choose another --out")
+        f"error: --out {target} already exists: pass --overwrite to replace it, or choose another --out")
     assert target.read_bytes() == b"an older export"
     folder = tmp_path / "folder"
     folder.mkdir()
-    assert main(["export", str(out), "--out", str(folder), "--force"]) == 2
+    assert main(["export", str(out), "--out", str(folder), "--overwrite"]) == 2
     assert "is a folder: give a file name" in _one_error_line(capsys.readouterr().err)
 
     def full_disk(tensors, filename, metadata=None):
@@ -259,11 +259,11 @@ def test_export_refuses_an_existing_out_unless_force(finished, tmp_path, capsys,
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(export_module, "save_file", full_disk)
-    assert main(["export", str(out), "--out", str(target), "--force"]) == 2
+    assert main(["export", str(out), "--out", str(target), "--overwrite"]) == 2
     assert "No space left on device" in _one_error_line(capsys.readouterr().err)
     assert target.read_bytes() == b"an older export"
     monkeypatch.undo()
-    assert main(["export", str(out), "--out", str(target), "--force"]) == 0
+    assert main(["export", str(out), "--out", str(target), "--overwrite"]) == 0
     assert target.stat().st_size > 1000
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "m.safetensors", "run"]  # no .tmp left
 
@@ -289,12 +289,12 @@ def test_export_refuses_an_existing_out_unless_force(finished, tmp_path, capsys,
     (["--set", "model.width=0"], "error: --set model.width=0: [model] width = 0 for 'resnet18': must be >= 1"),
     (["--workers", "0"], "error: --workers must be >= 1 workers, got 0"),
     (["--workers", "-2"], "error: --workers must be >= 1 workers, got -2"),
-    (["--workers", "0", "--simulate"], "error: --simulate must be >= 1 workers, got 0"),
+    (["--workers", "0", "--simulate"], "error: --workers must be >= 1 workers, got 0"),
 ])
 def test_bad_train_values_are_one_line(tmp_path, capsys, no_torchrun, args, message) -> None:
     config = tmp_path / "c.toml"
     config.write_text(SMALL)
-    if "--nproc" not in args and "--simulate" not in args:
+    if "--workers" not in args:
         args = [*args, "--workers", "2", "--simulate"]
     assert main(["train", str(config), "--out", str(tmp_path / "run"), *args]) == 2
     assert _one_error_line(capsys.readouterr().err).startswith(message)

@@ -2,12 +2,12 @@
 
     subnetdp export runs/r18 --out r18.safetensors          # newest complete checkpoint
     subnetdp export runs/r18 --step 400 --out r18-400.safetensors
-    subnetdp export runs/r18 --out r18.safetensors --force  # replace r18.safetensors
+    subnetdp export runs/r18 --out r18.safetensors --overwrite  # replace r18.safetensors
     subnetdp export runs/r18 --out r18.safetensors --scale-branches   # B-SDP: branches x k/N, folded
 
 The newest complete checkpoint is the newest whose files match the sizes and hashes of its manifest;
 newer ones that do not are skipped, and the command says which and why before it names the step it
-exported. An --out that exists is refused unless --force; the file is written to a temporary name
+exported. An --out that exists is refused unless --overwrite; the file is written to a temporary name
 next to it and renamed into place, so --out is either the old file or the new one, and the
 temporary file is removed when writing fails.
 
@@ -38,7 +38,7 @@ from .reshard import is_replicated, replica_state
 
 
 class ExportError(ckpt.CheckpointError):
-    """The output file cannot be written (exists without --force, is a folder, not writable)."""
+    """The output file cannot be written (exists without --overwrite, is a folder, not writable)."""
 
 
 @dataclass
@@ -84,7 +84,7 @@ def check_output(out: Path, force: bool = False) -> None:
     if out.is_dir():
         raise ExportError(f"--out {out} is a folder: give a file name, e.g. {out / 'model.safetensors'}")
     if out.exists() and not force:
-        raise ExportError(f"--out {out} already exists: pass --force to replace it, or choose another --out")
+        raise ExportError(f"--out {out} already exists: pass --overwrite to replace it, or choose another --out")
     parent = out.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
