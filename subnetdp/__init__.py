@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 __all__ = ["CollectiveError", "DisconnectedPlanWarning", "Plan", "PlanError", "PlanMismatchError", "SDPConfigError",
            "SubnetworkDataParallel", "SubnetworkSimulator", "fold_residual_scale", "make_plan", "plan_for",
            "recalibrate_norm_statistics", "scale_residual_branches", "__version__"]
