@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from subnetdp.app.bench.runner import _blocks_run_forward, main, parse_strategy
+from subnetdp.app.bench.runner import blocks_run_forward, main, parse_strategy
 from subnetdp.app.parallelism import RealSDP
 
 from _models import batch_for, make
@@ -77,17 +77,17 @@ def test_sharded_sdp_keeps_less_optimizer_state_for_the_same_wire_bytes(tmp_path
 def test_checkpointed_blocks_are_the_ones_the_plan_runs_forward() -> None:
     """sdp-*-ckpt checkpoints the blocks whose forward this rank runs: under block-level forward
     masking the plan's held blocks, otherwise every block."""
-    from torch.testing._internal.distributed.fake_pg import FakeStore
+    from subnetdp.measure.fake_group import init_fake_process_group
     paths = [f"blocks.{i}" for i in range(4)]
     for rank in range(4):
-        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=4)
+        init_fake_process_group(rank, 4)
         try:
             torch.manual_seed(0)
             par = RealSDP(make("mlp"), blocks="blocks", coverage=0.25, example_input=batch_for("mlp", 0)[0])
-            held = _blocks_run_forward(parse_strategy("sdp-block-fwd-ckpt@0.25"), par, paths)
+            held = blocks_run_forward(parse_strategy("sdp-block-fwd-ckpt@0.25"), par, paths)
             assert held and held == sorted(par.plan.held_units(rank)) and len(held) < len(paths)
-            assert _blocks_run_forward(parse_strategy("sdp-block-bwd-ckpt@0.25"), par, paths) == paths
-            assert _blocks_run_forward(parse_strategy("sdp-neuron-fwd-ckpt@0.25"), par, paths) == paths
+            assert blocks_run_forward(parse_strategy("sdp-block-bwd-ckpt@0.25"), par, paths) == paths
+            assert blocks_run_forward(parse_strategy("sdp-neuron-fwd-ckpt@0.25"), par, paths) == paths
         finally:
             dist.destroy_process_group()
 

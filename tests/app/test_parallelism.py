@@ -111,8 +111,8 @@ def test_simulated_sdp_hands_back_the_plain_model(level: str) -> None:
 def fake_group() -> object:
     """A process group of two ranks whose collectives do nothing: real DDP and SDP can be built
     and stepped in this one process (values that would come from the other rank stay local)."""
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=WORKERS)
+    from subnetdp.measure.fake_group import init_fake_process_group
+    init_fake_process_group(0, WORKERS)
     try:
         yield
     finally:

@@ -141,9 +141,9 @@ def test_gradients_sent_in_a_narrower_dtype_average_to_its_precision(dtype: torc
 
 
 def test_narrower_gradients_hand_half_the_bytes_and_bad_dtypes_are_refused() -> None:
-    from torch.testing._internal.distributed.fake_pg import FakeStore
+    from subnetdp.measure.fake_group import init_fake_process_group
 
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=4)
+    init_fake_process_group(0, 4)
     try:
         sent = {}
         for dtype in (None, torch.bfloat16):

@@ -721,9 +721,9 @@ def _live_storage_bytes() -> int:
 def test_a_dropped_wrapper_leaves_no_tensor_behind(level: str, masking: str) -> None:
     """Everything the wrapper, its plan (the example input's forward) and a training step
     allocated is freed once the user drops them (on a GPU, held memory is allocated memory)."""
-    from torch.testing._internal.distributed.fake_pg import FakeStore
+    from subnetdp.measure.fake_group import init_fake_process_group
 
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=4)
+    init_fake_process_group(0, 4)
     try:
         before = _live_storage_bytes()
         model = make("resnet")

@@ -151,7 +151,7 @@ def apply_strategy(strategy: Strategy, model: nn.Module, task: Task, device: tor
                                    example_input=task.example_input.to(device), shard=strategy.shard,
                                    **level_kwargs(strategy.level, task.blocks))
         if strategy.checkpointing:
-            checkpoint_blocks(par.unwrapped_models[0], _blocks_run_forward(strategy, par, paths))
+            checkpoint_blocks(par.unwrapped_models[0], blocks_run_forward(strategy, par, paths))
         wrapped: nn.Module = par.models[0]
         harness_kwargs: dict[str, Any] = {"parallelism": par}
     elif strategy.kind == "fsdp":
@@ -178,7 +178,7 @@ def apply_strategy(strategy: Strategy, model: nn.Module, task: Task, device: tor
     return Harness(strategy, wrapped, optimizer, **harness_kwargs)
 
 
-def _blocks_run_forward(strategy: Strategy, par: Parallelism, paths: list[str]) -> list[str]:
+def blocks_run_forward(strategy: Strategy, par: Parallelism, paths: list[str]) -> list[str]:
     """The blocks whose forward pass this rank runs, as the plan says: under block-level forward
     masking the blocks it holds; otherwise every block (neuron level slices inside each block,
     and backward masking runs the full forward)."""
@@ -230,13 +230,13 @@ def run_worker(args: argparse.Namespace) -> None:
 def run_fake(args: argparse.Namespace, strategies: list[str]) -> None:
     """One process measures every rank in turn, each in a fake process group of N ranks whose
     collectives do nothing: memory is exactly that rank's at N workers, time is compute only."""
-    from torch.testing._internal.distributed.fake_pg import FakeStore
+    from ...measure.fake_group import init_fake_process_group
     device = _device(args)
     (Path(args.out) / "bench.log").write_text("")
     from tqdm import tqdm
     for name in tqdm(strategies, desc="strategies", unit="run"):
         for rank in range(args.workers):
-            dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=args.workers)
+            init_fake_process_group(rank, args.workers)
             try:
                 _write(args, measure(args, parse_strategy(name), device))
             except Exception as exc:  # noqa: BLE001 - a failing strategy is reported, the others run
