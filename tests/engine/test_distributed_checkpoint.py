@@ -116,9 +116,9 @@ def _load_on_ranks(rank: int, world: int, folder: str, shard: bool) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("shard", [False, True])
-def test_four_ranks_save_and_three_ranks_load(tmp_path: Path, shard: bool) -> None:
+def test_four_ranks_save_and_two_ranks_load(tmp_path: Path, shard: bool) -> None:
     saved = run_distributed(_save_on_ranks, 4, str(tmp_path / "ckpt"), shard)[0]
-    loaded = run_distributed(_load_on_ranks, 3, str(tmp_path / "ckpt"), shard)
+    loaded = run_distributed(_load_on_ranks, 2, str(tmp_path / "ckpt"), shard)  # the pools other tests use
     assert loaded[0]["files"] == [".metadata"] + [f"__{r}_0.distcp" for r in range(4)]  # one file per saving rank
     for result in loaded:
         _assert_same(result["model"], saved["model"])
