@@ -32,7 +32,6 @@ import torch.distributed as dist
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-from ...engine import checkpoint as sdp_checkpoint
 from ...measure import optimizer_state_bytes, tensor_bytes
 from ..builders import Task, build_task
 from ..config import Config, ConfigError, phase_steps
@@ -269,6 +268,7 @@ class TrainingRun:
         ckpt.require_readable(manifest, folder)
         if ckpt.holds_dcp(manifest):  # SDP: each worker reads the chunks it holds, under any plan
             own = ckpt.load_rank_state(folder, min(ctx.rank, manifest["world_size"] - 1))
+            from ...engine import checkpoint as sdp_checkpoint  # here: torch.distributed.checkpoint takes 0.7 s
             sdp_checkpoint.load(folder / ckpt.MODEL_DIR, self.tr.par.engine, self.tr.optimizers)
             schedulers = own["schedulers"]  # identical schedules: any worker's serves on another N
             for i, scheduler in enumerate(self.tr.schedulers):
@@ -476,6 +476,7 @@ class TrainingRun:
             per_rank["workers"] = tr.state()
         ckpt.write_rank_state(root, done, ctx.rank, per_rank)
         if tr.par.is_sdp:
+            from ...engine import checkpoint as sdp_checkpoint  # here: torch.distributed.checkpoint takes 0.7 s
             sdp_checkpoint.save(ckpt.partial_dir(root, done) / ckpt.MODEL_DIR, tr.par.engine, tr.optimizers)
         ctx.barrier()
         if ctx.is_main:
