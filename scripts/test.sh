@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up (scripts/setup.sh, scripts/get_data.sh), lint (ruff) and run the test suite: real multi-process gloo
 # groups on CPU. Tests that read the real Fashion-MNIST files are skipped where they are absent.
-# Arguments go to pytest: `bash scripts/test.sh -m "not slow"` is the fast tier (under a minute).
+# Arguments go to pytest: `bash scripts/test.sh -m "not slow and not dist"` is the fast tier (under a minute).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
