@@ -77,6 +77,13 @@ class Subnetwork(nn.Module):
         return ((n, p) for n, p in self.module.named_parameters(prefix, recurse, remove_duplicate)
                 if p.requires_grad)
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """The gradients of ``parameters()`` and, sharded, of the model's own parameters too (where
+        backward under ``no_sync()`` leaves them)."""
+        super().zero_grad(set_to_none)
+        if self.sharded:
+            self.module.zero_grad(set_to_none)
+
     def trained_parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
         """The model's parameters this worker trains (held units and shared parameters); frozen
         copies that backward masking keeps for the forward pass are left out."""

@@ -174,3 +174,17 @@ def test_shards_of_whole_parameters_are_views_of_the_weights() -> None:
         torch.testing.assert_close(value, initial[key], rtol=0, atol=0, msg=key)
     neuron = SubnetworkSimulator(make("mlp"), WORKERS, neurons="blocks", coverage=0.5, shard=True)
     assert any(shard.weights is None for shard in neuron.workers[0].shards)
+
+
+def test_parameters_are_the_shards_and_zero_grad_clears_the_models_gradients_too() -> None:
+    """Under shard=True `parameters()` is what the optimizer steps (as FSDP2's); a backward that
+    was not reduced (no_sync) leaves gradients on the model's parameters: zero_grad clears them."""
+    sim = SubnetworkSimulator(make("mlp"), 4, neurons="blocks", coverage=0.5, shard=True)
+    worker = sim.workers[0]
+    assert [id(p) for p in worker.parameters()] == [id(p) for p in worker.shard_parameters()]
+    assert {id(p) for p in worker.parameters()} != {id(p) for p in worker.trained_parameters()}
+    x, y = batch_for("mlp", 0)
+    loss_of("mlp", worker, x, y).backward()  # not reduced: the gradients stay on the model
+    assert any(p.grad is not None for p in worker.trained_parameters())
+    worker.zero_grad()
+    assert all(p.grad is None for p in worker.trained_parameters()) and all(p.grad is None for p in worker.parameters())
