@@ -13,7 +13,7 @@ OUT="${OUT:-runs/gpu}"; DEVICE="${DEVICE:-cuda}"; PRESETS="${PRESETS:-134m 1b}"
 SEQ="${SEQ:-1024}"; VOCAB="${VOCAB:-32000}"; BATCH="${BATCH:-8}"; CHUNK="${CHUNK:-1024}"
 STEPS="${STEPS:-4}"; WARMUP="${WARMUP:-1}"; LIMIT="${LIMIT:-240}"
 export PYTHONUNBUFFERED=1
-BF16=$([ "$DEVICE" = cuda ] && echo --bf16 || true)
+BF16=$([ "$DEVICE" = cuda ] && echo "--autocast bfloat16" || true)
 STRATEGIES_134m="ddp ddp-ckpt fsdp sdp-block-fwd@0.5 sdp-block-fwd-shard@0.5 sdp-block-fwd-ckpt@0.5
   sdp-block-fwd-ckpt-shard@0.5 sdp-block-fwd@0.25 sdp-block-fwd-shard@0.25 ddp-sd@0.5"
 STRATEGIES_1b="ddp ddp-ckpt sdp-block-fwd@0.5 sdp-block-fwd-shard@0.5 sdp-block-fwd-ckpt-shard@0.5

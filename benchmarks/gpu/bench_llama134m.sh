@@ -57,7 +57,7 @@ PY
 
 # 2. the benchmark
 timeout 330 python3 -m subnetdp.app.cli bench --model llama --preset 134m --vocab 32000 --seq-len 1024 \
-  --batch-size 8 --workers 4 --device cuda --backend fake --bf16 --steps 6 --warmup 2 \
+  --batch-size 8 --workers 4 --device cuda --backend fake --autocast bfloat16 --steps 6 --warmup 2 \
   --strategies ddp,sdp-block-fwd@0.5,fsdp,ddp-ckpt,sdp-block-fwd-ckpt@0.5,ddp-sd@0.5,sdp-block-fwd@0.25,sdp-neuron-fwd@0.5,sdp-block-bwd@0.5,sdp-neuron-bwd@0.5 \
   --out "$OUT/llama134m" 2>&1 | grep -v "it/s\]\|run/s\]" | tail -40
 tar czf "$OUT/llama134m_raw.tgz" -C "$OUT" llama134m/raw

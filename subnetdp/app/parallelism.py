@@ -166,8 +166,9 @@ class SimulatedDDP(Parallelism):
 
 
 class RealSDP(Parallelism):
-    """SubnetworkDataParallel on this rank: it averages gradients over holders during backward and
-    (backward masking) broadcasts updated units from an optimizer hook, so no after-hooks here."""
+    """SubnetworkDataParallel on this rank: it averages gradients over holders during backward;
+    ``after_step`` shares the stepped weights (backward masking, shards) at once, so evaluation
+    reading the inner module sees them."""
 
     is_sdp, replicated = True, False
 

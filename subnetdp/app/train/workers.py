@@ -232,7 +232,7 @@ def train_step(tr: LocalWorkers, step: int, tracker: WorkerPeakTracker | None = 
     tr.peak_grad_bytes = max(tr.peak_grad_bytes, tensor_bytes(grads))
     for (rank, _), optimizer, scheduler in zip(worker_optimizers(tr), tr.optimizers, tr.schedulers):
         with attributed(rank):
-            optimizer.step()  # backward-masked SDP broadcasts updated units from an optimizer hook
+            optimizer.step()  # backward-masked or sharded SDP shares the weights in par.after_step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
     par.after_step()
