@@ -140,7 +140,7 @@ def _resumed_config(args: argparse.Namespace, out: Path, first: bool) -> object:
                   f"{args.config} as it reads now; not applied: {listed}. Change what a resume may change with "
                   "--set", file=sys.stderr)
     if args.nproc is None and args.simulate is None and "RANK" not in os.environ:
-        if manifest["simulate"]:
+        if manifest["simulate"] or getattr(args, "simulate_requested", False):
             args.simulate = manifest["virtual_world_size"]
         else:
             args.nproc = manifest["virtual_world_size"]
@@ -234,6 +234,7 @@ def _train_command(args: argparse.Namespace) -> int:
         args.workers = args.nproc
     # internally: nproc = processes to start through torchrun, simulate = virtual workers (None: not
     # given; --resume then takes the run's own, else 1 process)
+    args.simulate_requested = bool(args.simulate)  # --resume --simulate: the run's own count, simulated
     if args.simulate:
         args.nproc, args.simulate = None, args.workers if args.workers is not None or args.resume else 1
     else:

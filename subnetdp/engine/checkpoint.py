@@ -302,9 +302,9 @@ def _exchange(model: Model) -> Any:
 def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     """Create an optimizer's per-parameter state where it has none (it never stepped), by a step
     that changes nothing: zero gradients at learning rate 0, as torch.distributed.checkpoint does."""
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    if all(optimizer.state.get(p) for p in params):
+    if optimizer.state:  # it has stepped: leave it as it is (as torch.distributed.checkpoint does)
         return
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     grads = {p: p.grad for p in params}
     rates = [g["lr"] for g in optimizer.param_groups]
     for p in params:
@@ -313,7 +313,7 @@ def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
         g["lr"] = 0.0 if not torch.is_tensor(g["lr"]) else torch.zeros_like(g["lr"])
     try:
         with torch.no_grad():
-            optimizer.step()  # our own hooks (weight sync) run too: the weights did not change
+            optimizer.step()
     finally:
         for g, rate in zip(optimizer.param_groups, rates):
             g["lr"] = rate

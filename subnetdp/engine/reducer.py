@@ -220,6 +220,7 @@ class GradientReducer:
     def __init__(self, rank: int, buckets: dict[HolderSet, list[Bucket]], exchange: Exchange) -> None:
         self.rank, self.buckets, self.exchange = rank, buckets, exchange
         self.enabled = True       # False inside no_sync()
+        self.backwards = 0        # synced backwards finished: the weight sync follows the step after one
         self.queued = False       # the end-of-backward callback is queued for this backward
         self.sets_of_param: dict[int, list[HolderSet]] = {}
         for holders, bucket_list in buckets.items():
@@ -281,6 +282,7 @@ class GradientReducer:
                 bucket.sync.finish()  # type: ignore[union-attr]
                 bucket.sync = None
         release_sharded_grads(self.buckets)
+        self.backwards += 1
 
     def reset(self) -> None:
         """Forget a backward that raised before its end-of-backward callback ran."""

@@ -137,20 +137,18 @@ class SubnetworkDataParallel(Subnetwork):
                     sdp.sync_weights_if_stepped()
 
             handles.append(self.module.register_forward_pre_hook(before_forward))
-        self._synced_versions = self._versions()
+        self._synced_after = self.reducer.backwards
         return handles
-
-    def _versions(self) -> list[int]:
-        """In-place update counters of what the optimizer steps: they change when it steps."""
-        return [p._version for p in self.parameters()]
 
     def weights_loaded(self) -> None:
         super().weights_loaded()
-        self._synced_versions = self._versions()  # a load is not a step: nothing to share
+        self._synced_after = self.reducer.backwards  # a load is not a step: nothing to share
 
     def sync_weights_if_stepped(self) -> None:
         """``sync_weights()`` if an optimizer stepped since the last one (sync_weights_after_step)."""
-        if self._auto_sync and self._versions() != self._synced_versions:
+        # after a synced backward (a collective: every rank agrees), whatever the optimizer (fused
+        # ones update the weights without the in-place counters a version check would read)
+        if self._auto_sync and self.reducer.backwards != self._synced_after:
             self.sync_weights()
 
     def redraw(self, seed: int, optimizer: torch.optim.Optimizer) -> int:
@@ -210,7 +208,7 @@ class SubnetworkDataParallel(Subnetwork):
             sharding.gather_weights({self.rank: self.buckets}, self.exchange)
         if self.masking == "backward":
             weights.sync_weights({self.rank: self.layout}, self.exchange, self.world_size)
-        self._synced_versions = self._versions()
+        self._synced_after = self.reducer.backwards
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The assembled full model on CPU, with the original model's keys (collective: call it on

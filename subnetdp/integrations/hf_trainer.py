@@ -49,6 +49,9 @@ class SDPTrainer(Trainer):
         if not torch.distributed.is_initialized():
             raise SDPConfigError("SDPTrainer: torch.distributed is not initialised; launch with torchrun "
                                  "(gloo on CPU: TrainingArguments(use_cpu=True, ddp_backend='gloo'))")
+        if sdp.get("shard"):  # the Trainer builds its optimizer over self.model's parameters, not the shards
+            raise SDPConfigError("SDPTrainer: shard=True is not supported (transformers.Trainer steps the model's "
+                                 "parameters; sharded SDP steps sdp.parameters())")
         self.sdp = SubnetworkDataParallel(self.model, **sdp)  # cuts self.model in place
         accelerator = self.accelerator
         prepare_model = accelerator.prepare_model

@@ -188,3 +188,21 @@ def test_parameters_are_the_shards_and_zero_grad_clears_the_models_gradients_too
     assert any(p.grad is not None for p in worker.trained_parameters())
     worker.zero_grad()
     assert all(p.grad is None for p in worker.trained_parameters()) and all(p.grad is None for p in worker.parameters())
+
+
+def _fused_or_not(rank: int, world: int, fused: bool) -> dict:
+    sdp = SubnetworkDataParallel(make("mlp"), neurons="blocks", coverage=0.5, masking="backward", timeout=60)
+    opt = torch.optim.AdamW(sdp.parameters(), lr=1e-2, fused=fused, foreach=None if fused else False)
+    for step in range(3):
+        x, y = batch_for("mlp", 100 * step + rank)
+        loss_of("mlp", sdp, x, y).backward()
+        opt.step()  # fused: no in-place version counter moves; the sync follows the synced backward
+        opt.zero_grad()
+    return sdp.full_state_dict()
+
+
+@pytest.mark.slow
+def test_a_fused_optimizer_gets_its_weights_shared_as_a_plain_one() -> None:
+    fused, plain = run_distributed(_fused_or_not, 2, True)[0], run_distributed(_fused_or_not, 2, False)[0]
+    for key, value in plain.items():
+        torch.testing.assert_close(fused[key], value, rtol=1e-5, atol=1e-6, msg=key)

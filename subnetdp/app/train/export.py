@@ -11,9 +11,10 @@ exported. An --out that exists is refused unless --overwrite; the file is writte
 next to it and renamed into place, so --out is either the old file or the new one, and the
 temporary file is removed when writing fails.
 
-Runs in one process, without torch.distributed: for SDP it rebuilds every worker's subnetwork from
-the recorded plan arguments, loads each rank's file and assembles the model exactly as
-``full_state_dict()`` does (each unit from its first holder, norm statistics averaged over holders).
+Runs in one process, without torch.distributed: for SDP it builds the plain model from the
+manifest's sizes and reads every chunk of the checkpoint's `model/` (torch.distributed.checkpoint)
+into it: the model ``full_state_dict()`` assembles (each unit from its first holder, norm
+statistics averaged over holders). DDP: rank 0's replica.
 The file loads into the plain model: ``model.load_state_dict(safetensors.torch.load_file(path))``.
 """
 

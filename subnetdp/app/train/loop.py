@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import socket
 import statistics
 import sys
@@ -469,6 +470,9 @@ class TrainingRun:
         if ctx.all_reduce_sum(torch.tensor([float(not_finite)])).item():
             raise DivergedError(f"the run diverged at step {done}: the weights hold NaN or infinite values; "
                                 "this state was not checkpointed. Lower optim.lr, or set optim.grad_clip")
+        if ctx.is_main:  # a partial folder of this step left by a crash must not mix into this one
+            shutil.rmtree(ckpt.partial_dir(root, done), ignore_errors=True)
+        ctx.barrier()
         per_rank: dict[str, Any] = {"rng": _rng_state(ctx.device), "log_accumulator": self.log_acc, "step": done}
         if tr.par.is_sdp:  # the model and optimizer state through DCP, each rank its chunks
             per_rank["schedulers"] = [s.state_dict() for s in tr.schedulers]

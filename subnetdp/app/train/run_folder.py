@@ -56,6 +56,7 @@ def check_run_folder(out: Path, config: Config, resume: bool, overwrite: bool = 
         if found is None:
             raise ckpt.CheckpointError(f"--resume: no complete checkpoint under {root}")
         folder, manifest = found
+        ckpt.require_readable(manifest, folder)  # before anything starts: one line
         if workers is not None:  # a resume under another config is refused, complete or not
             check_resume(config, manifest, workers, simulate, folder)
         steps = sum(phase_steps(config))
