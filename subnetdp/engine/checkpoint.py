@@ -302,13 +302,14 @@ def _exchange(model: Model) -> Any:
 def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     """Create an optimizer's per-parameter state where it has none (it never stepped), by a step
     that changes nothing: zero gradients at learning rate 0, as torch.distributed.checkpoint does."""
-    if optimizer.state:  # it has stepped: leave it as it is (as torch.distributed.checkpoint does)
-        return
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    missing = [p for p in params if not optimizer.state.get(p)]
+    if not missing:
+        return
     grads = {p: p.grad for p in params}
     rates = [g["lr"] for g in optimizer.param_groups]
-    for p in params:
-        p.grad = torch.zeros_like(p)
+    for p in params:  # only the parameters without state step (a None gradient is skipped), so the
+        p.grad = torch.zeros_like(p) if not optimizer.state.get(p) else None  # others keep theirs
     for g in optimizer.param_groups:
         g["lr"] = 0.0 if not torch.is_tensor(g["lr"]) else torch.zeros_like(g["lr"])
     try:

@@ -123,3 +123,19 @@ def test_four_ranks_save_and_two_ranks_load(tmp_path: Path, shard: bool) -> None
     for result in loaded:
         _assert_same(result["model"], saved["model"])
         _assert_same_optimizer(result["optim"], saved["optim"])
+
+
+def test_getting_the_optimizer_state_creates_only_the_missing_state_and_moves_nothing_else() -> None:
+    sim, opts = _simulator(4, "block")
+    train_simulated(sim, opts, range(2))
+    opt = opts[0]
+    params = [p for g in opt.param_groups for p in g["params"]]
+    del opt.state[params[0]]  # a parameter without state (as after a re-drawn plan gave it a unit)
+    kept = {i: {k: v.clone() for k, v in opt.state[p].items()} for i, p in enumerate(params) if i > 0}
+    weights = [p.detach().clone() for p in params]
+    sdp_checkpoint.get_optimizer_state_dict(sim, opts)
+    assert set(opt.state[params[0]]) == set(kept[1])  # created
+    for i, state in kept.items():
+        for name, value in state.items():
+            assert torch.equal(opt.state[params[i]][name], value), (i, name)  # untouched
+    assert all(torch.equal(p, w) for p, w in zip(params, weights))
