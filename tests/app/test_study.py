@@ -108,3 +108,17 @@ def test_memory_script_measures_each_phase_against_ddp(tmp_path: Path) -> None:
     ddp_peak, sdp_peak = ddp["peak_memory_per_worker"], sdp["peak_memory_per_worker"]
     assert sdp_peak["full_phase"] <= sdp_peak["sdp_phase"] < ddp_peak["training"]
     assert set(sdp_peak["by_worker"]["sdp_phase"]) == {"0", "1", "2", "3"}
+
+
+@pytest.mark.slow
+def test_reshard_memory_script_trains_on_4_resumes_on_3_and_records_each_peak(tmp_path: Path) -> None:
+    """docs/reliability.md's `bash scripts/reshard_memory.sh`, on the debug LLaMA preset."""
+    env = {**os.environ, "PRESET": "debug", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "reshard_memory.sh"), str(tmp_path)], capture_output=True,
+                            text=True, timeout=600, cwd=ROOT, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "re-planned and moved" in result.stdout
+    peaks = {name: int((tmp_path / f"{name}.maxrss_kib").read_text()) for name in ("trained4", "fresh3", "resumed3")}
+    assert all(kib > 100_000 for kib in peaks.values()), peaks  # a process that imported torch, measured
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["workers"] == 3 and summary["resumed_from"] == 1 and not summary["simulated"]
