@@ -67,9 +67,9 @@ class SubnetworkDataParallel(Subnetwork):
             and to check that untraceable blocks keep their input's shape.
         timeout: seconds after which a collective that has not completed (a dead or stuck peer)
             raises ``CollectiveError`` naming it.
-        sync_weights_after_step: backward masking or ``shard``: once an optimizer has stepped
-            ``parameters()``, share the updated weights before the model's next forward (a forward
-            pre-hook on ``model``), ``full_state_dict()`` or checkpoint; every rank must then run
+        sync_weights_after_step: backward masking or ``shard``: after a synced backward (so after
+            the step that follows it), share the updated weights before the model's next forward (a
+            forward pre-hook on ``model``), ``full_state_dict()`` or checkpoint; every rank must then run
             that forward, as under FSDP2. Turn off to call ``sync_weights()`` yourself.
         bucket_cap_mb: gradients are all-reduced in buckets of about this size per holder set,
             each issued as soon as backward has produced its gradients (as DDP's buckets are).
