@@ -9,14 +9,15 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.2.0.dev0"
-__all__ = ["CollectiveError", "DisconnectedPlanWarning", "Plan", "PlanError", "PlanMismatchError", "SDPConfigError",
-           "SubnetworkDataParallel", "SubnetworkSimulator", "fold_residual_scale", "make_plan", "plan_for",
-           "recalibrate_norm_statistics", "scale_residual_branches", "__version__"]
+__all__ = ["CollectiveError", "DisconnectedPlanWarning", "MemoryBudget", "Plan", "PlanError", "PlanMismatchError",
+           "SDPConfigError", "SubnetworkDataParallel", "SubnetworkSimulator", "fold_residual_scale", "make_plan",
+           "plan_for", "recalibrate_norm_statistics", "scale_residual_branches", "__version__"]
 
 if TYPE_CHECKING:
     from .engine import (
                          CollectiveError,
                          DisconnectedPlanWarning,
+                         MemoryBudget,
                          Plan,
                          PlanError,
                          PlanMismatchError,

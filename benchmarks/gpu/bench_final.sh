@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 11's GPU measurements with the final engine: LLaMA-134m and the 1b preset on one GPU, each
+# Issue 11's GPU measurements with the final engine, and issue 20's sharded shared weights (-shard-shared): LLaMA-134m and the 1b preset on one GPU, each
 # rank of a fake process group of 4 measured in turn, bf16, the chunked loss for every strategy
 # (so ratios stay fair). Each strategy runs in its own process, so one cannot starve the next,
 # and a leak would show as cuda_allocated_at_start_bytes > 0 on a later rank.
@@ -14,10 +14,11 @@ SEQ="${SEQ:-1024}"; VOCAB="${VOCAB:-32000}"; BATCH="${BATCH:-8}"; CHUNK="${CHUNK
 STEPS="${STEPS:-4}"; WARMUP="${WARMUP:-1}"; LIMIT="${LIMIT:-240}"
 export PYTHONUNBUFFERED=1
 BF16=$([ "$DEVICE" = cuda ] && echo "--autocast bfloat16" || true)
-STRATEGIES_134m="ddp ddp-ckpt fsdp sdp-block-fwd@0.5 sdp-block-fwd-shard@0.5 sdp-block-fwd-ckpt@0.5
-  sdp-block-fwd-ckpt-shard@0.5 sdp-block-fwd@0.25 sdp-block-fwd-shard@0.25 ddp-sd@0.5"
-STRATEGIES_1b="ddp ddp-ckpt sdp-block-fwd@0.5 sdp-block-fwd-shard@0.5 sdp-block-fwd-ckpt-shard@0.5
-  sdp-block-fwd@0.25 sdp-block-fwd-ckpt-shard@0.25"
+STRATEGIES_134m="ddp ddp-ckpt fsdp sdp-block-fwd@0.5 sdp-block-fwd-shard@0.5 sdp-block-fwd-shard-shared@0.5
+  sdp-block-fwd-ckpt@0.5 sdp-block-fwd-ckpt-shard@0.5 sdp-block-fwd-ckpt-shard-shared@0.5 sdp-block-fwd@0.25
+  sdp-block-fwd-shard@0.25 sdp-block-fwd-shard-shared@0.25 ddp-sd@0.5"
+STRATEGIES_1b="ddp ddp-ckpt sdp-block-fwd@0.5 sdp-block-fwd-shard@0.5 sdp-block-fwd-shard-shared@0.5
+  sdp-block-fwd-ckpt-shard@0.5 sdp-block-fwd-ckpt-shard-shared@0.5 sdp-block-fwd@0.25 sdp-block-fwd-ckpt-shard@0.25"
 for preset in $PRESETS; do
   var="STRATEGIES_$preset"; list="${!var:-$STRATEGIES_134m}"
   dir="$OUT/llama-$preset"; mkdir -p "$dir"

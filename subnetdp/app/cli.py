@@ -7,6 +7,8 @@
     subnetdp plan --model resnet18 --workers 8 --coverage 0.5            # block level
     subnetdp plan --model resnet18 --workers 4 --coverage 0.5 --level neuron
     subnetdp plan --model hf-llama --layers 12 --hidden 768 --workers 8 --json plan.json
+    subnetdp plan --model resnet18 --workers 4 --coverage 1,1,0.5,0.5              # per-rank coverage
+    subnetdp plan --model resnet18 --workers 4 --batch-size 128 --memory-budget 2GiB,2GiB,1GiB,1GiB
     subnetdp sweep sweeps/resnet18_fashion_mnist.toml --out results/resnet18_fashion_mnist --jobs 2
     subnetdp demo                                                         # see README.md
 """
@@ -32,7 +34,7 @@ def _build(args: argparse.Namespace) -> tuple[nn.Module, str, object]:
     if args.model == "resnet18":
         from ..models import resnet18
         model = resnet18(num_classes=args.classes, in_channels=args.in_channels, width=args.width)
-        return model, "blocks", torch.randn(1, args.in_channels, args.image_size, args.image_size)
+        return model, "blocks", torch.randn(args.batch_size, args.in_channels, args.image_size, args.image_size)
     try:
         from transformers import LlamaConfig, LlamaForCausalLM
     except ImportError:
@@ -43,12 +45,12 @@ def _build(args: argparse.Namespace) -> tuple[nn.Module, str, object]:
                          num_key_value_heads=args.kv_heads or args.heads)
     with torch.device("cpu"):
         model = LlamaForCausalLM(config)
-    return model, "model.layers", torch.randint(0, args.vocab, (1, args.seq_len))
+    return model, "model.layers", torch.randint(0, args.vocab, (args.batch_size, args.seq_len))
 
 
 def _plan_problem(args: argparse.Namespace) -> str | None:
     """What is wrong with `plan`'s arguments (one line), or None."""
-    sizes = [("--workers", args.workers)]
+    sizes = [("--workers", args.workers), ("--batch-size", args.batch_size)]
     if args.model == "resnet18":
         sizes += [("--width", args.width), ("--in-channels", args.in_channels), ("--classes", args.classes),
                   ("--image-size", args.image_size)]
@@ -61,7 +63,35 @@ def _plan_problem(args: argparse.Namespace) -> str | None:
             return f"{flag} must be >= 1, got {value}"
     if args.neuron_groups is not None and args.neuron_groups < 0:
         return f"--neuron-groups must be >= 0 (0: one group per worker), got {args.neuron_groups}"
+    coverage = _plan_list(args.coverage)
+    if coverage is None or not all(c is not None for c in coverage):
+        return f"--coverage takes a number in (0, 1] or a comma list of one per worker, got {args.coverage!r}"
+    if len(coverage) > 1 and len(coverage) != args.workers:
+        return f"--coverage has {len(coverage)} values for --workers {args.workers}: give one, or one per worker"
+    if args.memory_budget is not None:
+        from ..engine.plan import parse_size
+        try:
+            budgets = [parse_size(v) for v in args.memory_budget.split(",")]
+        except ValueError as exc:
+            return f"--memory-budget: {exc}"
+        if len(budgets) != args.workers:
+            return f"--memory-budget has {len(budgets)} sizes for --workers {args.workers}: give one per worker"
+        if len(coverage) > 1:
+            return "--memory-budget takes one --coverage (it sets k, the holders per unit), not one per worker"
+        if args.level != "block":
+            return "--memory-budget needs --level block (saved activations are counted per block)"
     return None
+
+
+def _plan_list(text: str) -> list[float | None] | None:
+    """``0.5`` or ``1,1,0.5,0.5`` as floats (None for a value that is not a number)."""
+    values: list[float | None] = []
+    for part in text.split(","):
+        try:
+            values.append(float(part))
+        except ValueError:
+            values.append(None)
+    return values or None
 
 
 def _plan_command(args: argparse.Namespace) -> int:
@@ -72,10 +102,14 @@ def _plan_command(args: argparse.Namespace) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     model, blocks, example = _build(args)
+    values = [float(c) for c in args.coverage.split(",")]
+    coverage: float | list[float] = values[0] if len(values) == 1 else values
+    budget = None if args.memory_budget is None else args.memory_budget.split(",")
     try:
-        plan = plan_for(model, args.workers, coverage=args.coverage,
+        plan = plan_for(model, args.workers, coverage=coverage,
                         seed=args.plan_seed if args.seed is None else args.seed,
-                        neuron_groups=args.neuron_groups, example_input=example, **level_kwargs(args.level, blocks))
+                        neuron_groups=args.neuron_groups, example_input=example, memory_budget=budget,
+                        **level_kwargs(args.level, blocks))
     except (SDPConfigError, PlanError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -437,7 +471,16 @@ def main(argv: list[str] | None = None) -> int:
                       help="resnet18: CIFAR-style ResNet-18 (subnetdp.models); hf-llama: a Hugging "
                       "Face LlamaForCausalLM built from the sizes below (random weights, no download)")
     plan.add_argument("--workers", "-n", type=int, default=4, help="number of workers N (default 4)")
-    plan.add_argument("--coverage", "-c", type=float, default=0.5, help="coverage C in (0, 1] (default 0.5)")
+    plan.add_argument("--coverage", "-c", default="0.5",
+                      help="coverage C in (0, 1] (default 0.5), or one per worker as a comma list (1,1,0.5,0.5): "
+                      "k = round(sum) holders per unit, each worker's share of the units in proportion")
+    plan.add_argument("--memory-budget", default=None, metavar="SIZES",
+                      help="each worker's memory budget, a comma list (2GiB,2GiB,1GiB,1GiB; bytes, KiB, MiB, GiB, "
+                      "or KB, MB, GB): the plan keeps every worker's predicted peak (AdamW, forward masking, "
+                      "activations counted on an example batch of --batch-size) within its budget; block level")
+    plan.add_argument("--batch-size", type=int, default=1,
+                      help="batch of the example input on which FLOPs and saved activations are counted "
+                      "(one worker's training batch for --memory-budget; default 1)")
     plan.add_argument("--level", choices=["block", "neuron"], default="block",
                       help="block: whole residual blocks; neuron: hidden-neuron groups inside blocks")
     plan.add_argument("--plan-seed", type=int, default=0, help="plan seed, as strategy.plan_seed (default 0)")

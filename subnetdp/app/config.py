@@ -15,6 +15,7 @@ import copy
 import difflib
 import json
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +62,14 @@ SCHEMA: dict[str, dict[str, Key]] = {
                      "neurons, heads or channels inside blocks (N-SDP)", ("block", "neuron")),
         "masking": Key("forward", "forward: train the subnetwork; backward: full forward, gradients "
                        "and optimizer state only for held units", ("forward", "backward")),
-        "coverage": Key(0.5, "C in (0, 1]: the fraction of units each worker holds"),
+        "coverage": Key(0.5, "C in (0, 1]: the fraction of units each worker holds; or one value per worker "
+                        "([1.0, 1.0, 0.5, 0.5], rank order; a mixed fleet): k = round(sum) holders per unit, each "
+                        "worker's share of the units in proportion to its value (sdp, not with redraw_every or "
+                        "memory_budget); the FLOP schedule and the reports use the mean"),
+        "memory_budget": Key([], "sdp, block level: each worker's memory budget, one per worker in rank order "
+                             "(\"2GiB\", \"512MiB\" or bytes); the plan keeps every worker's predicted peak (its "
+                             "weights, gradients, optimizer state and the saved activations of one training batch "
+                             "of data.batch_size) within its budget; coverage (one number) sets k ([]: off)"),
         "scale": Key("none", "train-time scaling of kept blocks/neurons under forward masking",
                      ("none", "inverse-coverage")),
         "neuron_groups": Key(0, "neuron level: groups per neuron site (0: one per worker)"),
@@ -72,6 +80,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "shard": Key(False, "sdp only: ZeRO-2 inside holder sets: each unit's gradient and optimizer state "
                      "split over its k holders, the shared parameters' over all workers (same training, "
                      "less memory per worker; the optimizer must be elementwise: sgd, adamw)"),
+        "shard_shared_weights": Key(False, "sdp only, with shard = true: ZeRO-3 of the shared weights (embeddings, "
+                                    "head, norms, stem): each worker keeps 1/N of them, all-gathered just before "
+                                    "use and freed after (same training, less memory, one more all-gather of them "
+                                    "per step); also the full phase's weights with full_phase_shard"),
         "full_phase": Key(0.0, "sdp (ignored, with a warning, by ddp): fraction of the DDP step budget spent at "
                           "the end training the assembled full model on every worker (DDP's updates): the SDP phase "
                           "runs (1 - f) of its steps, then the full model runs round(f x run.steps) steps (0: off). "
@@ -93,7 +105,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
                                 "or 'scaled': each residual branch's last layer multiplied by k/N (block level, "
                                 "forward masking: each block was trained in k of N subnetworks)",
                                 ("assembled", "scaled")),
-        "redraw_every": Key(0, "sdp only (block level, forward masking, unsharded, scale none): re-draw the plan "
+        "redraw_every": Key(0, "sdp only (block level, forward masking, unsharded, scale none, one coverage, no "
+                            "memory_budget): re-draw the plan "
                             "every M steps (stochastic block dropping): a new plan from a seed derived from "
                             "plan_seed, run.seed and the draw, and the units that change hands move with their "
                             "optimizer state, one at a time (0: the plan is fixed)"),
@@ -153,6 +166,10 @@ RESUMABLE_CHANGES = {("run", "steps"), ("run", "log_interval"), ("run", "eval_in
                      ("run", "checkpoint_interval"), ("run", "keep_checkpoints"), ("run", "timeout"),
                      ("eval", "batch_size"), ("eval", "max_batches"), ("eval", "periodic_max_batches"),
                      ("eval", "views")}
+
+
+# keys that take one number, or a list of one per worker (a mixed fleet)
+PER_WORKER_KEYS = {("strategy", "coverage")}
 
 
 def _type_ok(value: Any, default: Any) -> bool:
@@ -239,6 +256,12 @@ def validate(raw: dict[str, Any], source: str = "", origins: Origins | None = No
                     continue
                 raise _blame(origins, source, ((section, key),), _unknown(f"key in [{section}]", key, list(keys)))
             spec = keys[key]
+            if (section, key) in PER_WORKER_KEYS and isinstance(value, list):
+                if not value or not all(_type_ok(v, spec.default) for v in value):
+                    raise _blame(origins, source, ((section, key),), f"[{section}] {key} = {value!r}: expected a "
+                                 f"number like {spec.default!r}, or a list of one number per worker")
+                values[key] = [float(v) for v in value]
+                continue
             if not _type_ok(value, spec.default):
                 raise _blame(origins, source, ((section, key),), f"[{section}] {key} = {value!r}: expected a "
                              f"{type(spec.default).__name__} like {spec.default!r}")
@@ -257,8 +280,9 @@ def _check_ranges(s: dict[str, dict[str, Any]], source: str, origins: Origins) -
         if not ok:
             raise _blame(origins, source, tuple(tuple(k.split(".", 1)) for k in keys), message)  # type: ignore[misc]
 
-    need(0 < s["strategy"]["coverage"] <= 1, f"[strategy] coverage must be in (0, 1], got {s['strategy']['coverage']}",
-         "strategy.coverage")
+    coverage = s["strategy"]["coverage"]
+    need(all(0 < c <= 1 for c in (coverage if isinstance(coverage, list) else [coverage])),
+         f"[strategy] coverage must be in (0, 1] (each worker's, for a list), got {coverage}", "strategy.coverage")
     need(s["run"]["steps"] >= 1, "[run] steps must be >= 1", "run.steps")
     need(s["run"]["log_interval"] >= 1, "[run] log_interval must be >= 1", "run.log_interval")
     for key in ("eval_interval", "checkpoint_interval"):
@@ -307,6 +331,85 @@ def _check_ranges(s: dict[str, dict[str, Any]], source: str, origins: Origins) -
     need(not s["strategy"]["shard"] or s["strategy"]["name"] == "sdp",
          "[strategy] shard splits SDP's holder-set state (for DDP use FSDP): it needs name = 'sdp'",
          "strategy.shard", "strategy.name")
+    need(not s["strategy"]["shard_shared_weights"] or s["strategy"]["shard"],
+         "[strategy] shard_shared_weights shards the shared weights on top of shard: it needs shard = true",
+         "strategy.shard_shared_weights", "strategy.shard")
+    need(not isinstance(coverage, list) or st["name"] == "sdp",
+         "[strategy] coverage as a list (one per worker) sets SDP's plan: it needs name = 'sdp'",
+         "strategy.coverage", "strategy.name")
+    need(not isinstance(coverage, list) or st["redraw_every"] == 0,
+         "[strategy] redraw_every draws uniform plans: it cannot keep a per-worker coverage list (give one "
+         "coverage, or redraw_every = 0)", "strategy.redraw_every", "strategy.coverage")
+    budget = st["memory_budget"]
+    if budget:
+        for value in budget:
+            problem = size_problem(value)
+            need(problem is None, f"[strategy] memory_budget: {problem}", "strategy.memory_budget")
+        need(st["name"] == "sdp", "[strategy] memory_budget sets SDP's plan: it needs name = 'sdp'",
+             "strategy.memory_budget", "strategy.name")
+        need(st["level"] == "block", "[strategy] memory_budget needs level = 'block' (saved activations are "
+             "counted per block)", "strategy.memory_budget", "strategy.level")
+        need(not isinstance(coverage, list), "[strategy] memory_budget takes one coverage (it sets k, the holders "
+             "per unit), not one per worker: give a number, or drop memory_budget",
+             "strategy.memory_budget", "strategy.coverage")
+        need(st["redraw_every"] == 0, "[strategy] redraw_every draws uniform plans: it cannot keep memory_budget "
+             "(give one or the other)", "strategy.redraw_every", "strategy.memory_budget")
+
+
+# sizes as the engine's plan.parse_size reads them (checked here without importing torch)
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from ``"2GiB"``, ``"512 MiB"``, ``"1.5GB"`` or an int, as ``subnetdp.engine.plan.parse_size``;
+    ValueError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{value!r} is not a size: a number of bytes, or a string such as \"2GiB\"")
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", value)
+        if match is None or match.group(2).lower() not in _SIZE_UNITS:
+            raise ValueError(f"{value!r} is not a size: a number of bytes with an optional unit "
+                             "(B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. \"2GiB\"")
+        number = float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+    else:
+        number = float(value)
+    if not math.isfinite(number) or number <= 0:
+        raise ValueError(f"a size must be a positive number of bytes, got {value!r}")
+    return int(round(number))
+
+
+def size_problem(value: Any) -> str | None:
+    try:
+        parse_size(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def worker_coverages(config: Config) -> list[float] | None:
+    """strategy.coverage's per-worker list (a mixed fleet), or None for one coverage."""
+    coverage = config["strategy.coverage"]
+    return list(coverage) if isinstance(coverage, list) else None
+
+
+def mean_coverage(config: Config) -> float:
+    """The one coverage where a number is needed (the FLOP schedule, labels): the mean of a
+    per-worker list."""
+    coverage = config["strategy.coverage"]
+    return sum(coverage) / len(coverage) if isinstance(coverage, list) else float(coverage)
+
+
+def coverage_text(coverage: float | list[float]) -> str:
+    """``0.5``, or ``[0.75, 0.75, 0.25, 0.25]`` for one per worker."""
+    return f"[{', '.join(f'{c:g}' for c in coverage)}]" if isinstance(coverage, list) else f"{coverage:g}"
+
+
+def holders_per_unit(coverage: float | list[float], workers: int) -> int:
+    """k, as the engine plans it: round(C*N) for one coverage, round(sum) for one per worker (at
+    least 1, at most N)."""
+    total = sum(coverage) if isinstance(coverage, list) else coverage * workers
+    return max(1, min(workers, math.floor(total + 0.5)))
 
 
 def smallest_coverage(workers: int) -> float:
@@ -321,6 +424,17 @@ def check_workers(config: Config, workers: int) -> None:
     if workers < 1:
         raise ConfigError(f"the number of workers must be >= 1, got {workers}")
     coverage = config["strategy.coverage"]
+    if isinstance(coverage, list):
+        if len(coverage) != workers:
+            raise config.error("strategy", "coverage",
+                               f"[strategy] coverage has {len(coverage)} values for {workers} workers: give one "
+                               "number, or one per worker (rank order)")
+        return
+    budget = config["strategy.memory_budget"]
+    if budget and len(budget) != workers:
+        raise config.error("strategy", "memory_budget",
+                           f"[strategy] memory_budget has {len(budget)} sizes for {workers} workers: give one per "
+                           "worker (rank order)")
     if config["strategy.name"] == "sdp" and math.floor(coverage * workers + 0.5) == 0:
         raise config.error("strategy", "coverage",
                            f"[strategy] coverage {coverage:g} is below 1/N for N = {workers} workers (no worker "
@@ -350,12 +464,13 @@ def config_warnings(config: Config, workers: int | None = None) -> list[str]:
                        "model's forward pass, so the full phase only makes the end of the run plain DDP (full "
                        "gradients and optimizer state on every worker)")
     if workers is not None and workers > 1 and strategy["name"] == "sdp":
-        holders = math.floor(strategy["coverage"] * workers + 0.5)
+        holders = holders_per_unit(strategy["coverage"], workers)
         if holders == 1:
-            out.append(f"strategy.coverage = {strategy['coverage']:g} on {workers} workers gives each unit a single "
-                       f"holder (k = 1): no two workers share a unit, so the worker-overlap graph is disconnected "
-                       f"and each unit trains on 1/{workers} of the data; only the shared parameters are averaged "
-                       f"over all workers (a coverage of at least {2 / workers:.3g} gives k >= 2)")
+            out.append(f"strategy.coverage = {coverage_text(strategy['coverage'])} on {workers} workers gives each "
+                       "unit a single holder (k = 1): no two workers share a unit, so the worker-overlap graph is "
+                       f"disconnected and each unit trains on 1/{workers} of the data; only the shared parameters are "
+                       f"averaged over all workers (a coverage of at least {2 / workers:.3g} gives k >= 2"
+                       + (", a list summing to at least 1.5" if isinstance(strategy["coverage"], list) else "") + ")")
     return out
 
 
@@ -368,7 +483,7 @@ def phase_steps(config: Config) -> tuple[int, int]:
     full = round(strategy["full_phase"] * run["steps"])
     own = run["steps"] - full
     if run["schedule"] == "flops":
-        own = round(own / strategy["coverage"])
+        own = round(own / mean_coverage(config))
     return max(1, own), full
 
 

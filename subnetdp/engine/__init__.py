@@ -4,12 +4,13 @@ training application."""
 
 from .errors import CollectiveError, DisconnectedPlanWarning, PlanError, PlanMismatchError, SDPConfigError
 from .evaluation import fold_residual_scale, recalibrate_norm_statistics, scale_residual_branches
-from .plan import Plan, UnitCost, holders_needed, make_plan
+from .plan import MemoryBudget, Plan, UnitCost, holders_needed, make_plan
 from .planning import plan_for
 from .simulator import SubnetworkSimulator
 from .subnetwork import Subnetwork
 from .wrapper import SubnetworkDataParallel
 
-__all__ = ["CollectiveError", "DisconnectedPlanWarning", "Plan", "PlanError", "PlanMismatchError", "SDPConfigError",
-           "Subnetwork", "SubnetworkDataParallel", "SubnetworkSimulator", "UnitCost", "fold_residual_scale",
-           "holders_needed", "make_plan", "plan_for", "recalibrate_norm_statistics", "scale_residual_branches"]
+__all__ = ["CollectiveError", "DisconnectedPlanWarning", "MemoryBudget", "Plan", "PlanError", "PlanMismatchError",
+           "SDPConfigError", "Subnetwork", "SubnetworkDataParallel", "SubnetworkSimulator", "UnitCost",
+           "fold_residual_scale", "holders_needed", "make_plan", "plan_for", "recalibrate_norm_statistics",
+           "scale_residual_branches"]

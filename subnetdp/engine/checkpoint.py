@@ -245,6 +245,9 @@ def get_model_state_dict(model: Model) -> dict[str, Any]:
     workers = _workers(model)
     if isinstance(model, SubnetworkDataParallel):
         model.sync_weights_if_stepped()  # the weights as the last step left them, on every holder
+    for worker in workers:  # shard_shared_weights: whole until saved, or loaded (set_model_state_dict)
+        if worker.shared_weights is not None:
+            worker.shared_weights.gather_all()
     layouts = {w.rank: w.layout for w in workers}
     averaged = assembly.averaged_buffers(layouts, _exchange(model))
     out: dict[str, Any] = {}
@@ -292,6 +295,7 @@ def set_model_state_dict(model: Model, state: Mapping[str, Any]) -> None:
                 own_views += location.views()
         if own is not None:
             assembly.unflatten_into(own.to(layout.device), own_views)
+    for worker in _workers(model):  # after every copy: a loaded value may live in another worker's tensor
         worker.weights_loaded()
 
 
@@ -415,6 +419,9 @@ def save(path: str | Path, model: Model, optimizers: Optimizers | None = None,
     if optimizers is not None:
         state["optim"] = get_optimizer_state_dict(model, optimizers)
     _dcp(dcp.save, state, path, SavePlanner(), model)
+    for worker in _workers(model):
+        if worker.shared_weights is not None:
+            worker.shared_weights.free_all()
 
 
 def load(path: str | Path, model: Model, optimizers: Optimizers | None = None) -> None:

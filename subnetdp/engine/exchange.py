@@ -164,6 +164,19 @@ class ProcessGroupExchange:
             if self.rank in members:
                 self.groups[members] = group
 
+    def create_weight_group(self) -> None:
+        """A second group over all workers for the shared weights' all-gathers (shared_weights.py):
+        backward issues them while the gradient reduce-scatters run on the world group, and the two
+        sequences may interleave differently on different ranks (the blocks between differ); each
+        group on its own sees one order on every rank. Collective: every rank calls it."""
+        self.weight_group = dist.new_group(ranks=list(self.global_ranks), timeout=self.timeout, backend=self.backend)
+
+    def all_gather_weights(self, input: torch.Tensor, output: torch.Tensor, what: str) -> Pending:
+        """An all-gather over all workers on the weight group (``create_weight_group``)."""
+        self._count("all_gather", input, self.world_size)
+        work = _all_gather_single(output, input, group=self.weight_group, async_op=True)
+        return _Work(work, self, what, self.world, input)
+
     def all_reduce(self, holders: tuple[int, ...], buffers: Buffers, what: str) -> Pending:
         if len(holders) == 1:
             return _Done()  # one holder: its buffer is already the sum

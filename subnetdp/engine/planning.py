@@ -3,6 +3,9 @@
     units, plan = plan_model(model, world_size=8, blocks="model.layers", coverage=0.5,
                              example_input=batch)
     plan = plan_for(model, 8, neurons="model.layers", coverage=0.5)   # the plan only
+    plan = plan_for(model, 4, blocks="model.layers", coverage=[1, 1, 0.5, 0.5])   # per-rank coverage
+    plan = plan_for(model, 4, blocks="model.layers", coverage=0.5, example_input=batch,
+                    memory_budget=["2GiB", "2GiB", "1GiB", "1GiB"])   # per-rank memory budgets
 
 A pure function of (model structure, N, C, seed, example input): every rank computes the same
 plan locally, and the model is left unchanged (the example forward runs in eval mode, so norm
@@ -22,7 +25,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import DisconnectedPlanWarning, SDPConfigError
-from .plan import Plan, UnitCost, make_plan
+from .plan import MemoryBudget, Plan, PlanError, UnitCost, make_plan
 from .units import BlockInfo, NeuronSite, analyse_block, find_neuron_sites, get_module, resolve_block_paths
 
 MASKINGS = ("forward", "backward")
@@ -38,8 +41,13 @@ class Units:
     sites: list[NeuronSite] = field(default_factory=list)
 
 
+def _is_coverage(c: Any) -> bool:
+    return not isinstance(c, bool) and isinstance(c, (int, float)) and 0 < c <= 1
+
+
 def check_arguments(*, blocks: Any, neurons: Any, coverage: Any, masking: str = "forward",
-                    scale: str = "none", timeout: float = 600.0, reduce_dtype: Any = None) -> None:
+                    scale: str = "none", timeout: float = 600.0, reduce_dtype: Any = None,
+                    memory_budget: Any = None) -> None:
     """The argument errors every entry point (wrapper, simulator, plan_for) reports the same way."""
     if (blocks is None) == (neurons is None):
         raise SDPConfigError("pass exactly one of blocks= (block level) or neurons= (neuron level)")
@@ -47,8 +55,20 @@ def check_arguments(*, blocks: Any, neurons: Any, coverage: Any, masking: str = 
         raise SDPConfigError(f"masking must be 'forward' or 'backward', got {masking!r}")
     if scale not in SCALES:
         raise SDPConfigError(f"scale must be 'none' or 'inverse-coverage', got {scale!r}")
-    if isinstance(coverage, bool) or not isinstance(coverage, (int, float)) or not 0 < coverage <= 1:
+    if isinstance(coverage, (list, tuple)):
+        if not coverage or not all(_is_coverage(c) for c in coverage):
+            raise SDPConfigError(f"coverage must be in (0, 1], one number or one per worker, got {list(coverage)!r}")
+    elif not _is_coverage(coverage):
         raise SDPConfigError(f"coverage must be in (0, 1], got {coverage!r}")
+    if memory_budget is not None:
+        if isinstance(coverage, (list, tuple)):
+            raise SDPConfigError("give per-rank coverage or memory_budget, not both: with memory_budget, coverage is "
+                                 "one number (it sets k, the holders per unit)")
+        if blocks is None:
+            raise SDPConfigError("memory_budget needs block level (blocks=): saved activations are counted per block")
+        if not isinstance(memory_budget, (MemoryBudget, list, tuple)):
+            raise SDPConfigError(f"memory_budget takes one size per worker (a list, or a MemoryBudget), "
+                                 f"got {memory_budget!r}")
     if timeout <= 0:
         raise SDPConfigError(f"timeout must be positive seconds, got {timeout}")
     if reduce_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
@@ -69,28 +89,61 @@ def find_units(model: nn.Module, world_size: int, *, blocks: str | Sequence[str]
 
 
 def plan_model(model: nn.Module, world_size: int, *, blocks: str | Sequence[str] | None = None,
-               neurons: str | Sequence[str] | None = None, coverage: float = 0.5, seed: int = 0,
-               neuron_groups: int | None = None, example_input: Any = None) -> tuple[Units, Plan]:
-    """The units of ``model`` and the plan that places them on ``world_size`` workers."""
-    check_arguments(blocks=blocks, neurons=neurons, coverage=coverage)
-    if math.floor(coverage * world_size + 0.5) == 0:
+               neurons: str | Sequence[str] | None = None, coverage: float | Sequence[float] = 0.5, seed: int = 0,
+               neuron_groups: int | None = None, example_input: Any = None,
+               memory_budget: MemoryBudget | Sequence[int | str] | None = None) -> tuple[Units, Plan]:
+    """The units of ``model`` and the plan that places them on ``world_size`` workers.
+    ``coverage``: one number, or one per rank (``plan.plan_targeted``). ``memory_budget``: one size
+    per rank (bytes, or strings such as ``"2GiB"``), or a ``MemoryBudget`` with the memory model's
+    assumptions; block level, and ``example_input`` one worker's training batch (its saved
+    activations are counted on it)."""
+    check_arguments(blocks=blocks, neurons=neurons, coverage=coverage, memory_budget=memory_budget)
+    if memory_budget is not None:
+        if example_input is None:
+            raise SDPConfigError("memory_budget needs example_input= (one worker's training batch): the memory model "
+                                 "counts each block's saved activations on it")
+        try:
+            budget = (memory_budget if isinstance(memory_budget, MemoryBudget)
+                      else MemoryBudget(tuple(memory_budget)))  # type: ignore[arg-type]  # sizes parsed there
+        except PlanError as exc:
+            raise SDPConfigError(str(exc)) from None
+        if len(budget.per_worker) != world_size:
+            raise SDPConfigError(f"memory_budget has {len(budget.per_worker)} sizes for {world_size} workers: give one "
+                                 "per worker (rank order)")
+        memory_budget = budget
+    if isinstance(coverage, (list, tuple)):
+        if len(coverage) != world_size:
+            raise SDPConfigError(f"coverage has {len(coverage)} values for {world_size} workers: give one number, or "
+                                 "one per worker (rank order)")
+    elif math.floor(float(coverage) * world_size + 0.5) == 0:  # type: ignore[arg-type]
         raise SDPConfigError(
             f"coverage {coverage} with {world_size} workers gives round(C*N) = 0 holders per unit; the "
             f"smallest coverage for N={world_size} is 1/N = {1 / world_size:.4g}")
     units = find_units(model, world_size, blocks=blocks, neurons=neurons, neuron_groups=neuron_groups)
     flops, activations = (None, {})
+    shared_activations = 0.0
     if example_input is not None:
         check_untraced_shapes(model, units, example_input)
         flops = count_flops(model, example_input)
-        if units.level == "block":
+        if units.level == "block" and memory_budget is not None:
+            counted = count_activation_memory(model, units, example_input)
+            activations, shared_activations = counted.held, counted.shared
+        elif units.level == "block":
             activations = count_saved_activations(model, units, example_input)
     costs = unit_costs(model, units, flops, activations)
     total_params = sum(p.numel() for p in model.parameters())
     total_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     shared_flops = None if flops is None else max(0.0, flops.get("", 0.0) - sum(u.flops or 0.0 for u in costs))
-    plan = make_plan(costs, world_size, float(coverage), seed, level=units.level,
-                     shared_params=total_params - sum(u.params for u in costs),
-                     shared_bytes=total_bytes - sum(u.bytes for u in costs), shared_flops=shared_flops)
+    try:
+        plan = make_plan(costs, world_size, [float(c) for c in coverage] if isinstance(coverage, (list, tuple))
+                         else float(coverage), seed, level=units.level,  # type: ignore[arg-type]
+                         shared_params=total_params - sum(u.params for u in costs),
+                         shared_bytes=total_bytes - sum(u.bytes for u in costs), shared_flops=shared_flops,
+                         memory_budget=memory_budget, shared_activations=shared_activations)
+    except PlanError as exc:
+        if memory_budget is None:
+            raise
+        raise PlanError(f"memory_budget: {exc}") from None
     return units, plan
 
 
@@ -108,9 +161,9 @@ def warn_if_disconnected(plan: Plan) -> None:
 
 
 # the wrapper's and the simulator's keywords: those that decide the plan, and those that do not
-PLAN_KEYWORDS = ("blocks", "neurons", "coverage", "seed", "neuron_groups", "example_input")
+PLAN_KEYWORDS = ("blocks", "neurons", "coverage", "seed", "neuron_groups", "example_input", "memory_budget")
 RUN_KEYWORDS = ("masking", "scale", "process_group", "timeout", "sync_weights_after_step", "bucket_cap_mb", "shard",
-                "reduce_dtype")
+                "shard_shared_weights", "reduce_dtype")
 
 
 def plan_for(model: nn.Module, world_size: int, **kwargs: Any) -> Plan:
@@ -123,7 +176,8 @@ def plan_for(model: nn.Module, world_size: int, **kwargs: Any) -> Plan:
                              f"{', '.join(PLAN_KEYWORDS + RUN_KEYWORDS)}")
     check_arguments(blocks=kwargs.get("blocks"), neurons=kwargs.get("neurons"), coverage=kwargs.get("coverage", 0.5),
                     masking=kwargs.get("masking", "forward"), scale=kwargs.get("scale", "none"),
-                    timeout=kwargs.get("timeout", 600.0), reduce_dtype=kwargs.get("reduce_dtype"))
+                    timeout=kwargs.get("timeout", 600.0), reduce_dtype=kwargs.get("reduce_dtype"),
+                    memory_budget=kwargs.get("memory_budget"))
     return plan_model(model, world_size, **{k: v for k, v in kwargs.items() if k in PLAN_KEYWORDS})[1]
 
 
@@ -256,21 +310,81 @@ def check_untraced_shapes(model: nn.Module, units: Units, example_input: Any) ->
                 "shortcut: a dropped block must be able to pass its input through")
 
 
+def count_saved_activations(model: nn.Module, units: Units, example_input: Any) -> dict[str, float]:
+    """Bytes that autograd saves for backward inside each block on the example input (parameters
+    are not counted; a storage saved twice counts once)."""
+    return _count_saved(model, units, example_input)[0]
+
+
+@dataclass
+class ActivationCount:
+    """What the memory model reads from the example forward (bytes)."""
+
+    blocks: dict[str, float]   # saved inside each block, less what is also saved outside every block
+    outside: float             # saved outside every block (stem, head, loss-side tensors)
+    largest: float             # the largest single saved storage
+    output: float              # the model's output (logits)
+    dropped: dict[str, float] = field(default_factory=dict)  # saved by each block's dropped form
+
+    @property
+    def shared(self) -> float:
+        """Activation bytes every worker keeps, whatever it holds: those saved outside the blocks,
+        by every block's dropped form (a held block's ``held`` is on top of it), two output-sized
+        tensors for the loss (its saved log-probabilities and the logits' gradient) and two of the
+        largest saved tensor for the gradients in flight in backward."""
+        return self.outside + sum(self.dropped.values()) + 2 * self.output + 2 * self.largest
+
+    @property
+    def held(self) -> dict[str, float]:
+        """What holding each block adds to its dropped form's activations."""
+        return {path: saved - self.dropped.get(path, 0.0) for path, saved in self.blocks.items()}
+
+
+def count_activation_memory(model: nn.Module, units: Units, example_input: Any) -> ActivationCount:
+    """The saved activations per block (a storage that something outside the blocks saves too
+    counts outside: every worker keeps it), outside the blocks, the largest and the output, on the
+    example input: the memory model of ``memory_budget``."""
+    return _count_saved(model, units, example_input, dropped=True)[1]
+
+
+def _output_bytes(out: Any) -> float:
+    logits = getattr(out, "logits", out)  # Hugging Face outputs
+    if isinstance(logits, (tuple, list)) and logits:
+        logits = logits[0]
+    return float(logits.numel() * logits.element_size()) if isinstance(logits, torch.Tensor) else 0.0
+
+
 def _never_unpacked(packed: None) -> torch.Tensor:
     raise RuntimeError("the activation-counting forward has no backward")
 
 
-def count_saved_activations(model: nn.Module, units: Units, example_input: Any) -> dict[str, float]:
-    """Bytes that autograd saves for backward inside each block on the example input (parameters
-    are not counted; a storage saved twice counts once)."""
+def _count_saved(model: nn.Module, units: Units, example_input: Any,
+                 dropped: bool = False) -> tuple[dict[str, float], ActivationCount]:
+    """The saved bytes per block as the planner's balance reads them, and the memory model's count;
+    ``dropped``: each block's dropped form (its shortcut and post-add ops) also runs on the block's
+    input, and what it saves is counted apart (a worker that drops the block keeps that)."""
     saved = {path: 0.0 for path in units.blocks}
+    dropping: list[str] = []  # the block whose dropped form runs now
+    dropped_saved = {path: 0.0 for path in units.blocks}
     seen: set[int] = set()
     params = {p.data_ptr() for p in model.parameters()}
     inside: list[str] = []  # the stack of blocks the forward is in
     alive: list[torch.Tensor] = []
+    first_block: dict[int, tuple[str, int]] = {}  # storage -> (the first block that saved it, bytes)
+    outside: dict[int, int] = {}  # storages saved outside every block
 
     def pack(t: torch.Tensor) -> None:
         ptr = t.untyped_storage().data_ptr()
+        if dropping:
+            if ptr not in params and ptr not in outside:
+                dropped_saved[dropping[-1]] += t.untyped_storage().nbytes()
+            alive.append(t.detach())
+            return None
+        if ptr not in params:
+            if inside:
+                first_block.setdefault(ptr, (inside[-1], t.untyped_storage().nbytes()))
+            else:
+                outside[ptr] = t.untyped_storage().nbytes()
         if inside and ptr not in params and ptr not in seen:
             seen.add(ptr)
             saved[inside[-1]] += t.untyped_storage().nbytes()
@@ -286,10 +400,36 @@ def count_saved_activations(model: nn.Module, units: Units, example_input: Any) 
         block = get_module(model, path)
         handles.append(block.register_forward_pre_hook(lambda m, a, path=path: inside.append(path)))
         handles.append(block.register_forward_hook(lambda m, a, o: inside.pop() and None))
+        if dropped:
+            handles.append(block.register_forward_hook(_run_dropped(units.blocks[path], block, dropping),
+                                                       with_kwargs=True))
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, _never_unpacked):
-            run_example(model, example_input, grad=True)
+            output = _output_bytes(run_example(model, example_input, grad=True))
     finally:
         for h in handles:
             h.remove()
-    return saved
+    blocks = {path: 0.0 for path in units.blocks}
+    for ptr, (path, nbytes) in first_block.items():
+        if ptr not in outside:
+            blocks[path] += nbytes
+    sizes = list(outside.values()) + [nbytes for _, nbytes in first_block.values()]
+    return saved, ActivationCount(blocks, float(sum(outside.values())), float(max(sizes, default=0)), output,
+                                  dropped_saved)
+
+
+def _run_dropped(info: BlockInfo, block: nn.Module, dropping: list[str]) -> Any:
+    """A forward hook that runs the block's dropped form on the block's input (its saves counted)."""
+    form = info.dropped_module(block) if info.traced else None
+    if form is not None:
+        form.eval()
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+        if form is None:
+            return
+        dropping.append(info.path)
+        try:
+            form(*args, **kwargs)
+        finally:
+            dropping.pop()
+    return hook

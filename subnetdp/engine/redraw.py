@@ -42,7 +42,11 @@ def replan(plan: Plan, seed: int, tolerance: float | None = REDRAW_TOLERANCE) ->
     read from ``plan``, so no model is needed). With ``tolerance`` (the default) a random plan
     whose per-unit choices stay within that fraction of the most balanced one: the most balanced
     plan is nearly unique for units of unequal sizes (a ResNet's), so re-drawing it would only
-    rename the workers; ``tolerance=None`` gives exactly ``make_plan``'s plan for ``seed``."""
+    rename the workers; ``tolerance=None`` gives exactly ``make_plan``'s plan for ``seed``.
+    A heterogeneous plan (per-rank coverage or memory budgets) is refused: its re-draw would be a
+    uniform plan, silently dropping the workers' targets or budgets."""
+    if plan.heterogeneous:
+        raise SDPConfigError(_HETEROGENEOUS)
     counted = any(plan.unit_activations.values())
     units = [UnitCost(u, plan.unit_params[u], plan.unit_bytes[u], plan.unit_flops[u] if plan.flops_counted else None,
                       activations=plan.unit_activations.get(u, 0.0) if counted else None) for u in plan.holders]
@@ -51,7 +55,13 @@ def replan(plan: Plan, seed: int, tolerance: float | None = REDRAW_TOLERANCE) ->
                      tolerance=tolerance)
 
 
+_HETEROGENEOUS = ("redraw() draws uniform plans: this plan has per-rank coverage or memory budgets (a heterogeneous "
+                  "plan), which a re-draw would silently drop; keep the plan fixed")
+
+
 def check_redrawable(worker: "Subnetwork", optimizers: Mapping[int, torch.optim.Optimizer]) -> None:
+    if worker.plan.heterogeneous:
+        raise SDPConfigError(_HETEROGENEOUS)
     why = []
     if worker.level != "block":
         why.append("neuron level (the held slices would change shape)")

@@ -71,9 +71,13 @@ class Bucket:
     def pack(self, padding: int = 0) -> torch.Tensor:
         """The gradient entries in one flat buffer (followed by ``padding`` zeros)."""
         views = self.grad_views()
-        if padding:
-            views.append(torch.zeros(padding, dtype=self.dtype, device=views[0].device))
-        flat = flatten(views, dtype=self.dtype)
+        single = views[0] if len(views) == 1 and self.segments[0].dim is None else None
+        if single is not None and not padding and single.is_contiguous() and single.dtype == self.dtype:
+            flat = single.view(-1)  # one whole gradient (an embedding's): sent as it is, not copied first
+        else:
+            if padding:
+                views.append(torch.zeros(padding, dtype=self.dtype, device=views[0].device))
+            flat = flatten(views, dtype=self.dtype)
         offset = 0
         for s in self.segments:
             n = sum(v.numel() for v in s.views())
@@ -108,23 +112,31 @@ def _grad_or_zeros(param: torch.Tensor) -> torch.Tensor:
     return param.grad
 
 
-def make_buckets(layout: LocalLayout, cap_mb: float) -> dict[HolderSet, list[Bucket]]:
+def make_buckets(layout: LocalLayout, cap_mb: float, split_shared: bool = False) -> dict[HolderSet, list[Bucket]]:
     """This worker's buckets: per holder set, its dtypes in a fixed order, each cut in reverse model
-    order into buckets of about ``cap_mb`` (a parameter is never split across buckets)."""
-    segments: dict[tuple[HolderSet, torch.dtype], list[Location]] = {}
+    order into buckets of about ``cap_mb`` (a parameter is never split across buckets).
+    ``split_shared``: the shared parameters' buckets are also cut where the owning module changes,
+    so a module gathers only its own weights (ZeRO-3, shared_weights.py)."""
+    segments: dict[tuple[HolderSet, torch.dtype], list[tuple[Location, str]]] = {}
     seen: set[tuple[int, tuple]] = set()
+    world = tuple(range(layout.plan.world_size))
     for piece in layout.pieces:
         location = layout.trainable(piece)
         if location is None or (id(location.tensor), location.ranges) in seen:
             continue  # not trained here, or a tied weight already listed under another key
         seen.add((id(location.tensor), location.ranges))
-        segments.setdefault((piece.holders, location.tensor.dtype), []).append(location)
+        module = piece.key.rpartition(".")[0] if split_shared and piece.holders == world else ""
+        segments.setdefault((piece.holders, location.tensor.dtype), []).append((location, module))
     cap = cap_mb * 2 ** 20
     buckets: dict[HolderSet, list[Bucket]] = {}
     for (holders, dtype), segs in sorted(segments.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
         current: list[Location] = []
-        size = 0
-        for seg in reversed(segs):
+        size, module = 0, segs[-1][1]
+        for seg, seg_module in reversed(segs):
+            if current and seg_module != module:
+                buckets.setdefault(holders, []).append(Bucket(holders, dtype, current))
+                current, size = [], 0
+            module = seg_module
             current.append(seg)
             size += sum(v.numel() for v in seg.views()) * dtype.itemsize
             if size >= cap:

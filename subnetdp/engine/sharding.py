@@ -46,7 +46,7 @@ Buckets = Mapping[HolderSet, list[Bucket]]
 class Shard:
     """This worker's part of one bucket held by k > 1 workers."""
 
-    def __init__(self, bucket: Bucket, rank: int) -> None:
+    def __init__(self, bucket: Bucket, rank: int, free_weights: bool = False) -> None:
         self.bucket = bucket
         self.holders = bucket.holders
         k = len(self.holders)
@@ -56,6 +56,7 @@ class Shard:
         self.start = self.holders.index(rank) * self.size
         device = bucket.segments[0].tensor.device
         self.weights: torch.Tensor | None = None  # the bucket's weights as one flat buffer, if they are
+        self.frees_weights = False  # ZeRO-3: the buffer's storage is freed between uses
         if all(s.dim is None for s in bucket.segments):
             # whole parameters: they become views of one flat buffer and the shard a view of its
             # part, so the optimizer updates the weights in place and the shard costs no memory
@@ -67,10 +68,39 @@ class Shard:
                     self.weights[offset:offset + n].copy_(s.tensor.reshape(-1))
                     s.tensor.data = self.weights[offset:offset + n].view_as(s.tensor)
                     offset += n
-            self.param = nn.Parameter(self.weights[self.start:self.start + self.size])
+            if free_weights:  # ZeRO-3 (shared_weights.py): the shard is its own tensor, the buffer is freed
+                self.param = nn.Parameter(self.weights[self.start:self.start + self.size].clone())
+                self.frees_weights = True
+                self.free()
+            else:
+                self.param = nn.Parameter(self.weights[self.start:self.start + self.size])
         else:  # neuron slices are strided views: the shard is a copy, re-read at every sync
             self.param = nn.Parameter(torch.zeros(self.size, dtype=bucket.dtype, device=device))
             self.read_weights()
+
+    # -- ZeRO-3 (``free_weights``): the flat buffer's storage comes and goes; the views on it stay
+    @property
+    def weights_storage_id(self) -> int:
+        assert self.weights is not None
+        return self.weights.untyped_storage()._cdata
+
+    @property
+    def gathered(self) -> bool:
+        return self.weights is not None and self.weights.untyped_storage().nbytes() > 0
+
+    def allocate(self) -> None:
+        assert self.weights is not None
+        self.weights.untyped_storage().resize_(self.weights.numel() * self.weights.element_size())
+
+    def free(self) -> None:
+        if self.frees_weights and self.weights is not None:
+            self.weights.untyped_storage().resize_(0)
+
+    @torch.no_grad()
+    def keep_own_part(self) -> None:
+        """After the whole buffer was written (a load): this worker's part becomes the shard."""
+        assert self.weights is not None
+        self.param.copy_(self.weights[self.start:self.start + self.size])
 
     @torch.no_grad()
     def read_weights(self) -> None:
@@ -101,13 +131,16 @@ def _shard_of(bucket: Bucket) -> Shard:
     return cast(Shard, bucket.shard)
 
 
-def make_shards(buckets: Buckets, rank: int) -> list[Shard]:
-    """A shard for every bucket of ``rank`` held by more than one worker, in (holder set, bucket) order."""
+def make_shards(buckets: Buckets, rank: int, free_shared: int = 0) -> list[Shard]:
+    """A shard for every bucket of ``rank`` held by more than one worker, in (holder set, bucket)
+    order. ``free_shared`` (the world size, or 0): the buffers of buckets held by all of them are
+    freed between uses (ZeRO-3, shared_weights.py)."""
     shards = []
     for holders in sorted(buckets):
         for bucket in buckets[holders]:
             if len(holders) > 1:
-                bucket.shard = Shard(bucket, rank)
+                whole = all(s.dim is None for s in bucket.segments)
+                bucket.shard = Shard(bucket, rank, free_weights=whole and len(holders) == free_shared)
                 shards.append(bucket.shard)
     return shards
 
@@ -138,6 +171,8 @@ def gather_weights(buckets: Mapping[int, Buckets], exchange: Exchange) -> None:
         local = {r: per_worker[holders] for r, per_worker in buckets.items() if holders in per_worker}
         for i in range(len(next(iter(local.values())))):
             shards = {r: _shard_of(lists[i]) for r, lists in local.items()}
+            if any(s.frees_weights for s in shards.values()):
+                continue  # ZeRO-3: gathered just before its next use (shared_weights.py)
             if all(s.weights is not None for s in shards.values()):
                 inputs = {r: s.param.detach().clone() for r, s in shards.items()}
                 outputs = {r: cast(torch.Tensor, s.weights) for r, s in shards.items()}  # not None: checked above

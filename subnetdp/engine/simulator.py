@@ -16,6 +16,7 @@ collective. One GPU (or CPU) reproduces an N-worker experiment.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Any, Mapping, Sequence
 
@@ -24,9 +25,10 @@ from torch import nn
 
 from . import assembly, evaluation, redraw, reducer, sharding, weights
 from .errors import SDPConfigError
-from .exchange import LocalExchange
+from .exchange import LocalExchange, _Done
 from .plan import Plan
 from .planning import check_arguments, plan_model, warn_if_disconnected
+from .shared_weights import SharedWeights
 from .subnetwork import Subnetwork, check_device
 
 
@@ -40,22 +42,35 @@ class SubnetworkSimulator:
                  neurons: str | Sequence[str] | None = None, coverage: float = 0.5, masking: str = "forward",
                  seed: int = 0, scale: str = "none", neuron_groups: int | None = None,
                  example_input: Any = None, bucket_cap_mb: float = 25.0, timeout: float = 600.0,
-                 sync_weights_after_step: bool = True, shard: bool = False,
-                 reduce_dtype: torch.dtype | None = None) -> None:
+                 sync_weights_after_step: bool = True, shard: bool = False, shard_shared_weights: bool = False,
+                 reduce_dtype: torch.dtype | None = None, memory_budget: Any = None) -> None:
         if world_size < 1:
             raise SDPConfigError(f"world_size must be >= 1, got {world_size}")
         check_arguments(blocks=blocks, neurons=neurons, coverage=coverage, masking=masking, scale=scale,
                         timeout=timeout, reduce_dtype=reduce_dtype)
         check_device(model, None)
         units, plan = plan_model(model, world_size, blocks=blocks, neurons=neurons, coverage=coverage, seed=seed,
-                                 neuron_groups=neuron_groups, example_input=example_input)
+                                 neuron_groups=neuron_groups, example_input=example_input,
+                                 memory_budget=memory_budget)
         warn_if_disconnected(plan)
         self.world_size, self.masking = world_size, masking
         self.workers: list[Subnetwork] = [
             Subnetwork(copy.deepcopy(model), units, plan, r, masking=masking, scale=scale, bucket_cap_mb=bucket_cap_mb,
-                       shard=shard, reduce_dtype=reduce_dtype)
+                       shard=shard, shard_shared_weights=shard_shared_weights, reduce_dtype=reduce_dtype)
             for r in range(world_size)]
         self.exchange = LocalExchange()
+        self._shard_index = {id(s): j for w in self.workers for j, s in enumerate(w.freed_shards)}
+        for worker in self.workers:
+            if worker.freed_shards:
+                worker.shared_weights = SharedWeights(worker.module, worker.freed_shards, self._gather_shard)
+
+    def _gather_shard(self, shard: sharding.Shard) -> Any:
+        """A freed shared buffer of one virtual worker, from every worker's part (local)."""
+        index = self._shard_index[id(shard)]  # the shared buckets are the same on every worker
+        parts = [self.workers[r].freed_shards[index].param.detach() for r in shard.holders]
+        assert shard.weights is not None
+        torch.cat(parts, out=shard.weights)
+        return _Done()
 
     @property
     def plan(self) -> Plan:
@@ -101,7 +116,10 @@ class SubnetworkSimulator:
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The assembled full model: units from their first holder, float buffers averaged over
         the holders (shared ones over all workers)."""
-        return assembly.full_state_dict(self._layouts, self.exchange, self.world_size)
+        with contextlib.ExitStack() as gathered:
+            for worker in self.workers:
+                gathered.enter_context(worker.gathered())
+            return assembly.full_state_dict(self._layouts, self.exchange, self.world_size)
 
     def load_full_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         for worker in self.workers:

@@ -4,6 +4,7 @@ process-group side, ``SubnetworkSimulator`` holds N of these in one process."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Iterator, Mapping
 
 import torch
@@ -15,6 +16,7 @@ from .errors import SDPConfigError
 from .plan import Plan
 from .planning import Units
 from .reducer import make_buckets
+from .shared_weights import SharedWeights
 from .units import get_module
 
 
@@ -40,7 +42,10 @@ class Subnetwork(nn.Module):
 
     def __init__(self, model: nn.Module, units: Units, plan: Plan, rank: int, *, masking: str = "forward",
                  scale: str = "none", bucket_cap_mb: float = 25.0, shard: bool = False,
-                 reduce_dtype: torch.dtype | None = None) -> None:
+                 shard_shared_weights: bool = False, reduce_dtype: torch.dtype | None = None) -> None:
+        if shard_shared_weights and not shard:
+            raise SDPConfigError("shard_shared_weights=True shards the shared weights on top of shard=True: pass "
+                                 "shard=True too")
         super().__init__()
         self.device = check_device(model, None)
         self.module = model
@@ -54,11 +59,40 @@ class Subnetwork(nn.Module):
             {path: meta_copy(get_module(model, path)) for path in units.blocks if path not in held}
             if units.level == "block" and masking == "forward" else {})
         self.layout = cut_model(model, units, plan, rank, masking, scale)
-        self.buckets = make_buckets(self.layout, bucket_cap_mb)
+        self.buckets = make_buckets(self.layout, bucket_cap_mb, split_shared=shard_shared_weights)
         for bucket_list in self.buckets.values():
             for bucket in bucket_list:
                 bucket.reduce_dtype = reduce_dtype if reduce_dtype != bucket.dtype else None
-        self.shards = sharding.make_shards(self.buckets, rank) if shard else []
+        self.shards = (sharding.make_shards(self.buckets, rank, plan.world_size if shard_shared_weights else 0)
+                       if shard else [])
+        # ZeRO-3 of the shared weights: set by the wrapper or simulator, which know how to gather
+        self.shared_weights: SharedWeights | None = None
+
+    @property
+    def freed_shards(self) -> list[sharding.Shard]:
+        """The shards whose flat buffer is freed between uses (``shard_shared_weights``)."""
+        return [s for s in self.shards if s.frees_weights]
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        """``nn.Module.state_dict`` of the cut model; refused while ``shard_shared_weights`` has
+        freed the shared weights (reading them would read freed memory): take
+        ``full_state_dict()``, ``subnetdp.checkpoint``, or call it inside ``gathered()``."""
+        if any(not s.gathered for s in self.freed_shards):
+            raise SDPConfigError("state_dict(): under shard_shared_weights the shared weights are freed between "
+                                 "uses; take full_state_dict() or subnetdp.checkpoint, or call it inside "
+                                 "`with sdp.gathered():` (collective)")
+        return super().state_dict(*args, **kwargs)
+
+    def stored_tensors(self) -> list[torch.Tensor]:
+        """Every tensor this worker stores, as it stores it: the model's parameters and buffers,
+        with the freed shared weights' (``shard_shared_weights``) replaced by this worker's part."""
+        freed = {id(seg.tensor) for shard in self.freed_shards for seg in shard.bucket.segments}
+        return ([p for p in self.module.parameters() if id(p) not in freed] + [s.param for s in self.freed_shards]
+                + list(self.module.buffers()))
+
+    def gathered(self) -> contextlib.AbstractContextManager[None]:
+        """The shared weights whole inside the block (collective under ``shard_shared_weights``)."""
+        return self.shared_weights.gathered() if self.shared_weights is not None else contextlib.nullcontext()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
@@ -104,13 +138,24 @@ class Subnetwork(nn.Module):
 
     def load_full_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """Load a full-model state dict (original keys) into this subnetwork; local, no communication."""
+        for shard in self.freed_shards:
+            shard.allocate()  # written whole below; this worker keeps its part (weights_loaded)
         assembly.load_full_state_dict(self.layout, state)
         self.weights_loaded()
 
     def weights_loaded(self) -> None:
-        """The weights were written from outside a step (a load): shards that copy them re-read them."""
+        """The weights were written from outside a step (a load): shards that copy them re-read them;
+        under ``shard_shared_weights`` this worker keeps its part of each written buffer, then frees it."""
         for shard in self.shards:
-            shard.read_weights()
+            if shard.frees_weights:
+                if shard.gathered:
+                    shard.keep_own_part()
+                if self.shared_weights is not None:
+                    self.shared_weights.free(shard)
+                else:
+                    shard.free()
+            else:
+                shard.read_weights()
 
     def load_full_optimizer_state(self, optimizer: torch.optim.Optimizer, state: assembly.OptimizerState) -> None:
         """Give ``optimizer`` (over ``parameters()``) the state of what this worker trains,
@@ -125,17 +170,22 @@ class Subnetwork(nn.Module):
     def local_full_state_dict(self) -> dict[str, torch.Tensor]:
         """Backward masking: this worker's own copy of the full model (no communication). After
         ``sync_weights()`` the parameters are bitwise identical on every worker; norm running
-        statistics are this worker's own."""
-        return assembly.local_full_state_dict(self.layout)
+        statistics are this worker's own. Collective under ``shard_shared_weights`` (a gather)."""
+        with self.gathered():
+            return assembly.local_full_state_dict(self.layout)
 
     def held_bytes(self) -> dict[str, int]:
         """Bytes of this worker's trainable parameters, their gradients, all parameters (including
         frozen copies under backward masking) and buffers, counted from the live tensors."""
         trainable = list(self.trained_parameters())
+        freed = {id(s.tensor) for shard in self.freed_shards for s in shard.bucket.segments}
+        resident = sum(s.weights.untyped_storage().nbytes() + s.param.numel() * s.param.element_size()
+                       for s in self.freed_shards if s.weights is not None)  # buffers as they are now, shards
         return {
-            "trainable_params": sum(p.numel() * p.element_size() for p in trainable),
+            "trainable_params": sum(p.numel() * p.element_size() for p in trainable if id(p) not in freed) + resident,
             "grads": sum(p.grad.numel() * p.grad.element_size() for p in trainable if p.grad is not None),
-            "all_params": sum(p.numel() * p.element_size() for p in self.module.parameters()),
+            "all_params": sum(p.numel() * p.element_size() for p in self.module.parameters() if id(p) not in freed)
+            + resident,
             "buffers": sum(b.numel() * b.element_size() for b in self.buffers()),
         }
 

@@ -19,7 +19,9 @@ The wrapper is the wiring; each step lives in its own module:
    from a forward pre-hook on it, or an explicit ``sync_weights()``) each unit's first holder
    sends its new values to all (one all-gather). sharding.py (``shard=True``): gradients are
    reduce-scattered into per-holder shards, the optimizer steps the shards (``parameters()``),
-   and the updated shards are all-gathered into the weights the same way.
+   and the updated shards are all-gathered into the weights the same way. shared_weights.py
+   (``shard_shared_weights``): the shared weights are kept as shards too, gathered just before
+   each use and freed after (ZeRO-3).
 5. assembly.py: the full model (and optimizer state) from the pieces, and back.
 6. redraw.py (``redraw()``): a new plan during training; the units that change hands move, with
    their optimizer state, one at a time.
@@ -40,6 +42,7 @@ from . import assembly, evaluation, redraw, reducer, sharding, weights
 from .errors import SDPConfigError
 from .exchange import ProcessGroupExchange
 from .planning import check_arguments, plan_model, warn_if_disconnected
+from .shared_weights import SharedWeights
 from .subnetwork import Subnetwork, check_device
 
 
@@ -53,7 +56,8 @@ class SubnetworkDataParallel(Subnetwork):
         neurons: neuron level. Same form as ``blocks``; the hidden-neuron groups inside each named
             block are the units (MLP neurons, attention heads, inner conv channels).
         coverage: C in (0, 1], the fraction of units each worker holds; each unit has
-            k = round(C * N) holders. C = 1 is DDP.
+            k = round(C * N) holders. C = 1 is DDP. Or one value per rank (``[1, 1, 0.5, 0.5]``):
+            k = round(sum), each worker's share of the units in proportion (``plan.plan_targeted``).
         masking: ``"forward"`` (train the subnetwork) or ``"backward"`` (full forward, gradients
             and optimizer state only for held units).
         seed: plan seed; all ranks must pass the same.
@@ -77,9 +81,19 @@ class SubnetworkDataParallel(Subnetwork):
             is reduce-scattered, and each holder keeps the gradient and optimizer state of 1/k of
             it (shared parameters: 1/N). ``parameters()`` are then those shards (as FSDP2's
             are); the optimizer must be elementwise (SGD, Adam, AdamW, ...).
+        shard_shared_weights: with ``shard``, ZeRO-3 for the shared parameters
+            (``shared_weights.py``): each worker keeps 1/N of their weights too; a module's shared
+            weights are all-gathered just before its forward (and, where its backward reads them,
+            before that), with the next one prefetched, and freed after.
         reduce_dtype: send gradients in this dtype (``torch.bfloat16`` or ``torch.float16``):
             half the bytes; each bucket is divided by its holder count, cast, reduced and cast
             back (DDP's compression hooks; FSDP2's ``reduce_dtype``). None: the gradients' dtype.
+        memory_budget: one size per rank (bytes, or strings such as ``"2GiB"``), or a
+            ``plan.MemoryBudget`` with the memory model's assumptions (optimizer states per
+            parameter, masking): block level, one ``coverage`` (it sets k), and ``example_input``
+            one worker's training batch (its saved activations are counted on it). The plan keeps
+            every worker's predicted peak within its budget, or raises ``PlanError`` naming the
+            shortfall. The plan is then heterogeneous: ``redraw`` refuses it.
     """
 
     def __init__(self, model: nn.Module, *, blocks: str | Sequence[str] | None = None,
@@ -88,7 +102,8 @@ class SubnetworkDataParallel(Subnetwork):
                  process_group: dist.ProcessGroup | None = None, scale: str = "none",
                  neuron_groups: int | None = None, example_input: Any = None,
                  timeout: float = 600.0, sync_weights_after_step: bool = True, bucket_cap_mb: float = 25.0,
-                 shard: bool = False, reduce_dtype: torch.dtype | None = None) -> None:
+                 shard: bool = False, shard_shared_weights: bool = False,
+                 reduce_dtype: torch.dtype | None = None, memory_budget: Any = None) -> None:
         check_arguments(blocks=blocks, neurons=neurons, coverage=coverage, masking=masking, scale=scale,
                         timeout=timeout, reduce_dtype=reduce_dtype)
         if not dist.is_available() or not dist.is_initialized():
@@ -101,16 +116,22 @@ class SubnetworkDataParallel(Subnetwork):
             warnings.warn("SubnetworkDataParallel on a world of one worker: every unit is held by that worker, "
                           "so SDP is plain (non-distributed) training", stacklevel=2)
         units, plan = plan_model(model, exchange.world_size, blocks=blocks, neurons=neurons, coverage=coverage,
-                                 seed=seed, neuron_groups=neuron_groups, example_input=example_input)
+                                 seed=seed, neuron_groups=neuron_groups, example_input=example_input,
+                                 memory_budget=memory_budget)
         warn_if_disconnected(plan)
         exchange.check_same_plan(plan, device)  # before any group exists: a mismatch never hangs
         exchange.broadcast_from_first(list(model.state_dict().values()))
         exchange.create_groups(plan.holder_sets)
         super().__init__(model, units, plan, exchange.rank, masking=masking, scale=scale,
-                         bucket_cap_mb=bucket_cap_mb, shard=shard, reduce_dtype=reduce_dtype)
+                         bucket_cap_mb=bucket_cap_mb, shard=shard, shard_shared_weights=shard_shared_weights,
+                         reduce_dtype=reduce_dtype)
         self.seed, self.exchange = seed, exchange
         self.reducer = reducer.GradientReducer(self.rank, self.buckets, exchange)
         self._hook_handles = self._register_hooks(sync_weights_after_step and (masking == "backward" or shard))
+        if self.freed_shards:
+            exchange.create_weight_group()
+            self.shared_weights = SharedWeights(model, self.freed_shards, self._gather_shard)
+            self._hook_handles += self.shared_weights.handles
         weakref.finalize(self, _remove_all, self._hook_handles)
         exchange.bytes_sent, exchange.wire_bytes = 0, 0.0  # counted from here: set-up is not training
 
@@ -139,6 +160,14 @@ class SubnetworkDataParallel(Subnetwork):
             handles.append(self.module.register_forward_pre_hook(before_forward))
         self._synced_after = self.reducer.backwards
         return handles
+
+    def _gather_shard(self, shard: sharding.Shard) -> Any:
+        """All-gather a freed shared buffer (allocated) from every worker's shard."""
+        weights = shard.weights
+        assert weights is not None
+        if self.exchange.backend == "fake":  # nothing moves: every part takes this rank's values
+            weights.view(len(shard.holders), shard.size).copy_(shard.param.detach())
+        return self.exchange.all_gather_weights(shard.param.detach(), weights, "shared-weight all_gather")
 
     def weights_loaded(self) -> None:
         super().weights_loaded()
@@ -215,7 +244,8 @@ class SubnetworkDataParallel(Subnetwork):
         every rank). Each unit comes from its first holder; norm running statistics are averaged
         over the unit's holders (shared ones over all workers)."""
         self.sync_weights_if_stepped()
-        return assembly.full_state_dict({self.rank: self.layout}, self.exchange, self.world_size)
+        with self.gathered():
+            return assembly.full_state_dict({self.rank: self.layout}, self.exchange, self.world_size)
 
     def full_optimizer_state(self, optimizer: torch.optim.Optimizer) -> assembly.OptimizerState:
         """The optimizer state of the full model, keyed by the full model's keys (collective)."""

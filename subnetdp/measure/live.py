@@ -57,6 +57,10 @@ class LiveTensorTracker(TorchDispatchMode):
             self._add_baseline(t, "optimizer_state")
         for t in extra:
             self._add_baseline(t, "other")
+        # parameter storages are read at every op: ZeRO-3 (FSDP, shard_shared_weights) frees and
+        # re-allocates them by resizing in place, so their size at the start is not their size later
+        self.resizable = {id(s): (weakref.ref(s), s.nbytes()) for p in self.params
+                          if (s := local_tensor(p).untyped_storage()) is not None}
         self.live: dict[int, weakref.ref] = {}
         self.saved: set[int] = set()
         self.peak = 0
@@ -95,6 +99,7 @@ class LiveTensorTracker(TorchDispatchMode):
         # over a copy: dropping the last reference to a storage while summing runs its finalizer,
         # which removes it from ``live``
         current = sum(s.nbytes() for ref in list(self.live.values()) if (s := ref()) is not None)
+        current += sum(s.nbytes() - start for ref, start in self.resizable.values() if (s := ref()) is not None)
         if current > self.peak:
             self.peak = current
             self.peak_kinds = self._classify()
@@ -110,6 +115,8 @@ class LiveTensorTracker(TorchDispatchMode):
             kind = ("gradients" if key in grads else "optimizer_state" if key in optimizer
                     else "saved_activations" if key in self.saved else "other")
             kinds[kind] += nbytes
+        kinds["parameters"] = sum(s.nbytes() - start for ref, start in self.resizable.values()
+                                  if (s := ref()) is not None)  # a change from the baseline
         return kinds
 
     def __enter__(self) -> "LiveTensorTracker":
@@ -149,6 +156,9 @@ class WorkerPeakTracker(TorchDispatchMode):
                 s = local_tensor(t).untyped_storage()
                 self.baseline[r][id(s)] = s.nbytes()
         self.known = {k for b in self.baseline.values() for k in b}
+        # parameter storages are read at every op (ZeRO-3 resizes them: see LiveTensorTracker)
+        self.resizable = {r: {id(s): weakref.ref(s) for p in ps if (s := local_tensor(p).untyped_storage()) is not None}
+                          for r, ps in params.items()}
         self.live: dict[int, tuple[weakref.ref, int | None]] = {}
         self.current: int | None = None
         self.peaks = {r: sum(b.values()) for r, b in self.baseline.items()}
@@ -170,7 +180,10 @@ class WorkerPeakTracker(TorchDispatchMode):
         r = self.current
         if r is not None:
             grads = {_key(p.grad) for p in self.params.get(r, ()) if p.grad is not None}
-            total = sum(self.baseline[r].values())
+            resizable = self.resizable.get(r, {})
+            total = sum(n for key, n in self.baseline[r].items() if key not in resizable)
+            total += sum(s.nbytes() for key, ref in resizable.items()
+                         if key in self.baseline[r] and (s := ref()) is not None)
             for key, (ref, owner) in list(self.live.items()):  # a copy: finalizers may drop entries
                 storage = ref()
                 if storage is not None and (owner == r or key in grads) and key not in self.baseline[r]:

@@ -29,6 +29,9 @@ def test_strategy_names() -> None:
     assert parse_strategy("sdp-block-fwd-ckpt@0.5").checkpointing
     assert parse_strategy("ddp-sd@0.5").stochastic_depth == 0.5
     assert parse_strategy("sdp-block-fwd-ckpt-shard@0.5").shard and not parse_strategy("sdp-block-fwd@0.5").shard
+    shared = parse_strategy("sdp-block-fwd-ckpt-shard-shared@0.5")
+    assert shared.shard and shared.shard_shared_weights and shared.checkpointing and shared.coverage == 0.5
+    assert not parse_strategy("sdp-block-fwd-shard@0.5").shard_shared_weights
     with pytest.raises(ValueError, match="valid: ddp, fsdp"):
         parse_strategy("zero3")
 
@@ -108,16 +111,17 @@ def test_gpu_script_runs_each_strategy_in_its_own_process_on_cpu(tmp_path: Path)
     """benchmarks/gpu/bench_final.sh as its docstring's CPU line runs it (a shorter strategy list):
     each strategy a torchrun job of 4 real gloo ranks."""
     env = {**ENV, "OUT": str(tmp_path), "DEVICE": "cpu", "PRESETS": "debug", "SEQ": "32", "VOCAB": "256",
-           "BATCH": "2", "CHUNK": "16", "STEPS": "2", "STRATEGIES_debug": "ddp sdp-block-fwd-ckpt-shard@0.5"}
+           "BATCH": "2", "CHUNK": "16", "STEPS": "2", "STRATEGIES_debug": "ddp sdp-block-fwd-ckpt-shard-shared@0.5"}
     result = subprocess.run(["bash", "benchmarks/gpu/bench_final.sh"], capture_output=True, text=True, env=env,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     bench = json.loads((tmp_path / "llama-debug" / "bench.json").read_text())
-    assert {r["strategy"]: len(r["ranks"]) for r in bench["results"]} == {"ddp": 4, "sdp-block-fwd-ckpt-shard@0.5": 4}
+    assert {r["strategy"]: len(r["ranks"]) for r in bench["results"]} == {"ddp": 4,
+                                                                         "sdp-block-fwd-ckpt-shard-shared@0.5": 4}
     assert not any(r["failed"] for r in bench["results"]) and "allocated at start" in result.stdout
     # real gloo ranks through torchrun (the script's bench launches them), measured per rank
     rows = {r["strategy"]: r for r in bench["summary"]}
-    assert rows["sdp-block-fwd-ckpt-shard@0.5"]["param_mib"] < rows["ddp"]["param_mib"]
+    assert rows["sdp-block-fwd-ckpt-shard-shared@0.5"]["param_mib"] < rows["ddp"]["param_mib"]
 
 
 def test_scaling_plot_over_committed_runs(tmp_path: Path) -> None:
@@ -137,3 +141,16 @@ def test_scaling_plot_over_committed_runs(tmp_path: Path) -> None:
     lines = ratios([Path(f) for f in folders])
     assert set(lines["sdp-block-fwd@0.5"]) == {2, 4, 8} and set(lines["sdp-block-fwd@2/N"]) == {4, 8}
     assert all(0 < r["peak_tensor_mib"] < 1 for r in lines["sdp-block-fwd@0.5"].values())
+
+
+def test_the_shared_weight_figures_in_the_docs_are_those_of_the_committed_runs() -> None:
+    """benchmarks/README.md's issue-20 table quotes the committed bench.json files (ratios to DDP)."""
+    text = Path("benchmarks/README.md").read_text()
+    section = text[text.index("## What they show: issue 20"):text.index("## What they show: issue 11")]
+    for folder in ("cpu-resnet18-shared", "cpu-llama-tiny-v8192-shared", "cpu-llama-tiny-v8192-b2-shared"):
+        bench = json.loads((Path("benchmarks") / folder / "bench.json").read_text())
+        rows = {r["strategy"]: r for r in bench["summary"]}
+        for name in ("sdp-block-fwd-shard@0.5", "sdp-block-fwd-shard-shared@0.5",
+                     "sdp-block-fwd-ckpt-shard-shared@0.5"):
+            ratio = rows[name]["peak_tensor_mib"] / rows["ddp"]["peak_tensor_mib"]
+            assert f"{ratio:.2f}x" in section, (folder, name, ratio)

@@ -35,6 +35,38 @@ def test_plan_reports_impossible_plans_as_errors(capsys) -> None:
     assert "cannot give all 64 workers a unit" in capsys.readouterr().err
 
 
+def test_plan_with_one_coverage_per_worker(tmp_path, capsys) -> None:
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--workers", "4", "--coverage", "1,1,0.5,0.5", "--width", "8", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "(per worker: 1, 1, 0.5, 0.5) -> k=3" in text and "target" in text
+    plan = json.loads(out.read_text())
+    assert plan["worker_coverage"] == [1, 1, 0.5, 0.5]
+    assert [sum(r in ranks for ranks in plan["holders"].values()) for r in range(4)] == [8, 8, 4, 4]
+    assert main(["plan", "--workers", "4", "--coverage", "0.5,0.5", "--width", "8"]) == 2
+    assert "--coverage has 2 values for --workers 4" in capsys.readouterr().err
+
+
+def test_plan_with_memory_budgets_shows_each_worker_against_its_budget(tmp_path, capsys) -> None:
+    out = tmp_path / "plan.json"
+    args = ["plan", "--workers", "4", "--width", "8", "--batch-size", "16"]
+    assert main(args + ["--memory-budget", "60MiB,60MiB,30MiB,30MiB", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "predicted peak" in text and "budget" in text and "60 MiB" in text and "30 MiB" in text
+    plan = json.loads(out.read_text())
+    assert plan["worker_budget"] == [60 * 2**20] * 2 + [30 * 2**20] * 2
+    assert all(p <= b for p, b in zip(plan["worker_predicted_peak"], plan["worker_budget"]))
+    # a budget that cannot hold the shared part and one unit: exit 2, one line naming the shortfall
+    assert main(args + ["--memory-budget", "60MiB,60MiB,30MiB,1MiB"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "worker 3's budget of 1 MiB cannot hold the shared weights" in err
+    assert "short by" in err
+    assert main(args + ["--memory-budget", "60MiB,lots,30MiB,1MiB"]) == 2
+    assert "is not a size" in capsys.readouterr().err
+    assert main(args + ["--memory-budget", "60MiB,60MiB"]) == 2
+    assert "2 sizes for --workers 4" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_demo_runs_ddp_and_sdp_through_torchrun(tmp_path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -1,4 +1,5 @@
-"""Every config shipped under configs/ trains: two steps with `--workers 2 --simulate` on its real data,
+"""Every config shipped under configs/ trains: two steps with `--workers 2 --simulate` on its real data
+(a mixed fleet's config on its own number of workers, one per coverage or budget it lists),
 through the real CLI, then the result is exported and loads into the plain model. And the commands
 shown in the configs' header comments are valid commands.
 
@@ -75,7 +76,9 @@ def test_shipped_config_trains_two_steps_and_exports(path: Path, tmp_path: Path)
     if reason:
         pytest.skip(reason)
     out = tmp_path / "run"
-    args = ["train", str(path), "--workers", "2", "--simulate", "--out", str(out), "--no-progress"]
+    per_worker = config["strategy.coverage"] if isinstance(config["strategy.coverage"], list) else None
+    workers = len(per_worker or config["strategy.memory_budget"]) or 2  # a mixed fleet runs as shipped
+    args = ["train", str(path), "--workers", str(workers), "--simulate", "--out", str(out), "--no-progress"]
     for item in _overrides(config):
         args += ["--set", item]
     result = run_cli(*args)

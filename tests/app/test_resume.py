@@ -137,6 +137,42 @@ def test_sharded_runs_train_as_unsharded_resume_exactly_and_move_to_unsharded(tm
         assert _losses(tmp_path / "moved")[step] == pytest.approx(plain[step], rel=1e-5)
 
 
+@pytest.mark.slow
+def test_runs_with_the_shared_weights_sharded_train_and_resume_as_sharded_runs(tmp_path: Path) -> None:
+    """strategy.shard_shared_weights = true (ZeRO-3 of the shared weights) logs the losses of
+    shard = true alone, bit for bit, full phase included (where every weight is shared, and the
+    peak falls), and resumes exactly."""
+    adamw = CONSTANT.replace("[optim]", "[optim]\nname = \"adamw\"").replace("lr = 0.05", "lr = 0.01")
+    config = _config(tmp_path, adamw)
+    sets = ["--workers", "4", "--simulate", "--set", "strategy.name=sdp", "--set", "strategy.coverage=0.5",
+            "--set", "strategy.shard=true"]
+    zero3 = [*sets, "--set", "strategy.shard_shared_weights=true"]
+    full = ["--set", "strategy.full_phase=0.5"]
+    _train(config, tmp_path / "sharded", *sets, *full)
+    _train(config, tmp_path / "zero3", *zero3, *full)
+    _train(config, tmp_path / "whole", *zero3)
+    _train(config, tmp_path / "stopped", *zero3, "--set", "run.steps=3")
+    _train(config, tmp_path / "stopped", *zero3, "--set", "run.steps=6", "--resume")
+    sharded = _losses(tmp_path / "sharded")
+    assert sorted(sharded) == [1, 2, 3, 4, 5, 6]
+    assert _losses(tmp_path / "zero3") == sharded
+    assert _losses(tmp_path / "stopped") == _losses(tmp_path / "whole")
+
+    def full_phase_peak(run: str) -> int:
+        return json.loads((tmp_path / run / "summary.json").read_text())["peak_memory_per_worker"]["full_phase"]
+    assert full_phase_peak("zero3") < full_phase_peak("sharded")
+
+    # on 2 real ranks (torchrun, gloo), full phase and evaluations included, as the simulated workers
+    two = ["--set", "strategy.name=sdp", "--set", "strategy.coverage=0.5", "--set", "strategy.shard=true",
+           "--set", "strategy.shard_shared_weights=true", *full]
+    _train(config, tmp_path / "real", "--workers", "2", *two)
+    _train(config, tmp_path / "simulated", "--workers", "2", "--simulate", *two)
+    real, simulated = _losses(tmp_path / "real"), _losses(tmp_path / "simulated")
+    assert sorted(real) == [1, 2, 3, 4, 5, 6]
+    for step in real:
+        assert real[step] == pytest.approx(simulated[step], rel=1e-5), (step, real, simulated)
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess:
     """`subnetdp ARGS` (no CONFIG put in front, unlike ``_train``), which must succeed."""
     result = cli(*args)

@@ -14,6 +14,8 @@ Strategies (``@C`` is the coverage, or the survival probability for stochastic d
   sdp-block-fwd-ckpt@C   B-SDP with the held blocks under activation checkpointing
   sdp-...-shard@C        any SDP variant with shard=True: each bucket's gradient and AdamW state
                          split over its holders (ZeRO-2 inside holder sets)
+  sdp-...-shard-shared@C the same, and the shared weights split over all N too, gathered before
+                         use (shard_shared_weights=True: ZeRO-3 of the shared parameters)
 
 Each strategy runs in a fresh torchrun process group. Per rank it measures W warm-up steps, then
 T timed steps (forward, backward with the gradient sync that overlaps it, optimizer step; CUDA is
@@ -80,15 +82,16 @@ class Strategy:
     checkpointing: bool = False
     stochastic_depth: float | None = None
     shard: bool = False        # sdp: ZeRO-2 inside holder sets (engine/sharding.py)
+    shard_shared_weights: bool = False  # sdp: and ZeRO-3 of the shared weights (engine/shared_weights.py)
 
 
 def parse_strategy(text: str) -> Strategy:
     name = text.strip()
-    match = re.fullmatch(r"sdp-(block|neuron)-(fwd|bwd)(-ckpt)?(-shard)?@([0-9.]+)", name)
+    match = re.fullmatch(r"sdp-(block|neuron)-(fwd|bwd)(-ckpt)?(-shard(-shared)?)?@([0-9.]+)", name)
     if match:
-        level, masking, ckpt, shard, coverage = match.groups()
+        level, masking, ckpt, shard, shared, coverage = match.groups()
         return Strategy(name, "sdp", level, "forward" if masking == "fwd" else "backward", float(coverage), bool(ckpt),
-                        shard=bool(shard))
+                        shard=bool(shard), shard_shared_weights=bool(shared))
     match = re.fullmatch(r"ddp-sd@([0-9.]+)", name)
     if match:
         return Strategy(name, "ddp", stochastic_depth=float(match.group(1)))
@@ -96,7 +99,7 @@ def parse_strategy(text: str) -> Strategy:
              "ddp-ckpt": Strategy("ddp-ckpt", "ddp", checkpointing=True)}
     if name not in known:
         raise ValueError(f"unknown strategy {name!r}; valid: ddp, fsdp, ddp-ckpt, ddp-sd@P, "
-                         "sdp-{block,neuron}-{fwd,bwd}[-ckpt][-shard]@C")
+                         "sdp-{block,neuron}-{fwd,bwd}[-ckpt][-shard[-shared]]@C")
     return known[name]
 
 
@@ -149,6 +152,7 @@ def apply_strategy(strategy: Strategy, model: nn.Module, task: Task, device: tor
     if strategy.kind == "sdp":
         par: Parallelism = RealSDP(model, coverage=strategy.coverage, masking=strategy.masking,
                                    example_input=task.example_input.to(device), shard=strategy.shard,
+                                   shard_shared_weights=strategy.shard_shared_weights,
                                    **level_kwargs(strategy.level, task.blocks))
         if strategy.checkpointing:
             checkpoint_blocks(par.unwrapped_models[0], blocks_run_forward(strategy, par, paths))

@@ -20,6 +20,11 @@ from .grid import MAIN_METRICS, SweepError, plain_value, same_config, toml_liter
 # aggregation: results.json, results.md and the plots
 
 
+
+def _mean_coverage(coverage: float | list[float]) -> float:
+    """A cell's coverage as one number: the mean of a per-worker list (a mixed fleet)."""
+    return sum(coverage) / len(coverage) if isinstance(coverage, list) else float(coverage)
+
 def _stats(values: list[float]) -> dict[str, Any]:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
             "n": len(values)}
@@ -78,7 +83,7 @@ def aggregate(out_dir: str | Path) -> dict[str, Any]:
         rows.append(cond)
     s = lambda c: c["config"]["strategy"]  # noqa: E731
     rows.sort(key=lambda c: (c["workers"], s(c)["name"] != "ddp", s(c)["level"], s(c)["masking"],
-                             c["config"]["run"]["schedule"], s(c)["coverage"], c["id"]))
+                             c["config"]["run"]["schedule"], _mean_coverage(s(c)["coverage"]), c["id"]))
     main_metric = next((m for m in ("accuracy", "val_loss") if any(m in c["metrics"] for c in rows)),
                        next((m for c in rows for m in c["metrics"]
                              if m not in ("steps", "train_flops", "wall_s")), None))
@@ -180,8 +185,8 @@ def plot_results(results: dict[str, Any], out: Path) -> list[Path]:
                 if not is_ddp(r):
                     lines.setdefault(line(r), []).append(r)
             for i, (label, points) in enumerate(lines.items()):
-                points.sort(key=lambda r: r["config"]["strategy"]["coverage"])
-                ax.errorbar([p["config"]["strategy"]["coverage"] for p in points],
+                points.sort(key=lambda r: _mean_coverage(r["config"]["strategy"]["coverage"]))
+                ax.errorbar([_mean_coverage(p["config"]["strategy"]["coverage"]) for p in points],
                             [p["metrics"][metric]["mean"] for p in points],
                             yerr=[p["metrics"][metric]["std"] or 0.0 for p in points],
                             marker="o", capsize=3, color=f"C{i + 3}", label=label)

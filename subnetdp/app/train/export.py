@@ -30,10 +30,9 @@ import torch
 from safetensors.torch import save_file
 
 from ...engine import checkpoint as sdp_checkpoint
-from ...engine import holders_needed
 from ...engine.evaluation import fold_residual_scale
 from ..builders import MODELS, rebuild_model
-from ..config import from_dict
+from ..config import from_dict, holders_per_unit
 from . import checkpoint as ckpt
 from .reshard import is_replicated, replica_state
 
@@ -108,7 +107,7 @@ def branch_scaled(state: dict[str, torch.Tensor], manifest: dict[str, Any]) -> t
         raise ExportError(f"--scale-branches: checkpoint step {manifest['step']} is in the full-model phase, where "
                           "every block already trained in the whole model; export it as is")
     workers = manifest["virtual_world_size"]
-    factor = holders_needed(s["coverage"], workers) / workers
+    factor = holders_per_unit(s["coverage"], workers) / workers
     model = rebuild_model(manifest["model"], manifest["model_kwargs"])
     model.load_state_dict(state, strict=True)
     fold_residual_scale(model, MODELS[manifest["model"]][1], factor)

@@ -33,9 +33,10 @@ import torch.distributed as dist
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
+from ...engine.subnetwork import Subnetwork
 from ...measure import optimizer_state_bytes, tensor_bytes
 from ..builders import Task, build_task
-from ..config import Config, ConfigError, phase_steps
+from ..config import Config, ConfigError, mean_coverage, phase_steps, worker_coverages
 from ..jsonfile import strict_json
 from ..launch import die_with_parent, note_failure
 from ..runtime import PeakMemory, machine_info, percentiles
@@ -96,6 +97,11 @@ def _gather_figures(tr: LocalWorkers, figures: dict[str, Any]) -> list[dict[str,
 
 # ---------------------------------------------------------------------------------------------
 # what a checkpoint restores besides the models (the run folder itself: run_folder.py)
+
+
+def _stored(model: torch.nn.Module) -> list[torch.Tensor]:
+    """What one local worker stores (SDP: its own part of freed shared weights), for a finite check."""
+    return model.stored_tensors() if isinstance(model, Subnetwork) else list(model.state_dict().values())
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
@@ -465,7 +471,7 @@ class TrainingRun:
         """Every rank writes what it holds (DDP: rank 0 speaks for all), then rank 0 the manifest.
         A state with a NaN or infinite weight is never written (DivergedError on every rank)."""
         ctx, tr, root = self.ctx, self.tr, self.ckpt_root
-        not_finite = sum(not torch.isfinite(t).all().item() for m in tr.par.models for t in m.state_dict().values()
+        not_finite = sum(not torch.isfinite(t).all().item() for m in tr.par.models for t in _stored(m)
                          if t.is_floating_point())
         if ctx.all_reduce_sum(torch.tensor([float(not_finite)])).item():
             raise DivergedError(f"the run diverged at step {done}: the weights hold NaN or infinite values; "
@@ -523,6 +529,25 @@ class TrainingRun:
             "optimizer step allocate")
         return out
 
+    def _coverage(self) -> dict[str, Any] | None:
+        """SDP's coverage: the mean (what the FLOP schedule divides by), each worker's (a mixed
+        fleet: the list asked for, and each worker's share of the unit parameters it got)."""
+        if self.plan is None:
+            return None
+        plan, per_worker = self.plan, worker_coverages(self.config)
+        unit_params = max(1, sum(plan.unit_params.values()))
+        return {"mean": mean_coverage(self.config), "per_worker": per_worker, "holders_per_unit": plan.k,
+                "held_unit_params_fraction": [(p - plan.shared_params) / unit_params for p in plan.worker_params]}
+
+    def _memory_budget(self) -> dict[str, Any] | None:
+        """strategy.memory_budget: each worker's budget, the plan's predicted peak, bytes."""
+        plan = self.plan
+        if plan is None or plan.worker_budget is None:
+            return None
+        return {"per_worker": plan.worker_budget, "predicted_peak": plan.worker_predicted_peak,
+                "memory_model": plan.memory_model,
+                "example_batch": self.config["data.batch_size"]}
+
     def summary(self) -> dict[str, Any] | None:
         """Gather every rank's figures (collective) and, on rank 0, write summary.json."""
         config, ctx, tr = self.config, self.ctx, self.tr
@@ -553,6 +578,8 @@ class TrainingRun:
                            if self.full_phase_from is not None else None),
             "inference_flops_per_sample": inference,
             "peak_memory_per_worker": self._peak_memory(per_rank),
+            "coverage": self._coverage(),
+            "memory_budget": self._memory_budget(),
             "redraw": ({"every": config["strategy.redraw_every"], "plans_drawn": self.draw + 1,
                         "redraws_in_this_process": len(self.redraw_bytes),
                         "bytes_moved_per_redraw": statistics.fmean(self.redraw_bytes) if self.redraw_bytes else None,

@@ -12,12 +12,13 @@ import torch
 from torch import nn
 
 from ...engine.evaluation import fold_residual_scale
+from ...engine.plan import MemoryBudget
 from ...engine.units import resolve_block_paths
 from ...measure import tensor_bytes
 from ...measure.live import WorkerPeakTracker
 from ..baselines import StochasticDepth, checkpoint_blocks
 from ..builders import Task
-from ..config import Config
+from ..config import Config, coverage_text
 from ..parallelism import Parallelism, level_kwargs, parallelize
 from ..runtime import autocast
 from .context import Context, DivergedError
@@ -51,20 +52,47 @@ def make_optimizer(config: Config, params: list[nn.Parameter], steps: int, first
 
 
 def sdp_kwargs(config: Config, task: Task, device: torch.device) -> dict[str, Any]:
-    """The engine's SDP keywords from [strategy]."""
+    """The engine's SDP keywords from [strategy]. With memory_budget the planner counts saved
+    activations on one worker's training batch (data.batch_size examples, the first step's), not
+    on the one-example input that FLOPs are otherwise counted on."""
     s = config.section("strategy")
-    return {**level_kwargs(s["level"], task.blocks), "coverage": s["coverage"], "masking": s["masking"],
+    coverage = s["coverage"]
+    return {**level_kwargs(s["level"], task.blocks), "coverage": list(coverage) if isinstance(coverage, list)
+            else coverage, "masking": s["masking"],
             "seed": s["plan_seed"], "scale": s["scale"], "neuron_groups": s["neuron_groups"] or None,
-            "example_input": task.example_input.to(device), "shard": s["shard"],
+            "example_input": (budget_example_input(config, task) if s["memory_budget"] else task.example_input
+                              ).to(device),
+            "shard": s["shard"], "shard_shared_weights": s["shard_shared_weights"],
+            "memory_budget": memory_budget(config),
             "reduce_dtype": None if s["reduce_dtype"] == "none" else getattr(torch, s["reduce_dtype"])}
+
+
+def budget_example_input(config: Config, task: Task) -> torch.Tensor:
+    """One worker's training batch (rank 0's first, data.batch_size examples): the example input
+    on which the planner counts saved activations for strategy.memory_budget."""
+    return task.data.train_batch(0, 0, 1, config["data.batch_size"], config["run.seed"])[0]
+
+
+def memory_budget(config: Config) -> MemoryBudget | None:
+    """strategy.memory_budget as the engine's MemoryBudget, with the memory model's assumptions
+    from the config: the optimizer's states per parameter (AdamW 2, SGD with momentum 1, plain SGD
+    0) and the masking (backward masking keeps every unit's weights)."""
+    sizes = config["strategy.memory_budget"]
+    if not sizes:
+        return None
+    o = config.section("optim")
+    states = 2.0 if o["name"] == "adamw" else 1.0 if o["momentum"] else 0.0
+    return MemoryBudget(tuple(sizes), optimizer_states_per_param=states, masking=config["strategy.masking"])
 
 
 def full_phase_kwargs(config: Config, task: Task, device: torch.device) -> dict[str, Any]:
     """The full phase as the engine runs it with full_phase_shard: every worker holds every block
     (coverage 1), and the gradients and optimizer state are split over all N (shard): DDP's
-    updates, with 1/N of the gradient and optimizer memory per worker."""
+    updates, with 1/N of the gradient and optimizer memory per worker; with shard_shared_weights,
+    1/N of the weights too (at coverage 1 every parameter is shared: FSDP's ZeRO-3)."""
     return {"blocks": task.blocks, "coverage": 1.0, "masking": "forward", "seed": 0,
-            "example_input": task.example_input.to(device), "shard": True}
+            "example_input": task.example_input.to(device), "shard": True,
+            "shard_shared_weights": config["strategy.shard_shared_weights"]}
 
 
 def draw_seed(config: Config, draw: int) -> int:
@@ -88,7 +116,8 @@ def strategy_label(config: Config) -> str:
         return "DDP"
     level = "B-SDP" if s["level"] == "block" else "N-SDP"
     masking = "fwd" if s["masking"] == "forward" else "bwd"
-    return f"{level} {masking} C={s['coverage']:g}"
+    budget = " budgets " + ",".join(map(str, s["memory_budget"])) if s["memory_budget"] else ""
+    return f"{level} {masking} C={coverage_text(s['coverage'])}{budget}"
 
 
 # ---------------------------------------------------------------------------------------------
