@@ -282,7 +282,8 @@ def _check_ranges(s: dict[str, dict[str, Any]], source: str, origins: Origins) -
 
     coverage = s["strategy"]["coverage"]
     need(all(0 < c <= 1 for c in (coverage if isinstance(coverage, list) else [coverage])),
-         f"[strategy] coverage must be in (0, 1] (each worker's, for a list), got {coverage}", "strategy.coverage")
+         f"[strategy] coverage must be in (0, 1]{' for every worker' if isinstance(coverage, list) else ''}, "
+         f"got {coverage}", "strategy.coverage")
     need(s["run"]["steps"] >= 1, "[run] steps must be >= 1", "run.steps")
     need(s["run"]["log_interval"] >= 1, "[run] log_interval must be >= 1", "run.log_interval")
     for key in ("eval_interval", "checkpoint_interval"):

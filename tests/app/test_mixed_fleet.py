@@ -62,7 +62,7 @@ def test_coverage_takes_one_value_per_worker_and_the_schedules_use_its_mean(tmp_
     ((MIXED,), 2, "--set strategy.coverage=[1.0,1.0,0.5,0.5]: [strategy] coverage has 4 values for 2 workers: "
                   "give one number, or one per worker (rank order)"),
     (("strategy.coverage=[]",), None, "coverage = []: expected a number like 0.5, or a list of one number per worker"),
-    (("strategy.coverage=[1.5,0.5]",), None, "coverage must be in (0, 1] (each worker's, for a list)"),
+    (("strategy.coverage=[1.5,0.5]",), None, "coverage must be in (0, 1] for every worker"),
     (("strategy.coverage=[true,0.5]",), None, "expected a number like 0.5, or a list"),
     ((MIXED, 'strategy.name="ddp"'), None, "coverage as a list (one per worker) sets SDP's plan: it needs name = "
                                            "'sdp'"),
