@@ -240,14 +240,16 @@ def _split(flat: torch.Tensor, piece: Piece) -> list[torch.Tensor]:
 def get_model_state_dict(model: Model) -> dict[str, Any]:
     """This process's part of the full model, for ``dcp.save`` or ``dcp.load`` with
     :class:`SavePlanner` / :class:`LoadPlanner` (collective: norm statistics are averaged over
-    their holders). Parameters are views of the live tensors: a DCP load writes straight into them;
+    their holders). Parameters are views of the live tensors (copies of the shared weights under
+    ``shard_shared_weights``, which are freed again): a DCP load writes straight into them;
     call :func:`set_model_state_dict` after it for the rest."""
     workers = _workers(model)
     if isinstance(model, SubnetworkDataParallel):
         model.sync_weights_if_stepped()  # the weights as the last step left them, on every holder
-    for worker in workers:  # shard_shared_weights: whole until saved, or loaded (set_model_state_dict)
+    for worker in workers:  # shard_shared_weights: gathered, copied below, freed again
         if worker.shared_weights is not None:
             worker.shared_weights.gather_all()
+    freed = {id(s.tensor) for w in workers for shard in w.freed_shards for s in shard.bucket.segments}
     layouts = {w.rank: w.layout for w in workers}
     averaged = assembly.averaged_buffers(layouts, _exchange(model))
     out: dict[str, Any] = {}
@@ -259,6 +261,8 @@ def get_model_state_dict(model: Model) -> dict[str, Any]:
             if location is None:
                 continue
             views = location.views()
+            if id(location.tensor) in freed:  # copies: the buffer is freed before the state is used
+                views = [v.clone() for v in views]
             if (piece.key, piece.group) in averaged[worker.rank]:
                 own += views
                 views = _split(averaged[worker.rank][(piece.key, piece.group)].clone(), piece)
@@ -267,6 +271,9 @@ def get_model_state_dict(model: Model) -> dict[str, Any]:
         if own:
             out[f"{OWN_BUFFERS}.{worker.plan.fingerprint()[:16]}.{worker.rank}"] = \
                 torch.cat([v.reshape(-1) for v in own]).clone()
+    for worker in workers:
+        if worker.shared_weights is not None:
+            worker.shared_weights.free_all()
     return out
 
 
@@ -275,6 +282,8 @@ def set_model_state_dict(model: Model, state: Mapping[str, Any]) -> None:
     """After a DCP load into :func:`get_model_state_dict`'s dict: every local copy of each piece
     takes the loaded values (local, no communication); where the checkpoint was written under this
     plan, each worker's own running statistics are restored too."""
+    for worker in _workers(model):
+        worker.allocate_freed_weights()  # shard_shared_weights: written below, then this worker's part kept
     for worker in _workers(model):
         layout = worker.layout
         own = state.get(f"{OWN_BUFFERS}.{worker.plan.fingerprint()[:16]}.{worker.rank}")
@@ -419,9 +428,6 @@ def save(path: str | Path, model: Model, optimizers: Optimizers | None = None,
     if optimizers is not None:
         state["optim"] = get_optimizer_state_dict(model, optimizers)
     _dcp(dcp.save, state, path, SavePlanner(), model)
-    for worker in _workers(model):
-        if worker.shared_weights is not None:
-            worker.shared_weights.free_all()
 
 
 def load(path: str | Path, model: Model, optimizers: Optimizers | None = None) -> None:

@@ -147,6 +147,14 @@ def plan_model(model: nn.Module, world_size: int, *, blocks: str | Sequence[str]
     return units, plan
 
 
+def budget_for_masking(memory_budget: Any, masking: str) -> Any:
+    """A plain list of budgets under backward masking, as a MemoryBudget that models it (every
+    worker keeps every unit's weights); anything else as it is."""
+    if not isinstance(memory_budget, (list, tuple)) or masking == "forward":
+        return memory_budget  # None, a MemoryBudget, or a wrong type that plan_model reports
+    return MemoryBudget(tuple(memory_budget), masking=masking)
+
+
 def warn_if_disconnected(plan: Plan) -> None:
     """A DisconnectedPlanWarning when no unit links some workers to the others (k = 1, or a
     plan whose overlap graph falls apart): legal, but rarely what is meant."""
@@ -421,15 +429,18 @@ def _count_saved(model: nn.Module, units: Units, example_input: Any,
 def _run_dropped(info: BlockInfo, block: nn.Module, dropping: list[str]) -> Any:
     """A forward hook that runs the block's dropped form on the block's input (its saves counted)."""
     form = info.dropped_module(block) if info.traced else None
-    if form is not None:
-        form.eval()
 
     def hook(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
         if form is None:
             return
         dropping.append(info.path)
+        # the form shares the block's shortcut modules with the model: their modes are put back
+        modes = [(m, m.training) for m in form.modules()]
+        form.eval()
         try:
             form(*args, **kwargs)
         finally:
             dropping.pop()
+            for m, training in modes:
+                m.training = training
     return hook

@@ -96,6 +96,14 @@ class Shard:
         if self.frees_weights and self.weights is not None:
             self.weights.untyped_storage().resize_(0)
 
+    def allocate_zeroed_padding(self) -> None:
+        """Allocated for a local write of every entry (a load): the padding, which nothing writes,
+        is zeroed so this worker's part never carries stale memory."""
+        self.allocate()
+        assert self.weights is not None
+        with torch.no_grad():
+            self.weights[self.numel:].zero_()
+
     @torch.no_grad()
     def keep_own_part(self) -> None:
         """After the whole buffer was written (a load): this worker's part becomes the shard."""
@@ -131,16 +139,17 @@ def _shard_of(bucket: Bucket) -> Shard:
     return cast(Shard, bucket.shard)
 
 
-def make_shards(buckets: Buckets, rank: int, free_shared: int = 0) -> list[Shard]:
+def make_shards(buckets: Buckets, rank: int, freeable: set[int] | None = None) -> list[Shard]:
     """A shard for every bucket of ``rank`` held by more than one worker, in (holder set, bucket)
-    order. ``free_shared`` (the world size, or 0): the buffers of buckets held by all of them are
-    freed between uses (ZeRO-3, shared_weights.py)."""
+    order. ``freeable``: ids of whole parameters whose buffers may be freed between uses (ZeRO-3,
+    shared_weights.py); a bucket's is freed when all its parameters are."""
     shards = []
     for holders in sorted(buckets):
         for bucket in buckets[holders]:
             if len(holders) > 1:
-                whole = all(s.dim is None for s in bucket.segments)
-                bucket.shard = Shard(bucket, rank, free_weights=whole and len(holders) == free_shared)
+                free = freeable is not None and all(s.dim is None and id(s.tensor) in freeable
+                                                    for s in bucket.segments)
+                bucket.shard = Shard(bucket, rank, free_weights=free)
                 shards.append(bucket.shard)
     return shards
 

@@ -38,6 +38,7 @@ a tied head is the embedding's parameter owned by the head module too).
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -56,7 +57,7 @@ class SharedWeights:
     def __init__(self, model: nn.Module, shards: Sequence[Shard], gather: GatherFn) -> None:
         self.shards, self.gather_fn = list(shards), gather
         owner = {id(s.tensor): shard for shard in self.shards for s in shard.bucket.segments}
-        self.by_storage = {shard.weights_storage_id: shard for shard in self.shards}
+        self.by_storage: dict[int | None, Shard] = {shard.weights_storage_id: shard for shard in self.shards}
         self.pending: dict[int, Pending] = {}                       # id(shard) -> gather in flight
         self.order: dict[str, list[Shard]] = {"forward": [], "backward": []}  # as the last pass needed them
         self.recording: dict[str, list[Shard]] = {"forward": [], "backward": []}
@@ -77,17 +78,34 @@ class SharedWeights:
         # backward frees a buffer once every parameter in it has its gradient: no later use reads it
         self.params_of = {id(shard): {id(seg.tensor) for seg in shard.bucket.segments} for shard in self.shards}
         self.waiting: dict[int, set[int]] = {}
-        for shard in self.shards:
+        this = weakref.ref(self)  # tensor hooks are held from C++, where gc cannot see a cycle
+
+        def accumulated(index: int) -> Callable[[torch.Tensor], None]:
+            def hook(param: torch.Tensor) -> None:  # by index: the shard's bucket holds this very tensor
+                weights = this()
+                if weights is not None:
+                    weights._accumulated(weights.shards[index], param)
+            return hook
+        for index, shard in enumerate(self.shards):
             for seg in shard.bucket.segments:
-                self.handles.append(seg.tensor.register_post_accumulate_grad_hook(self._accumulated(shard)))
+                self.handles.append(seg.tensor.register_post_accumulate_grad_hook(accumulated(index)))
+        # reading a freed buffer would read freed memory (a crash, not an error): refused instead
+        self.handles.append(model.register_state_dict_pre_hook(self._refuse_if_freed))
+        self.handles.append(model.register_load_state_dict_pre_hook(self._refuse_if_freed))
         if self.shards and not users:
             raise SDPConfigError("shard_shared_weights: no module owns the shared parameters")
         self._saved_hooks: list[Any] = []
-        self.handles.append(model.register_forward_pre_hook(self._enter_forward))
+        # first of the model's pre-hooks: it frees, then the model's own gathers (a class token it owns)
+        self.handles.append(model.register_forward_pre_hook(self._enter_forward, prepend=True))
         self.handles.append(model.register_forward_hook(self._exit_forward, always_call=True))
 
     # -- forward ----------------------------------------------------------------------------
     def _enter_forward(self, module: nn.Module, args: Any) -> None:
+        if not _in_backward():
+            # every forward starts from freed buffers, on every rank alike: nothing gathered outside
+            # a forward (a checkpoint, a backward that raised) is trusted across an optimizer step
+            self.free_all()
+            self.free_queued = False
         self._finish_recording("forward")
         if torch.is_grad_enabled():
             self.waiting.clear()  # a backward that left a parameter without gradient counts for nothing
@@ -97,7 +115,7 @@ class SharedWeights:
             outer_pack, outer_unpack = outer if outer is not None else (None, None)
 
             def pack(t: torch.Tensor) -> Any:
-                shard = self.by_storage.get(t.untyped_storage()._cdata)
+                shard = self.by_storage.get(_storage_id(t))
                 if shard is not None:
                     return _InBuffer(shard, t.size(), t.stride(), int(t.storage_offset()))
                 return outer_pack(t) if outer_pack is not None else t
@@ -145,14 +163,19 @@ class SharedWeights:
         assert packed.shard.weights is not None
         return packed.shard.weights.as_strided(packed.size, packed.stride, packed.offset)
 
-    def _accumulated(self, shard: Shard) -> Callable[[torch.Tensor], None]:
-        def hook(param: torch.Tensor) -> None:
-            waiting = self.waiting.setdefault(id(shard), set(self.params_of[id(shard)]))
-            waiting.discard(id(param))
-            if not waiting:
-                del self.waiting[id(shard)]
-                self.free(shard)
-        return hook
+    def _accumulated(self, shard: Shard, param: torch.Tensor) -> None:
+        waiting = self.waiting.setdefault(id(shard), set(self.params_of[id(shard)]))
+        waiting.discard(id(param))
+        if not waiting:
+            del self.waiting[id(shard)]
+            self.free(shard)
+
+    def _refuse_if_freed(self, module: nn.Module, *args: Any) -> None:
+        if any(not s.gathered for s in self.shards):
+            raise SDPConfigError("state_dict()/load_state_dict() of a model under shard_shared_weights: its shared "
+                                 "weights are freed between uses; use the wrapper's full_state_dict() / "
+                                 "load_full_state_dict() or subnetdp.checkpoint, or call it inside "
+                                 "`with sdp.gathered():` (collective)")
 
     def _end_of_backward(self) -> None:
         self.waiting.clear()
@@ -241,6 +264,16 @@ class _InBuffer:
 
     def __init__(self, shard: Shard, size: torch.Size, stride: tuple[int, ...], offset: int) -> None:
         self.shard, self.size, self.stride, self.offset = shard, size, stride, offset
+
+
+def _storage_id(t: torch.Tensor) -> int | None:
+    """The tensor's storage (``_cdata``), None for those without one (sparse, some subclasses)."""
+    if t.layout is not torch.strided:
+        return None
+    try:
+        return t.untyped_storage()._cdata
+    except (RuntimeError, NotImplementedError):
+        return None
 
 
 def _in_backward() -> bool:

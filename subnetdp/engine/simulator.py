@@ -27,7 +27,7 @@ from . import assembly, evaluation, redraw, reducer, sharding, weights
 from .errors import SDPConfigError
 from .exchange import LocalExchange, _Done
 from .plan import Plan
-from .planning import check_arguments, plan_model, warn_if_disconnected
+from .planning import budget_for_masking, check_arguments, plan_model, warn_if_disconnected
 from .shared_weights import SharedWeights
 from .subnetwork import Subnetwork, check_device
 
@@ -51,7 +51,7 @@ class SubnetworkSimulator:
         check_device(model, None)
         units, plan = plan_model(model, world_size, blocks=blocks, neurons=neurons, coverage=coverage, seed=seed,
                                  neuron_groups=neuron_groups, example_input=example_input,
-                                 memory_budget=memory_budget)
+                                 memory_budget=budget_for_masking(memory_budget, masking))
         warn_if_disconnected(plan)
         self.world_size, self.masking = world_size, masking
         self.workers: list[Subnetwork] = [

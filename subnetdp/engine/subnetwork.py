@@ -37,6 +37,26 @@ def check_device(model: nn.Module, backend: str | None) -> torch.device:
     return next(model.parameters()).device if kind == "cuda" else torch.device(kind)
 
 
+def _freeable_weights(layout: Any, units: Units, plan: Plan, masking: str) -> set[int]:
+    """The parameters whose weights ``shard_shared_weights`` may free between uses: whole ones
+    held by every worker, except units under backward masking (its weight sync reads them) and, at
+    block level with k < N, those inside a block (a worker that holds the block may checkpoint it
+    and gather them in its recomputation while the others gather them from saved tensors: the
+    ranks' gathers would differ in order)."""
+    world = tuple(range(plan.world_size))
+    blocks = list(units.blocks) if units.level == "block" and plan.k < plan.world_size else []
+    out = set()
+    for piece in layout.pieces:
+        if piece.holders != world or not piece.is_param or (piece.unit is not None and masking == "backward"):
+            continue
+        if any(piece.key.startswith(block + ".") for block in blocks):
+            continue
+        location = layout.trainable(piece)
+        if location is not None and location.dim is None:
+            out.add(id(location.tensor))
+    return out
+
+
 class Subnetwork(nn.Module):
     """Worker ``rank``'s subnetwork of ``model`` under ``plan`` (the model is cut in place)."""
 
@@ -63,8 +83,8 @@ class Subnetwork(nn.Module):
         for bucket_list in self.buckets.values():
             for bucket in bucket_list:
                 bucket.reduce_dtype = reduce_dtype if reduce_dtype != bucket.dtype else None
-        self.shards = (sharding.make_shards(self.buckets, rank, plan.world_size if shard_shared_weights else 0)
-                       if shard else [])
+        freeable = _freeable_weights(self.layout, units, plan, masking) if shard_shared_weights else None
+        self.shards = sharding.make_shards(self.buckets, rank, freeable) if shard else []
         # ZeRO-3 of the shared weights: set by the wrapper or simulator, which know how to gather
         self.shared_weights: SharedWeights | None = None
 
@@ -82,6 +102,14 @@ class Subnetwork(nn.Module):
                                  "uses; take full_state_dict() or subnetdp.checkpoint, or call it inside "
                                  "`with sdp.gathered():` (collective)")
         return super().state_dict(*args, **kwargs)
+
+    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        """``nn.Module.load_state_dict`` of the cut model; refused under ``shard_shared_weights``
+        (the shared weights are freed between uses): ``load_full_state_dict`` or ``subnetdp.checkpoint``."""
+        if self.freed_shards:
+            raise SDPConfigError("load_state_dict(): under shard_shared_weights the shared weights are freed between "
+                                 "uses; use load_full_state_dict() or subnetdp.checkpoint.load")
+        return super().load_state_dict(*args, **kwargs)
 
     def stored_tensors(self) -> list[torch.Tensor]:
         """Every tensor this worker stores, as it stores it: the model's parameters and buffers,
@@ -138,10 +166,22 @@ class Subnetwork(nn.Module):
 
     def load_full_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """Load a full-model state dict (original keys) into this subnetwork; local, no communication."""
-        for shard in self.freed_shards:
-            shard.allocate()  # written whole below; this worker keeps its part (weights_loaded)
-        assembly.load_full_state_dict(self.layout, state)
+        self.allocate_freed_weights()  # written whole below; this worker keeps its part (weights_loaded)
+        try:
+            assembly.load_full_state_dict(self.layout, state)
+        except BaseException:
+            for shard in self.freed_shards:  # the shards still hold the weights as they were
+                shard.free()
+            raise
         self.weights_loaded()
+
+    def allocate_freed_weights(self) -> None:
+        """``shard_shared_weights``: every freed buffer allocated (after any gather in flight),
+        for a local write of all its entries; ``weights_loaded()`` then keeps this worker's part."""
+        if self.shared_weights is not None:
+            self.shared_weights.free_all()
+        for shard in self.freed_shards:
+            shard.allocate_zeroed_padding()
 
     def weights_loaded(self) -> None:
         """The weights were written from outside a step (a load): shards that copy them re-read them;

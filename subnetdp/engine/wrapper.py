@@ -41,7 +41,7 @@ from torch import nn
 from . import assembly, evaluation, redraw, reducer, sharding, weights
 from .errors import SDPConfigError
 from .exchange import ProcessGroupExchange
-from .planning import check_arguments, plan_model, warn_if_disconnected
+from .planning import budget_for_masking, check_arguments, plan_model, warn_if_disconnected
 from .shared_weights import SharedWeights
 from .subnetwork import Subnetwork, check_device
 
@@ -117,7 +117,7 @@ class SubnetworkDataParallel(Subnetwork):
                           "so SDP is plain (non-distributed) training", stacklevel=2)
         units, plan = plan_model(model, exchange.world_size, blocks=blocks, neurons=neurons, coverage=coverage,
                                  seed=seed, neuron_groups=neuron_groups, example_input=example_input,
-                                 memory_budget=memory_budget)
+                                 memory_budget=budget_for_masking(memory_budget, masking))
         warn_if_disconnected(plan)
         exchange.check_same_plan(plan, device)  # before any group exists: a mismatch never hangs
         exchange.broadcast_from_first(list(model.state_dict().values()))

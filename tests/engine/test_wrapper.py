@@ -717,8 +717,9 @@ def _live_storage_bytes() -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("level,masking", [("blocks", "forward"), ("blocks", "backward"), ("neurons", "forward")])
-def test_a_dropped_wrapper_leaves_no_tensor_behind(level: str, masking: str) -> None:
+@pytest.mark.parametrize("level,masking,shared", [("blocks", "forward", False), ("blocks", "backward", False),
+                                                  ("neurons", "forward", False), ("blocks", "forward", True)])
+def test_a_dropped_wrapper_leaves_no_tensor_behind(level: str, masking: str, shared: bool) -> None:
     """Everything the wrapper, its plan (the example input's forward) and a training step
     allocated is freed once the user drops them (on a GPU, held memory is allocated memory)."""
     from subnetdp.measure.fake_group import init_fake_process_group
@@ -728,7 +729,8 @@ def test_a_dropped_wrapper_leaves_no_tensor_behind(level: str, masking: str) -> 
         before = _live_storage_bytes()
         model = make("resnet")
         x, y = batch_for("resnet", 0)
-        sdp = SubnetworkDataParallel(model, **{level: "blocks"}, coverage=0.5, masking=masking, example_input=x)
+        sdp = SubnetworkDataParallel(model, **{level: "blocks"}, coverage=0.5, masking=masking, example_input=x,
+                                     shard=shared, shard_shared_weights=shared)  # shared: hooks on the weights
         opt = torch.optim.AdamW(sdp.parameters(), lr=1e-3)
         for _ in range(2):
             loss_of("resnet", sdp, x, y).backward()

@@ -71,9 +71,11 @@ def rank_figures(tr: LocalWorkers, stats: StepStats) -> dict[str, Any]:
     par, times = tr.par, stats.step_times
     figures = {
         # SDP: the model's trained parameters (its parameters() are the shards under strategy.shard)
-        "trainable_param_bytes": tensor_bytes(p for m in par.models
-                                              for p in getattr(m, "trained_parameters", m.parameters)()),
-        "all_param_bytes": tensor_bytes(p for m in par.unwrapped_models for p in m.parameters()),
+        "trainable_param_bytes": sum(m.held_bytes()["trainable_params"] if isinstance(m, Subnetwork) else
+                                     tensor_bytes(m.parameters()) for m in par.models),
+        # held_bytes: a freed shared weight (shard_shared_weights) counts as the part this worker keeps
+        "all_param_bytes": sum(m.held_bytes()["all_params"] if isinstance(m, Subnetwork) else
+                               tensor_bytes(m.parameters()) for m in par.models),
         "grad_bytes": tr.peak_grad_bytes,
         "optimizer_state_bytes": sum(optimizer_state_bytes(o) for o in tr.optimizers),
         "peak_rss_bytes_training": stats.peak.rss,

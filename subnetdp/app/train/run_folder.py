@@ -133,7 +133,8 @@ def truncate_metrics(path: Path, step: int) -> list[dict[str, Any]]:
 
 
 # a resume may also change these: the state is then re-planned and moved (reshard.py)
-RESHARDABLE_CHANGES = {("strategy", "coverage"), ("strategy", "memory_budget"), ("strategy", "shard")}
+RESHARDABLE_CHANGES = {("strategy", "coverage"), ("strategy", "memory_budget"), ("strategy", "shard"),
+                       ("strategy", "shard_shared_weights")}
 
 
 def check_resume(config: Config, manifest: dict[str, Any], world_size: int, simulate: bool, folder: Path) -> bool:
