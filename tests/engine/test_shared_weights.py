@@ -149,19 +149,27 @@ def test_the_next_shared_module_is_prefetched_and_an_embedding_is_not_gathered_i
     assert _all_freed(sim)
 
 
-def test_activation_checkpointing_with_shared_weights_inside_the_blocks() -> None:
-    """ResNet shortcuts are shared parameters inside checkpointed blocks: the recomputation in
-    backward gathers them again and the result is unchanged."""
+@pytest.mark.parametrize("case", ["resnet-block", "resnet-neuron"])
+def test_activation_checkpointing_with_shared_weights_inside_the_blocks(case: str) -> None:
+    """ResNet shortcuts are shared parameters inside blocks. Block level (k < N): only holders run
+    and checkpoint a block, so its shortcut stays whole. Neuron level: every worker runs and
+    checkpoints every block, the shortcuts are freed, and the recomputation in backward gathers
+    them again. The result is unchanged either way."""
     results = []
     for shared in (False, True):
-        sim, opts = _sim("resnet-block", shared=shared)
+        sim, opts = _sim(case, shared=shared)
         for worker in sim.workers:
-            checkpoint_blocks(worker.module, [p for p in worker.units.blocks if p in worker.held_units])
+            blocks = ([p for p in worker.units.blocks if p in worker.held_units] if worker.level == "block"
+                      else sorted({site.block for site in worker.units.sites}))
+            checkpoint_blocks(worker.module, blocks)
         for step in range(2):
             _step(sim, opts, "resnet", step)
         results.append(sim.full_state_dict())
         if shared:
             assert _all_freed(sim)
+            freed = {id(s.tensor) for shard in sim.workers[0].freed_shards for s in shard.bucket.segments}
+            shortcut = dict(sim.workers[0].module.named_parameters())["blocks.2.downsample.0.weight"]
+            assert (id(shortcut) in freed) == (case == "resnet-neuron")
     _assert_same(results[1], results[0])
 
 
