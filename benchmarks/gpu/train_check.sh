@@ -6,6 +6,8 @@
 #   2. B-SDP fwd C=0.5, --workers 4 --simulate on the one GPU (4 virtual workers, one process)
 #   3. B-SDP fwd C=0.5, 2 gloo ranks sharing the GPU (NCCL refuses two ranks on one GPU),
 #      with a checkpoint, a resume and an export
+#   4. (issue 20) the same with shard = true and shard_shared_weights = true: the CUDA path of the
+#      freed shared weights (storage resize on CUDA, the weight group), its memory beside run 3's
 set -uo pipefail
 OUT="${OUT:-runs/gpu-check}"
 mkdir -p "$OUT"
@@ -43,10 +45,12 @@ T 150 --workers 2 --out "$OUT/sdp2" --overwrite --set run.steps=20 --set run.che
 rm -rf "$OUT/sdp2/checkpoints/step-00000020"
 T 150 --workers 2 --out "$OUT/sdp2" --set run.steps=20 --set run.checkpoint_interval=10 --resume 2>&1 | tail -2 | tee -a "$OUT/sdp2.log"
 python3 -m subnetdp.app.cli export "$OUT/sdp2" --out /tmp/sdp2.safetensors 2>&1 | tail -1 | tee -a "$OUT/sdp2.log"
+T 150 --workers 2 --out "$OUT/zero3" --overwrite --set run.steps=20 --set strategy.shard=true \
+  --set strategy.shard_shared_weights=true 2>&1 | tail -3 | tee "$OUT/zero3.log"
 python3 - "$OUT" <<'PY' | tee "$OUT/table.txt"
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
-for name in ("ddp1", "sim4", "sdp2"):
+for name in ("ddp1", "sim4", "sdp2", "zero3"):
     p = out / name / "summary.json"
     if not p.exists():
         print(name, "no summary"); continue
@@ -58,4 +62,4 @@ for name in ("ddp1", "sim4", "sdp2"):
           f"params MiB {[round(x['trainable_param_bytes']/2**20, 1) for x in r]} "
           f"comm MiB/step {[round(x['comm_bytes_per_step']/2**20, 1) for x in r]} device {s['machine']['device']}")
 PY
-for d in ddp1 sim4 sdp2; do cp "$OUT/$d/summary.json" "$OUT/$d.summary.json" 2>/dev/null; done
+for d in ddp1 sim4 sdp2 zero3; do cp "$OUT/$d/summary.json" "$OUT/$d.summary.json" 2>/dev/null; done
