@@ -647,8 +647,11 @@ def _best_targeted(cost: np.ndarray, member: np.ndarray, targets: np.ndarray, rn
 def _assign_targeted(cost: np.ndarray, member: np.ndarray, targets: np.ndarray, rng: random.Random,
                      randomise: bool, mem: np.ndarray | None, room: np.ndarray | None,
                      fill: bool, forced: list[int] | None = None) -> list[int] | None:
-    """Largest unit first into the best holder set, then local search (as ``_assign_greedy``), each
-    worker's load divided by its target; under budgets only sets with room for the unit on every
+    """Largest unit first into the best holder set (fewest workers left uncovered, then a connected
+    overlap graph, then balance: otherwise worker groups never mix; ties to the least-used set,
+    then the lowest index or a seeded random one), then local search moving one unit at a time
+    while it helps, keeping every worker covered and the graph as connected as the greedy pass
+    left it. Each worker's load is divided by its target; under budgets only sets with room for the unit on every
     holder, and ``fill`` ranks them by the fullest worker's fraction of its room first (the
     placement most likely to fit). None if a unit fits nowhere or a worker is left out."""
     num_sets, n = member.shape
@@ -759,84 +762,9 @@ RESTARTS = 8
 
 def _best_of_restarts(units: Sequence[UnitCost], cost: np.ndarray, member: np.ndarray,
                       rng: random.Random, forced: list[int] | None) -> list[int] | None:
-    """Greedy + local search from several seeded tie-breaks; the best (connected, then balanced)."""
-    best, best_key = None, None
-    for attempt in range(RESTARTS):
-        assignment = _assign_greedy(units, cost, member, random.Random(rng.random()), forced,
-                                    randomise=attempt > 0)
-        if assignment is None:
-            continue
-        counts = np.bincount(assignment, minlength=member.shape[0])
-        load = _load(assignment, cost, member)
-        key = (_components(member, counts), *_objective(load))
-        if best_key is None or key < best_key:
-            best, best_key = assignment, key
-    return best
-
-
-def _assign_greedy(units: Sequence[UnitCost], cost: np.ndarray, member: np.ndarray,
-                   rng: random.Random, forced: list[int] | None = None,
-                   randomise: bool = False) -> list[int] | None:
-    """Largest unit first into the best window, then local search; None if a worker is left out.
-    Ties go to the least-used window, then to the lowest index (or a seeded random one)."""
-    num_windows, n = member.shape
-    order = sorted(range(len(units)), key=lambda i: (-cost[i].max(), rng.random()))
-    load = np.zeros((n, cost.shape[1]))
-    assignment = [-1] * len(units)
-    covered = np.zeros(n)
-    counts = np.zeros(num_windows, dtype=int)
-    connected = False
-    for position, i in enumerate(order):
-        best, best_key = 0, None
-        choices = [forced[position]] if forced and position < len(forced) else range(num_windows)
-        for j in choices:
-            trial = load + np.outer(member[j], cost[i])
-            uncovered = float(((covered + member[j]) == 0).sum())
-            # A connected overlap graph comes before balance: otherwise worker groups never mix.
-            parts = 1
-            if not connected:
-                counts[j] += 1
-                parts = _components(member, counts)
-                counts[j] -= 1
-            tie = rng.random() if randomise else j
-            key = (uncovered, parts, *_objective(trial), counts[j], tie)
-            if best_key is None or key < best_key:
-                best, best_key = j, key
-        assignment[i] = best
-        load += np.outer(member[best], cost[i])
-        covered += member[best]
-        counts[best] += 1
-        connected = connected or _components(member, counts) == 1
-    # Local search: move one unit at a time while it helps, keeping every worker covered and the
-    # overlap graph as connected as the greedy pass left it.
-    parts = _components(member, counts)
-    for _ in range(50):
-        improved = False
-        current = _objective(load)
-        for i in range(len(units)):
-            src = assignment[i]
-            base = load - np.outer(member[src], cost[i])
-            cover_without = covered - member[src]
-            for j in range(num_windows):
-                if j == src or ((cover_without + member[j]) == 0).any():
-                    continue
-                trial = base + np.outer(member[j], cost[i])
-                if _objective(trial) >= tuple(x - 1e-12 for x in current):
-                    continue
-                counts[src] -= 1
-                counts[j] += 1
-                if _components(member, counts) > parts:
-                    counts[src] += 1
-                    counts[j] -= 1
-                    continue
-                assignment[i], load, covered = j, trial, cover_without + member[j]
-                current, src = _objective(load), j
-                base = load - np.outer(member[src], cost[i])
-                cover_without = covered - member[src]
-                improved = True
-        if not improved:
-            break
-    return assignment if (covered > 0).all() else None
+    """Greedy + local search from several seeded tie-breaks; the best (connected, then balanced):
+    ``_best_targeted`` with every worker's target 1, which takes the same steps and draws."""
+    return _best_targeted(cost, member, np.ones(member.shape[1]), rng, None, None, forced)
 
 
 def _load(assignment: list[int], cost: np.ndarray, member: np.ndarray) -> np.ndarray:

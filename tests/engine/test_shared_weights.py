@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_model_families import CASES as FAMILIES
+from test_model_families import CASES as FAMILIES, train_steps
 
 import subnetdp.checkpoint as sdp_checkpoint
 from subnetdp import SDPConfigError, SubnetworkDataParallel, SubnetworkSimulator
@@ -92,15 +92,7 @@ def test_models_we_did_not_write_train_as_with_shard_alone(family: tuple) -> Non
         model, batch, loss = builder(0)
         model.train()
         sim = SubnetworkSimulator(model, WORKERS, blocks=path, coverage=0.5, shard=True, shard_shared_weights=shared)
-        opts = [torch.optim.AdamW(w.parameters(), lr=1e-2) for w in sim.workers]
-        for step in range(2):
-            for rank, worker in enumerate(sim.workers):
-                loss(worker, batch(100 * step + rank)).backward()
-            sim.sync_gradients()
-            for opt in opts:
-                opt.step()
-                opt.zero_grad()
-            sim.sync_weights()
+        train_steps(sim, batch, loss, steps=2)
         results.append(sim.full_state_dict())
     assert sim.workers[0].freed_shards and _all_freed(sim)
     _assert_same(results[1], results[0])
