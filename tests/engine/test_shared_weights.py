@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_model_families import CASES as FAMILIES, train_steps
+from test_model_families import CASES as FAMILIES
+from test_model_families import train_steps
 
 import subnetdp.checkpoint as sdp_checkpoint
 from subnetdp import SDPConfigError, SubnetworkDataParallel, SubnetworkSimulator
