@@ -422,13 +422,21 @@ def make_plan(units: Sequence[UnitCost], world_size: int, coverage: float | Sequ
         assignment = _best_of_restarts(units, cost, member, rng, forced=cover)
     assert assignment is not None
     holders = {u.name: windows[assignment[i]] for i, u in enumerate(units)}
+    return _plan(units, n, coverage, k, seed, level, holders, flops, flops_counted, shared_params, shared_bytes,
+                 shared_flops)
+
+
+def _plan(units: Sequence[UnitCost], n: int, coverage: float, k: int, seed: int, level: str,
+          holders: dict[str, tuple[int, ...]], flops: dict[str, float], flops_counted: bool, shared_params: int,
+          shared_bytes: int, shared_flops: float | None, **heterogeneous: Any) -> Plan:
+    """The Plan of a placement (both planners); ``heterogeneous``: plan_targeted's fields."""
     return Plan(world_size=n, coverage=coverage, k=k, seed=seed, level=level, holders=holders,
                 unit_params={u.name: u.params for u in units}, unit_bytes={u.name: u.bytes for u in units},
                 unit_activations={u.name: float(u.activations or 0.0) for u in units},
                 unit_flops=flops, flops_counted=flops_counted, shared_params=shared_params,
                 shared_bytes=shared_bytes,
                 shared_flops=float(shared_flops if shared_flops is not None and flops_counted else (
-                    shared_params if not flops_counted else 0.0)))
+                    shared_params if not flops_counted else 0.0)), **heterogeneous)
 
 
 def _cost_matrix(units: Sequence[UnitCost], flops: dict[str, float]) -> np.ndarray:
@@ -543,17 +551,11 @@ def plan_targeted(units: Sequence[UnitCost], world_size: int, coverage: float | 
     if assignment is None:
         raise PlanError(_no_placement(n, k, budget, mem, room))
     holders = {u.name: sets[assignment[i]] for i, u in enumerate(units)}
-    return Plan(world_size=n, coverage=mean, k=k, seed=seed, level=level, holders=holders,
-                unit_params={u.name: u.params for u in units}, unit_bytes={u.name: u.bytes for u in units},
-                unit_activations={u.name: float(u.activations or 0.0) for u in units},
-                unit_flops=flops, flops_counted=flops_counted, shared_params=shared_params,
-                shared_bytes=shared_bytes,
-                shared_flops=float(shared_flops if shared_flops is not None and flops_counted else (
-                    shared_params if not flops_counted else 0.0)),
-                worker_coverage=coverages, worker_target=[float(t) for t in targets],
-                worker_budget=list(budget.per_worker) if budget is not None else None,
-                memory_model=budget.assumptions() if budget is not None else None,
-                shared_activations=float(shared_activations) if budget is not None else 0.0)
+    return _plan(units, n, mean, k, seed, level, holders, flops, flops_counted, shared_params, shared_bytes,
+                 shared_flops, worker_coverage=coverages, worker_target=[float(t) for t in targets],
+                 worker_budget=list(budget.per_worker) if budget is not None else None,
+                 memory_model=budget.assumptions() if budget is not None else None,
+                 shared_activations=float(shared_activations) if budget is not None else 0.0)
 
 
 def predicted_peaks(plan: Plan) -> list[float]:

@@ -24,9 +24,11 @@ from subnetdp import SubnetworkDataParallel, SubnetworkSimulator
 from subnetdp.engine import PlanError, SDPConfigError, UnitCost, make_plan, plan_for
 from subnetdp.engine.plan import MemoryBudget, format_bytes, parse_size
 from subnetdp.engine.planning import plan_model
-from subnetdp.measure.live import WorkerPeakTracker
 from subnetdp.models import resnet18
 from subnetdp.models.llama import llama
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+import mixed_budgets  # noqa: E402 - scripts/ is not a package
 
 from _dist import run_distributed
 from _models import batch_for, loss_of, make, train_simulated
@@ -244,27 +246,8 @@ def test_budget_refusals_name_the_shortfall() -> None:
                  example_input=batch_for("mlp", 0)[0])
 
 
-def _measured_peaks(sim: SubnetworkSimulator, x: torch.Tensor, y: torch.Tensor, steps: int) -> list[int]:
-    """Each worker's peak of live tensor bytes over AdamW steps, as `subnetdp train` measures it."""
-    optimizers = [torch.optim.AdamW(w.parameters(), lr=1e-3) for w in sim.workers]
-    peaks = [0] * len(sim.workers)
-    for _ in range(steps):
-        params = {r: list(w.module.parameters()) for r, w in enumerate(sim.workers)}
-        state = {r: params[r] + list(w.module.buffers())
-                 + [v for s in optimizers[r].state.values() for v in s.values() if isinstance(v, torch.Tensor)]
-                 for r, w in enumerate(sim.workers)}
-        tracker = WorkerPeakTracker(state, params)
-        with tracker:
-            for r, worker in enumerate(sim.workers):
-                with tracker.worker(r):
-                    F.cross_entropy(worker(x), y).backward()
-            sim.sync_gradients()
-            for r, optimizer in enumerate(optimizers):
-                with tracker.worker(r):
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        peaks = [max(p, tracker.peaks[r]) for r, p in enumerate(peaks)]
-    return peaks
+def _classify(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model(x), y)
 
 
 def test_measured_peaks_stay_within_mixed_budgets() -> None:
@@ -282,7 +265,7 @@ def test_measured_peaks_stay_within_mixed_budgets() -> None:
     plan = sim.plan
     assert plan.worker_predicted_peak is not None
     assert [len(plan.held_units(r)) for r in range(4)] != [4, 4, 4, 4]  # the budgets moved blocks
-    measured = _measured_peaks(sim, x, y, steps=2)
+    measured = mixed_budgets.measure(sim, x, y, _classify, steps=2)  # as the script measures
     for r in range(4):
         assert plan.worker_predicted_peak[r] <= budgets[r]
         assert measured[r] <= 1.05 * budgets[r], (r, measured, budgets, plan.table())
