@@ -4,8 +4,11 @@
 
 A small randomly initialised model (no download) learns a synthetic next-token task; each of the
 2 workers trains half of the decoder layers (B-SDP, C = 0.5) plus the shared embeddings and head.
-At the end `save_model` writes the assembled full model, which `from_pretrained` loads, and rank 0
-writes `sdp_report.json` (parameters each optimizer steps, losses, SDP's bytes per optimizer step).
+At the end `save_model` writes the assembled full model, which `from_pretrained` loads,
+`save_subnetworks` each worker's subnetwork (OUT/subnetworks/member-R, 2 of the 4 layers each, a
+Hugging Face folder with a model card; `subnetdp.load_ensemble(OUT/subnetworks)` is their
+ensemble), and rank 0 writes `sdp_report.json` (parameters each optimizer steps, losses, SDP's
+bytes per optimizer step).
 `--grad-accum K` splits each worker's batch of 8 per optimizer step into K micro-batches
 (`gradient_accumulation_steps=K`): gradients are averaged once per step, so a step sends the same
 bytes as without accumulation. Needs `pip install "subnetdp[hf]"`.
@@ -86,6 +89,7 @@ def main() -> None:
     embedding = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(embedding, trainer.model.model.embed_tokens.weight.detach().clone())
     trainer.save_model(args.out)
+    trainer.save_subnetworks(str(Path(args.out) / "subnetworks"))  # member-R folders: from_pretrained each
     if trainer.args.should_save:
         losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
         report = {"full_params": full_params, "optimizer_params_rank0": stepped, "losses": losses,

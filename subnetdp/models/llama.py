@@ -32,6 +32,7 @@ class LlamaConfig:
     n_layers: int = 4
     n_heads: int = 4
     n_kv_heads: int | None = None   # None: n_heads (multi-head); fewer: grouped-query attention
+    head_dim: int | None = None     # None: dim // n_heads; set: heads of this size (fewer heads, same size)
     hidden_dim: int | None = None   # None: SwiGLU default, 8*dim/3 rounded up to multiple_of
     multiple_of: int = 64
     max_seq_len: int = 256
@@ -46,6 +47,10 @@ class LlamaConfig:
         return self.n_kv_heads or self.n_heads
 
     @property
+    def head_size(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.dim // self.n_heads
+
+    @property
     def ffn_hidden_dim(self) -> int:
         if self.hidden_dim is not None:
             return self.hidden_dim
@@ -53,9 +58,10 @@ class LlamaConfig:
         return m * ((int(8 * self.dim / 3) + m - 1) // m)
 
     def __post_init__(self) -> None:
-        if self.dim % self.n_heads or self.n_heads % self.kv_heads or (self.dim // self.n_heads) % 2:
-            raise ValueError(f"need dim % n_heads == 0, n_heads % n_kv_heads == 0 and an even head size; "
-                             f"got dim={self.dim}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}")
+        if self.head_dim is None and self.dim % self.n_heads or self.n_heads % self.kv_heads or self.head_size % 2:
+            raise ValueError(f"need dim % n_heads == 0 (or head_dim set), n_heads % n_kv_heads == 0 and an even "
+                             f"head size; got dim={self.dim}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, "
+                             f"head_dim={self.head_dim}")
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,7 +82,7 @@ class Attention(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads = config.n_heads, config.kv_heads
-        self.head_dim = config.dim // config.n_heads
+        self.head_dim = config.head_size
         self.q_proj = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)

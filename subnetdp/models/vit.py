@@ -18,14 +18,14 @@ from torch import nn
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int, dropout: float = 0.0) -> None:
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0, head_dim: int = 0) -> None:
         super().__init__()
-        if dim % heads:
+        if not head_dim and dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
         self.num_heads = heads
-        self.head_dim = dim // heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.head_dim = head_dim or dim // heads
+        self.qkv = nn.Linear(dim, 3 * heads * self.head_dim)
+        self.proj = nn.Linear(heads * self.head_dim, dim)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -49,12 +49,13 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0) -> None:
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0, head_dim: int = 0,
+                 mlp_hidden: int = 0) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads, dropout)
+        self.attn = Attention(dim, heads, dropout, head_dim)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), dropout)
+        self.mlp = Mlp(dim, mlp_hidden or int(dim * mlp_ratio), dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
@@ -63,11 +64,13 @@ class Block(nn.Module):
 
 
 class ViT(nn.Module):
-    """A ViT classifier; ``blocks`` is one flat ModuleList so SDP can name it directly."""
+    """A ViT classifier; ``blocks`` is one flat ModuleList so SDP can name it directly.
+    ``head_dim`` (0: dim // heads) and ``mlp_hidden`` (0: dim x mlp_ratio) fix the head size and
+    the MLP's hidden width, for thinner variants (fewer heads of the same size, fewer neurons)."""
 
     def __init__(self, image_size: int = 32, patch_size: int = 4, in_channels: int = 3,
                  num_classes: int = 10, dim: int = 192, depth: int = 6, heads: int = 3,
-                 mlp_ratio: float = 4.0, dropout: float = 0.0) -> None:
+                 mlp_ratio: float = 4.0, dropout: float = 0.0, head_dim: int = 0, mlp_hidden: int = 0) -> None:
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
@@ -75,7 +78,7 @@ class ViT(nn.Module):
         self.patch_embed = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, dim))
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, dropout) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, dropout, head_dim, mlp_hidden) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
         self.apply(self._init_weights)

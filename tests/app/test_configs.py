@@ -1,6 +1,7 @@
 """Every config shipped under configs/ trains: two steps with `--workers 2 --simulate` on its real data
 (a mixed fleet's config on its own number of workers, one per coverage or budget it lists),
-through the real CLI, then the result is exported and loads into the plain model. And the commands
+through the real CLI, then the result is exported and loads into the plain model (and, for SDP,
+worker 0's subnetwork as a standalone model). And the commands
 shown in the configs' header comments are valid commands.
 
 Only what does not change what is tested is overridden: two steps of at most 8 examples per
@@ -24,6 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from subnetdp import load_subnetwork
 from subnetdp.app import cli
 from subnetdp.app.builders import DATASETS, MODELS, check_builder_keys, rebuild_model
 from subnetdp.app.config import Config, load_config
@@ -99,6 +101,10 @@ def test_shipped_config_trains_two_steps_and_exports(path: Path, tmp_path: Path)
     model = rebuild_model(meta["model"], json.loads(meta["model_kwargs"]))
     model.load_state_dict(load_file(str(exported)), strict=True)
     assert all(torch.isfinite(t).all() for t in model.state_dict().values())
+    if config["strategy.name"] == "sdp":  # a worker's subnetwork (of the SDP phase, where a full phase follows)
+        result = run_cli("export", str(out), "--subnetwork", "0", "--out", str(tmp_path / "w0"))
+        assert result.returncode == 0, result.stderr[-4000:]
+        assert isinstance(load_subnetwork(tmp_path / "w0"), torch.nn.Module)
 
 
 def _header_commands(path: Path) -> list[str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import statistics
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from subnetdp.app.train import loop as train_module
 from subnetdp.app.train.evaluation import branch_scale
 from subnetdp.models import resnet18
 
-from _runs import SYNTHETIC, _config, _train
+from _runs import SYNTHETIC, _config, _train, cli
 
 VIEWS = SYNTHETIC.replace("[eval]", '[eval]\nviews = ["subnetworks", "ensemble"]\nresidual_scale = "both"').replace(
     "steps = 12", "steps = 6").replace("checkpoint_interval = 4", "checkpoint_interval = 0").replace(
@@ -52,6 +53,24 @@ def test_views_on_real_ranks_equal_the_simulator(tmp_path: Path) -> None:
     for key in keys:
         assert real[key] == pytest.approx(sim[key], abs=1e-4), key
     assert real["subnet_accuracy_min"] <= real["subnet_accuracy_mean"] <= real["subnet_accuracy_max"]
+    # each worker's own subnetwork, gathered from the ranks in rank order
+    by_worker = [_final(tmp_path / run)["final_subnet_by_worker"] for run in ("real", "sim")]
+    assert len(by_worker[0]) == 2
+    for mine, theirs in zip(*by_worker):
+        assert mine == pytest.approx(theirs, abs=1e-4)
+    # `subnetdp export --subnetwork R` of the real ranks' (sharded) checkpoint evaluates to rank R's figures
+    from subnetdp import load_subnetwork
+    from subnetdp.app.builders import build_task
+    from subnetdp.app.config import load_config
+    task = build_task(load_config(config, ["eval.max_batches=3", "eval.batch_size=16"]))
+    for rank in range(2):
+        out = tmp_path / f"w{rank}"
+        assert cli("export", str(tmp_path / "real"), "--subnetwork", str(rank), "--out", str(out)).returncode == 0
+        model, totals = load_subnetwork(out), torch.zeros(3, dtype=torch.float64)
+        with torch.no_grad():
+            for x, y in task.eval_batches(16, 0, 1, 3):
+                totals += torch.tensor(task.eval_sums(model(x), y), dtype=torch.float64)
+        assert task.eval_metrics(*totals.tolist()) == pytest.approx(by_worker[0][rank], abs=1e-6)
     flops = _final(tmp_path / "sim")["inference_flops_per_sample"]
     # two workers, C = 0.5: each subnetwork runs part of the blocks; the ensemble runs both
     assert flops["subnetwork"] < flops["assembled"] < flops["ensemble"] == pytest.approx(2 * flops["subnetwork"])
@@ -70,6 +89,34 @@ def test_ddp_has_no_subnetwork_views_and_flop_matching_is_measured(tmp_path: Pat
     assert 0.5 < ratio < 0.9
     assert sdp["train_flops"] == pytest.approx(sdp["train_flops_per_step"] * sdp["steps"])
     assert 1.0 < sdp["train_flops"] / ddp["train_flops"] < 1.8
+
+
+def test_each_workers_subnetwork_is_recorded_with_the_figures_summarised_from_it(tmp_path: Path) -> None:
+    """The final evaluation's subnetwork of each worker, in rank order: in summary.json
+    (final_subnet_by_worker, next to final_eval, which stays floats) and in metrics.jsonl's
+    evaluation records; subnet_<metric>_mean/min/max are exactly their mean, min and max. A run
+    resumed before its end records its own final evaluation's."""
+    out = tmp_path / "run"
+    sets = ["--workers", "3", "--simulate", "--set", "eval.max_batches=2", "--set", "eval.recalibrate_norm_batches=0",
+            "--set", "eval.residual_scale=none", "--set", "run.eval_interval=3", "--set", "run.checkpoint_interval=3"]
+    _train(_config(tmp_path, VIEWS), out, *sets)
+    summary = _final(out)
+    by_worker, final = summary["final_subnet_by_worker"], summary["final_eval"]
+    assert len(by_worker) == 3 and all(set(w) == {"accuracy", "test_loss"} for w in by_worker)
+    assert all(isinstance(v, float) for k, v in final.items() if k != "step")
+    for key in ("accuracy", "test_loss"):
+        values = [w[key] for w in by_worker]
+        assert final[f"subnet_{key}_mean"] == statistics.fmean(values)
+        assert final[f"subnet_{key}_min"] == min(values) and final[f"subnet_{key}_max"] == max(values)
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert [r["step"] for r in records] == [3, 6] and all(len(r["subnet_by_worker"]) == 3 for r in records)
+    assert records[-1]["subnet_by_worker"] == by_worker and {"step": 6, **records[-1]["eval"]} == final
+
+    shutil.rmtree(out / "checkpoints" / "step-00000006")
+    (out / "summary.json").unlink()
+    _train(_config(tmp_path, VIEWS), out, *sets, "--resume")
+    resumed = _final(out)
+    assert resumed["resumed_from"] == 3 and resumed["final_subnet_by_worker"] == by_worker
 
 
 def test_ensemble_is_the_mean_of_probabilities() -> None:

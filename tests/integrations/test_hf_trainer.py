@@ -45,6 +45,20 @@ def test_trainer_example_trains_with_sdp_syncs_once_per_accumulated_step_and_sav
     initial = LlamaForCausalLM(model.config)  # the example's initial model
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, initial.state_dict()[k])]
     assert any(k.startswith("model.layers.3.") for k in changed) and "model.embed_tokens.weight" in changed
+    # each rank's subnetwork, a Hugging Face folder of its own (2 of the 4 layers), and their ensemble
+    import subnetdp
+    tokens = torch.arange(16)[None] % 64
+    members = []
+    for rank in range(2):
+        folder = out / "subnetworks" / f"member-{rank}"
+        member, info = LlamaForCausalLM.from_pretrained(folder, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+        assert member.config.num_hidden_layers == 2 and (folder / "README.md").is_file()
+        assert torch.equal(member.model.embed_tokens.weight, model.model.embed_tokens.weight)  # shared, synced
+        members.append(member.eval())
+    with torch.no_grad():
+        mean = sum(torch.softmax(m(tokens).logits, -1) for m in members) / 2
+        assert torch.allclose(subnetdp.load_ensemble(out / "subnetworks")(tokens), mean.log(), atol=1e-6)
 
 
 def test_checkpoints_mid_run_are_refused() -> None:

@@ -204,3 +204,16 @@ def test_chunked_loss_never_holds_all_logits() -> None:
         peaks[chunk] = tracker.report()["peak_bytes"]
     logits = 4 * 128 * 4096 * 4  # the batch's float32 logits: 8 MiB
     assert peaks[0] - peaks[32] > logits, peaks  # logits and their gradient, less one chunk's
+
+
+def test_head_dim_gives_fewer_heads_of_the_same_size() -> None:
+    from subnetdp.models import Llama, LlamaConfig
+    config = LlamaConfig(vocab_size=16, dim=64, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, max_seq_len=8)
+    model = Llama(config)
+    attn = model.layers[0].attn
+    assert attn.q_proj.weight.shape == (32, 64) and attn.k_proj.weight.shape == (16, 64)
+    assert attn.o_proj.weight.shape == (64, 32)
+    assert model(torch.zeros(1, 8, dtype=torch.long)).shape == (1, 8, 16)
+    assert LlamaConfig(dim=64, n_heads=4).head_size == 16
+    with pytest.raises(ValueError, match="head_dim"):
+        LlamaConfig(dim=64, n_heads=3)

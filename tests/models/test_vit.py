@@ -102,3 +102,12 @@ def test_engine_neuron_worker_is_full_model_without_its_missing_neurons() -> Non
         ref, _ = zero_missing_columns(model, worker)
         torch.testing.assert_close(worker(x), ref(x), msg=f"worker {r}")
     assert_each_neuron_has_k_holders(sim, model)
+
+
+def test_fewer_heads_of_the_same_size_and_a_set_mlp_width() -> None:
+    model = ViT(image_size=16, patch_size=4, dim=32, depth=2, heads=1, head_dim=16, mlp_hidden=40)
+    assert model.blocks[0].attn.qkv.weight.shape == (48, 32) and model.blocks[0].attn.proj.weight.shape == (32, 16)
+    assert model.blocks[1].mlp.fc1.out_features == 40
+    assert model(images()).shape == (2, 10)
+    default = ViT(image_size=16, patch_size=4, dim=32, depth=2, heads=2)
+    assert default.blocks[0].attn.head_dim == 16 and default.blocks[0].mlp.fc1.out_features == 128

@@ -112,12 +112,28 @@ def finalize(root: Path, step: int, world_size: int, manifest: dict[str, Any], k
     return final
 
 
+def _phase(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "manifest.json").read_text()).get("phase")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _prune(root: Path, keep: int) -> None:
+    """Keep the newest ``keep`` checkpoints and, once a run is in its full-model phase, the last
+    one of its SDP phase: its subnetworks (`subnetdp export --subnetwork`), which no full-phase
+    checkpoint holds."""
     for stale in root.glob(f"step-*{PARTIAL}"):
         shutil.rmtree(stale, ignore_errors=True)
     complete = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(PARTIAL))
-    for old in complete[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    kept = set(complete[-keep:])
+    phases = {p: _phase(p) for p in complete}
+    if "full" in phases.values():
+        own = [p for p in complete if phases[p] == "own"]
+        kept.update(own[-1:])
+    for old in complete:
+        if old not in kept:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 class ManifestError(CheckpointError):

@@ -66,12 +66,15 @@ def eval_cap(config: Config, final: bool = True) -> int | None:
 
 
 def evaluate(tr: LocalWorkers, eval_models: dict[str, nn.Module], progress: bool = False,
-             desc: str = "evaluation", final: bool = True) -> dict[str, float]:
+             desc: str = "evaluation", final: bool = True, per_worker: list[dict[str, float]] | None = None
+             ) -> dict[str, float]:
     """Assemble the full model, evaluate it on the test/validation split (sharded over ranks), and
     again after re-estimating norm statistics when [eval] recalibrate_norm_batches > 0; then the
     subnetwork and ensemble views when [eval] views asks for them. ``progress``: a progress bar
     on rank 0 over every batch of this evaluation; ``final``: the run's last evaluation (else one
-    during training, capped by [eval] periodic_max_batches)."""
+    during training, capped by [eval] periodic_max_batches). ``per_worker``: a list that receives
+    each worker's own subnetwork metrics in rank order when the subnetworks are evaluated (the
+    returned dict stays flat floats: only their mean, min and max are in it)."""
     state = tr.par.full_state_dict()
     cap = eval_cap(tr.config, final)
     plan = _EvaluationPlan(tr, eval_models, cap)
@@ -89,7 +92,7 @@ def evaluate(tr: LocalWorkers, eval_models: dict[str, nn.Module], progress: bool
                 metrics.update({f"{prefix}{k}_recalibrated": v for k, v in recalibrated.items()})
         if plan.views:
             bar.set_postfix_str("subnetworks")
-            metrics.update(evaluate_subnetworks(tr, plan.views, bar, cap))
+            metrics.update(evaluate_subnetworks(tr, plan.views, bar, cap, per_worker))
     return metrics
 
 
@@ -166,11 +169,13 @@ def evaluate_model(tr: LocalWorkers, model: nn.Module, bar: tqdm | None = None, 
 
 
 @torch.no_grad()
-def evaluate_subnetworks(tr: LocalWorkers, views: list[str], bar: tqdm | None = None, cap: int | None = None
-                         ) -> dict[str, float]:
+def evaluate_subnetworks(tr: LocalWorkers, views: list[str], bar: tqdm | None = None, cap: int | None = None,
+                         per_worker: list[dict[str, float]] | None = None) -> dict[str, float]:
     """Each worker's own subnetwork (as trained, its own norm statistics) and the ensemble of the
     N subnetworks (mean of their probabilities), on the whole test/validation split: every worker
-    evaluates every batch. Keys: subnet_<metric>_{mean,min,max} and ensemble_<metric>."""
+    evaluates every batch. Keys: subnet_<metric>_{mean,min,max} and ensemble_<metric>. With the
+    "subnetworks" view, ``per_worker`` (when given) is extended with every worker's own metrics in
+    rank order, on every rank: the values the mean, min and max are taken over."""
     cfg, task, ctx = tr.config, tr.task, tr.ctx
     workers = tr.par.models  # one SDP module per local (virtual) worker
     sums = torch.zeros(len(workers) + 1, 3, dtype=torch.float64)  # per worker, then the ensemble
@@ -191,11 +196,13 @@ def evaluate_subnetworks(tr: LocalWorkers, views: list[str], bar: tqdm | None = 
     finally:
         for m in workers:
             m.train()
-    per_worker = ctx.gather([task.eval_metrics(*row.tolist()) for row in sums[:-1]])
+    by_worker = ctx.gather([task.eval_metrics(*row.tolist()) for row in sums[:-1]])
     metrics: dict[str, float] = {}
     if "subnetworks" in views:
-        for key in per_worker[0]:
-            values = [w[key] for w in per_worker]
+        if per_worker is not None:
+            per_worker.extend(by_worker)
+        for key in by_worker[0]:
+            values = [w[key] for w in by_worker]
             metrics.update({f"subnet_{key}_mean": statistics.fmean(values), f"subnet_{key}_min": min(values),
                             f"subnet_{key}_max": max(values)})
     if "ensemble" in views:

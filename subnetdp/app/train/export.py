@@ -48,10 +48,10 @@ class Exported:
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # newer checkpoints passed over, and why
 
 
-def assemble_from_checkpoint(run_dir: Path, step: int | None = None, skipped: list[tuple[Path, str]] | None = None
-                             ) -> tuple[dict[str, torch.Tensor], dict]:
-    """The full model's state dict (original keys, CPU) and the checkpoint's manifest. Without
-    ``step`` the newest complete checkpoint: the damaged newer ones are appended to ``skipped``."""
+def find_checkpoint(run_dir: Path, step: int | None = None, skipped: list[tuple[Path, str]] | None = None
+                    ) -> tuple[Path, dict[str, Any]]:
+    """The folder and manifest of ``run_dir``'s checkpoint ``step``; without ``step`` the newest
+    complete one (the damaged newer ones are appended to ``skipped``)."""
     root = run_dir / "checkpoints"
     if not run_dir.is_dir():
         raise ckpt.CheckpointError(f"{run_dir} is not a run folder (no such folder)")
@@ -61,14 +61,20 @@ def assemble_from_checkpoint(run_dir: Path, step: int | None = None, skipped: li
         if found is None:
             why = "; ".join(f"{folder.name}: {reason}" for folder, reason in passed)
             raise ckpt.CheckpointError(f"no complete checkpoint under {root}" + (f" (skipped {why})" if why else ""))
-        folder, manifest = found
-    else:
-        folder = ckpt.step_dir(root, step)
-        if not folder.is_dir():
-            steps = [str(m["step"]) for _, m in ckpt.complete_checkpoints(root, verify=False)]
-            raise ckpt.CheckpointError(f"--step {step}: no checkpoint {folder}; "
-                                       + (f"complete ones: step {', '.join(steps)}" if steps else f"none under {root}"))
-        manifest = ckpt.read_manifest(folder)
+        return found
+    folder = ckpt.step_dir(root, step)
+    if not folder.is_dir():
+        steps = [str(m["step"]) for _, m in ckpt.complete_checkpoints(root, verify=False)]
+        raise ckpt.CheckpointError(f"--step {step}: no checkpoint {folder}; "
+                                   + (f"complete ones: step {', '.join(steps)}" if steps else f"none under {root}"))
+    return folder, ckpt.read_manifest(folder)
+
+
+def assemble_from_checkpoint(run_dir: Path, step: int | None = None, skipped: list[tuple[Path, str]] | None = None
+                             ) -> tuple[dict[str, torch.Tensor], dict]:
+    """The full model's state dict (original keys, CPU) and the checkpoint's manifest. Without
+    ``step`` the newest complete checkpoint: the damaged newer ones are appended to ``skipped``."""
+    folder, manifest = find_checkpoint(run_dir, step, skipped)
     ckpt.require_readable(manifest, folder)
     config = from_dict(manifest["config"])
     if is_replicated(config, manifest):  # one full model (DDP-style)

@@ -227,6 +227,8 @@ class TrainingRun:
         self.log_acc: list[float] = [0.0, 0]  # loss sum and steps since the last log record
         self.stats = StepStats(PeakMemory(ctx.device))
         self.evals: list[dict[str, Any]] = []
+        # each worker's own subnetwork metrics at the latest evaluation (None: it evaluated none)
+        self.subnet_by_worker: list[dict[str, float]] | None = None
         self.sdp_phase_per_rank: list[dict[str, Any]] | None = None
         self.full_phase_from: int | None = None  # the step the full-model phase began at, once it has
         self.seconds = {"eval": 0.0, "checkpoint": 0.0, "redraw": 0.0}
@@ -302,7 +304,10 @@ class TrainingRun:
         self.start_step, self.log_acc = manifest["step"], own["log_accumulator"]
         if ctx.is_main:
             records = truncate_metrics(self.out / "metrics.jsonl", self.start_step)
-            self.evals = [{"step": r["step"], **r["eval"]} for r in records if isinstance(r.get("eval"), dict)]
+            evaluated = [r for r in records if isinstance(r.get("eval"), dict)]
+            self.evals = [{"step": r["step"], **r["eval"]} for r in evaluated]
+            # paired with evals[-1] until this run evaluates again (it does, at its last step)
+            self.subnet_by_worker = evaluated[-1].get("subnet_by_worker") if evaluated else None
 
     def write_run_config(self) -> None:
         if not self.ctx.is_main:
@@ -375,6 +380,13 @@ class TrainingRun:
         peak.stop()
         self._record_cuda_phase_peak()
         self.sdp_phase_per_rank = _gather_figures(self.tr, rank_figures(self.tr, self.stats))
+        interval = self.config["run.checkpoint_interval"]
+        if self.tr.par.is_sdp and step != self.start_step and not (interval and step % interval == 0):
+            # the subnetworks as the SDP phase leaves them: `subnetdp export --subnetwork` and
+            # `subnetdp report` read them from here (a full-phase checkpoint holds one full model)
+            began = time.perf_counter()
+            self._checkpoint(step)
+            self.seconds["checkpoint"] += time.perf_counter() - began
         self.begin_full_phase(step)
         peak.start()
         if self.ctx.is_main:
@@ -456,15 +468,20 @@ class TrainingRun:
 
     def _evaluate(self, done: int) -> None:
         began = time.perf_counter()
+        by_worker: list[dict[str, float]] = []
         metrics = evaluate(self.tr, self.eval_models, self.progress, desc=f"evaluation at step {done}",
-                           final=done == self.steps)
+                           final=done == self.steps, per_worker=by_worker)
         seconds = time.perf_counter() - began
         self.seconds["eval"] += seconds
         self.evals.append({"step": done, **metrics})
+        self.subnet_by_worker = by_worker or None
         self.eval_seconds.append(seconds)
         # how many test examples (or validation windows) it covered
         examples = self.task.data.eval_size(self.config["eval.batch_size"], eval_cap(self.config, done == self.steps))
-        self._write({"step": done, "eval": metrics, "eval_s": seconds, "eval_examples": examples})
+        record: dict[str, Any] = {"step": done, "eval": metrics, "eval_s": seconds, "eval_examples": examples}
+        if by_worker:  # each worker's own subnetwork, in rank order (eval holds their mean, min, max)
+            record["subnet_by_worker"] = by_worker
+        self._write(record)
         if self.ctx.is_main:
             self.bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
                            + f" ({seconds:.1f} s)")
@@ -569,6 +586,8 @@ class TrainingRun:
             "name": config["run.name"], "strategy": strategy_label(config), "workers": ctx.world_size,
             "simulated": ctx.simulate, "steps": self.steps, "resumed_from": self.start_step or None,
             "final_eval": self.evals[-1] if self.evals else None, "evals": self.evals,
+            # the final evaluation's subnetwork of each worker, in rank order (None: none evaluated)
+            "final_subnet_by_worker": self.subnet_by_worker,
             "median_step_s": statistics.median(step_medians) if step_medians else None,
             "samples_per_step": config["data.batch_size"] * ctx.world_size,
             # measured (FlopCounterMode) on one step: forward + backward of every worker
