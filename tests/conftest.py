@@ -64,3 +64,9 @@ def pytest_collection_modifyitems(config, items) -> None:
         for marker, signs in SIGNS.items():
             if any(sign in reached for sign in signs):
                 item.add_marker(getattr(pytest.mark, marker))
+    # the long tests first (real ranks, then whole runs), so that the test processes of
+    # `bash scripts/test.sh` (pytest-xdist) end together rather than on one last long test
+    def weight(item) -> int:
+        return 2 * (item.get_closest_marker("dist") is not None) + (item.get_closest_marker("slow") is not None)
+
+    items.sort(key=weight, reverse=True)  # stable: file order within each weight

@@ -384,10 +384,11 @@ def _export_command(args: argparse.Namespace) -> int:
             from ..engine.errors import SDPConfigError
             from .train.subnetworks import export_ensemble, export_subnetwork
             try:
-                exported = (export_ensemble(Path(args.run_dir), Path(args.out), args.step, args.overwrite)
+                overwrite = args.overwrite or args.force
+                exported = (export_ensemble(Path(args.run_dir), Path(args.out), args.step, overwrite)
                             if args.ensemble else
                             export_subnetwork(Path(args.run_dir), args.subnetwork, Path(args.out), args.step,
-                                              args.overwrite))
+                                              overwrite))
             except (SDPConfigError, FileExistsError) as exc:
                 raise CheckpointError(str(exc)) from exc
         else:
@@ -447,9 +448,9 @@ def _models_report(run: Path, out: Path, args: argparse.Namespace) -> int:
     try:
         report = models_report(run, args.step, batch=args.batch, repeats=args.repeats, threads=args.threads,
                                progress=not args.no_progress)
-    except (CheckpointError, SDPConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (CheckpointError, SDPConfigError) as exc:  # the comparison above was written: say why this is not
+        print(f"warning: no table of the models {run} yields: {exc}", file=sys.stderr)
+        return 0
     command = "subnetdp report " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["report"] else f"subnetdp report {run}"
     written = write_models_report(report, out, command)
     print(models_table(report))

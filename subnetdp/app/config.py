@@ -45,7 +45,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
                         ("iteration", "flops")),
         "log_interval": Key(10, "steps between lines of metrics.jsonl (and progress-bar updates)"),
         "eval_interval": Key(0, "steps between evaluations of the assembled full model (0: only at the end)"),
-        "checkpoint_interval": Key(0, "steps between checkpoints (0: none; one is always written at the end)"),
+        "checkpoint_interval": Key(0, "steps between checkpoints (0: none; one is always written at the end, and "
+                                      "one at the switch to a full-model phase)"),
         "keep_checkpoints": Key(2, "how many of the newest checkpoints to keep (a run in its full-model phase also "
                                    "keeps its SDP phase's last: the subnetworks)"),
         "device": Key("auto", "auto: CUDA when available, else CPU", ("auto", "cpu", "cuda")),

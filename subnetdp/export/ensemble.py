@@ -12,6 +12,7 @@ and ensemble.json, which lists them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -49,11 +50,16 @@ class Ensemble(nn.Module):
         """Each member's logits, in member order."""
         if not self.parallel or len(self.members) == 1:
             return [_logits(m(*args, **kwargs)) for m in self.members]
-        # grad and inference modes are per thread: each member runs under the caller's
+        # grad, inference and autocast modes are per thread: each member runs under the caller's
         grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+        casts = [(d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
 
         def run(member: nn.Module) -> Any:
-            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(torch.inference_mode(inference))
+                stack.enter_context(torch.set_grad_enabled(grad))
+                for device, dtype in casts:
+                    stack.enter_context(torch.autocast(device, dtype=dtype))
                 return member(*args, **kwargs)
 
         with ThreadPoolExecutor(max_workers=len(self.members)) as pool:
@@ -62,7 +68,7 @@ class Ensemble(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         total: torch.Tensor | None = None
-        for logits in self.member_outputs(*args, **kwargs):  # summed in member order, as the training's all-reduce
+        for logits in self.member_outputs(*args, **kwargs):  # in member order, as the simulator's sum
             probs = torch.softmax(logits.float(), dim=-1)
             total = probs if total is None else total + probs
         assert total is not None
@@ -73,7 +79,7 @@ class Ensemble(nn.Module):
 def save_ensemble(members: Sequence[Standalone], out: str | Path, provenance: dict[str, Any] | None = None,
                   member_provenance: Sequence[dict[str, Any]] | None = None, overwrite: bool = False) -> Path:
     """Write the members (``member-R`` folders) and ensemble.json and a model card to ``out``."""
-    out = Path(out)
+    given, out = Path(out), Path(out).resolve()  # resolved: "." has no name to write beside
     _writable(out, overwrite)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     try:
@@ -81,10 +87,10 @@ def save_ensemble(members: Sequence[Standalone], out: str | Path, provenance: di
         names = []
         for i, member in enumerate(members):
             name = member_name(member.rank if member.rank is not None else i)
-            _write(member, tmp / name, str(out / name), (member_provenance or [{}] * len(members))[i])
+            _write(member, tmp / name, str(given / name), (member_provenance or [{}] * len(members))[i])
             names.append(name)
         write_ensemble_index(tmp, names, [(type(m.model).__name__, m.num_parameters) for m in members], provenance,
-                             shown_as=out)
+                             shown_as=given)
         _replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

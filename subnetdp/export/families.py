@@ -171,6 +171,10 @@ class HuggingFaceFamily(Family):
         attr = _layer_count_attr(config)
         old = getattr(config, attr)
         if entries:
+            if len({e.source.rpartition(".")[0] for e in entries}) > 1:
+                raise SDPConfigError(f"{type(config).__name__}: the blocks lie in several lists ("
+                                     f"{sorted({e.source.rpartition('.')[0] for e in entries})}), and the config has "
+                                     "one layer count: export at neuron level, or name one list of blocks")
             kept = [int(e.source.rpartition(".")[2]) for e in entries]
             setattr(config, attr, len(entries))
             for name, value in list(vars(config).items()):  # per-layer lists (layer_types, ...)

@@ -14,6 +14,7 @@ model was trained and evaluated.
 
 from __future__ import annotations
 
+import fnmatch
 import importlib
 import inspect
 import json
@@ -30,26 +31,55 @@ from ..engine.errors import SDPConfigError
 from .standalone import Standalone
 
 FORMAT = 1  # config.json's "subnetdp_export" for models of subnetdp.models
+_WRITTEN = ("*.json", "*.safetensors", "README.md", "modeling_*.py")  # the files of an export folder
+
+
+def is_export_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds an export this package wrote (its marker file), and nothing else
+    but what an export writes: only such a folder is ever replaced."""
+    def marked(path: Path, key: str) -> bool:
+        try:
+            return key in json.loads(path.read_text())
+        except (OSError, ValueError, TypeError):
+            return False
+
+    def written(path: Path) -> bool:  # what an export writes (save_pretrained: also sharded weights, indexes)
+        return path.is_file() and any(fnmatch.fnmatch(path.name, p) for p in _WRITTEN)
+
+    if not folder.is_dir():
+        return False
+    if marked(folder / "ensemble.json", "subnetdp_ensemble"):
+        return all(written(p) or (p.is_dir() and p.name.startswith("member-") and is_export_folder(p))
+                   for p in folder.iterdir())
+    return (marked(folder / "config.json", "subnetdp_export") or (folder / "subnetdp_export.json").is_file()) \
+        and all(written(p) for p in folder.iterdir())
 
 
 def _writable(out: Path, overwrite: bool) -> None:
-    """Refuse an ``out`` that exists unless ``overwrite`` and it is an export folder (a config.json,
-    no subfolders other than members): a user's other files are never replaced."""
+    """Refuse an ``out`` that exists unless ``overwrite`` and it is an export folder
+    (``is_export_folder``): a run folder, a model of someone else's or any other files are never
+    replaced."""
     if out.exists():
         if not overwrite:
             raise FileExistsError(f"{out} already exists: pass --overwrite (overwrite=True) to replace it, or choose "
                                   "another folder")
-        if not out.is_dir() or not ((out / "config.json").is_file() or (out / "ensemble.json").is_file()):
-            raise FileExistsError(f"{out} exists and is not an export folder (no config.json or ensemble.json): "
-                                  "not replacing it")
+        if not is_export_folder(out):
+            raise FileExistsError(f"{out} exists and is not a folder subnetdp exported (it holds other files): not "
+                                  "replacing it")
 
 
 def _replace(tmp: Path, out: Path) -> None:
-    """``tmp`` (complete) renamed to ``out``; an old ``out`` is removed only after that succeeded."""
+    """``tmp`` (complete) renamed to ``out``; an old ``out`` is removed only after that succeeded,
+    and put back if it did not."""
     old = out.with_name(f"{out.name}.old-{os.getpid()}")
     if out.exists():
         out.rename(old)
-    tmp.rename(out)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        if old.exists() and not out.exists():
+            old.rename(out)
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -151,11 +181,11 @@ def save_subnetwork(sub: Standalone, out: str | Path, provenance: dict[str, Any]
                     overwrite: bool = False) -> Path:
     """Write ``sub`` as a folder ``out`` (written beside it, then renamed into place). An existing
     ``out`` is replaced only with ``overwrite`` and only if it is an export folder."""
-    out = Path(out)
+    given, out = Path(out), Path(out).resolve()  # resolved: "." has no name to write beside
     _writable(out, overwrite)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     try:
-        _write(sub, tmp, str(out), provenance)
+        _write(sub, tmp, str(given), provenance)
         _replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -196,7 +226,9 @@ def load_subnetwork(folder: str | Path, device: str | torch.device | None = None
         if architecture is None or not hasattr(transformers, architecture):
             raise SDPConfigError(f"{folder}/config.json names no transformers class (architectures: "
                                  f"{config.get('architectures')})")
-        model = getattr(transformers, architecture).from_pretrained(str(folder))
+        # the dtype it was saved in (transformers 4 loads float32 unless asked; 5 renamed the argument)
+        dtype_arg = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+        model = getattr(transformers, architecture).from_pretrained(str(folder), **{dtype_arg: "auto"})
     if device is not None:
         model.to(device)
     return model.eval()

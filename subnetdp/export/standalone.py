@@ -199,6 +199,9 @@ def standalone_subnetwork(worker: Subnetwork, example_input: Any = None, atol: f
     to the output's scale) raises SDPConfigError."""
     family = family_of(worker.module)
     entries, removed = block_entries(worker)
+    if removed and not any(e.kind == "block" for e in entries):
+        raise SDPConfigError(f"worker {worker.rank} holds no blocks (a plan of per-worker coverage or memory budgets "
+                             "can give one none): its subnetwork would be the shared layers alone")
     state = _renamed(_state(worker), entries, removed)
     forward = worker.masking == "forward"
     padded = pad_sites(state, worker.units.sites) if family.uniform_widths and forward else {}

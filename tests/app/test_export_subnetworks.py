@@ -169,6 +169,15 @@ def test_refusals_name_the_problem(tmp_path: Path) -> None:
         result = cli("export", str(run), "--subnetwork", "0", "--out", str(mine), *extra)
         assert result.returncode == 2, result.stderr
     assert (mine / "notes.txt").read_text() == "keep" and len(list(mine.iterdir())) == 1
+    # a run folder holds a config.json too: never replaced, nor the folder above it
+    for target in (run, tmp_path):
+        result = cli("export", str(run), "--subnetwork", "0", "--out", str(target), "--overwrite")
+        assert result.returncode == 2 and "run folder" in result.stderr, result.stderr
+    other = tmp_path / "other"
+    shutil.copytree(run, other, ignore=shutil.ignore_patterns("checkpoints"))
+    result = cli("export", str(run), "--subnetwork", "0", "--out", str(other), "--overwrite")
+    assert result.returncode == 2 and "not a folder subnetdp exported" in result.stderr
+    assert (other / "summary.json").is_file() and (run / "checkpoints").is_dir()
 
 
 def test_a_run_with_a_full_phase_exports_the_subnetworks_the_sdp_phase_left(tmp_path: Path) -> None:
@@ -198,6 +207,9 @@ def test_a_run_with_a_full_phase_exports_the_subnetworks_the_sdp_phase_left(tmp_
     losses = [[r["loss"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
               for d in (full, resumed)]
     assert losses[0] == losses[1]
+    # the SDP phase's figures come with the checkpoint, not from the resumed process's empty window
+    phases = [json.loads((d / "summary.json").read_text())["full_phase"]["sdp_phase_per_rank"] for d in (full, resumed)]
+    assert phases[0] and phases[1] == phases[0]
 
 
 def test_the_readme_commands_on_a_study_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -66,6 +66,14 @@ def test_hugging_face_members_average_their_logits(tmp_path: Path) -> None:
     assert torch.allclose(load_ensemble(out)(x), expected, atol=1e-6)
 
 
+def test_threads_run_under_the_callers_autocast() -> None:
+    members = [torch.nn.Linear(4, 3) for _ in range(2)]
+    x = torch.randn(2, 4)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        outs = Ensemble(members, parallel=True).member_outputs(x)
+    assert [o.dtype for o in outs] == [torch.bfloat16] * 2
+
+
 def test_refusals() -> None:
     with pytest.raises(ValueError, match="at least one member"):
         Ensemble([])

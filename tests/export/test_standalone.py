@@ -207,6 +207,10 @@ def test_an_existing_folder_is_replaced_only_when_asked_and_only_if_it_is_an_exp
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep")
-    with pytest.raises(FileExistsError, match="not an export folder"):
+    (mine / "config.json").write_text("{}")  # a run folder, someone's model: a config.json alone is no export
+    with pytest.raises(FileExistsError, match="not a folder subnetdp exported"):
         save_subnetwork(sub, mine, overwrite=True)
     assert (mine / "notes.txt").read_text() == "keep"
+    (out / "extra.txt").write_text("mine")  # an export with a file of the user's in it is kept too
+    with pytest.raises(FileExistsError, match="not a folder subnetdp exported"):
+        save_subnetwork(sub, out, overwrite=True)

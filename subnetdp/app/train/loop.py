@@ -302,6 +302,7 @@ class TrainingRun:
         self.tr.apply_schedule()
         _set_rng_state(own["rng"], ctx.device)
         self.start_step, self.log_acc = manifest["step"], own["log_accumulator"]
+        self.sdp_phase_per_rank = manifest.get("sdp_phase_per_rank") or self.sdp_phase_per_rank
         if ctx.is_main:
             records = truncate_metrics(self.out / "metrics.jsonl", self.start_step)
             evaluated = [r for r in records if isinstance(r.get("eval"), dict)]
@@ -379,7 +380,8 @@ class TrainingRun:
         peak = self.stats.peak
         peak.stop()
         self._record_cuda_phase_peak()
-        self.sdp_phase_per_rank = _gather_figures(self.tr, rank_figures(self.tr, self.stats))
+        if not (step == self.start_step and self.sdp_phase_per_rank is not None):  # else: the resumed checkpoint's
+            self.sdp_phase_per_rank = _gather_figures(self.tr, rank_figures(self.tr, self.stats))
         interval = self.config["run.checkpoint_interval"]
         if self.tr.par.is_sdp and step != self.start_step and not (interval and step % interval == 0):
             # the subnetworks as the SDP phase leaves them: `subnetdp export --subnetwork` and
@@ -387,6 +389,7 @@ class TrainingRun:
             began = time.perf_counter()
             self._checkpoint(step)
             self.seconds["checkpoint"] += time.perf_counter() - began
+            self.window_start = time.perf_counter()  # the log's throughput window counts training only
         self.begin_full_phase(step)
         peak.start()
         if self.ctx.is_main:
@@ -517,6 +520,8 @@ class TrainingRun:
                            "plan_fingerprint": self.plan.fingerprint() if self.plan is not None else None,
                            "phase": "full" if tr.full_phase else "own",
                            "full_phase_from": self.full_phase_from,
+                           # the SDP phase's per-rank figures, for summary.json after a resume past it
+                           "sdp_phase_per_rank": self.sdp_phase_per_rank,
                            # the plan that wrote the subnetworks (strategy.redraw_every): the draw's
                            "plan_seed_drawn": draw_seed(self.config, self.draw),
                            "plan_fingerprint_drawn": (tr.par.plan.fingerprint()

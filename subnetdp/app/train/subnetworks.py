@@ -70,9 +70,10 @@ class RunWorkers:
         return summary if summary.get("steps") == self.step else None  # figures of this checkpoint's step only
 
 
-def load_run_workers(run_dir: Path, step: int | None = None) -> RunWorkers:
+def load_run_workers(run_dir: Path, step: int | None = None, rank: int | None = None) -> RunWorkers:
     """The run's workers as they were at checkpoint ``step`` (default: the newest complete one).
-    ExportError for a run without subnetworks (DDP, a checkpoint of the full-model phase)."""
+    ExportError for a run without subnetworks (DDP, a checkpoint of the full-model phase), or
+    without a worker ``rank``."""
     skipped: list[tuple[Path, str]] = []
     folder, manifest = find_checkpoint(run_dir, step, skipped)
     if step is None and manifest.get("phase") == "full":  # the subnetworks as the SDP phase left them
@@ -82,13 +83,19 @@ def load_run_workers(run_dir: Path, step: int | None = None) -> RunWorkers:
                                     f"{own[-1][1]['step']}, where the SDP phase ended"))
             folder, manifest = own[-1]
     config = from_dict(manifest["config"])
+    if rank is not None and not 0 <= rank < manifest["virtual_world_size"]:
+        raise ExportError(f"--subnetwork {rank}: the run has workers 0 to {manifest['virtual_world_size'] - 1}")
     if config["strategy.name"] != "sdp":
         raise ExportError(f"{run_dir} trained {manifest['strategy']}: it has no subnetworks (export the full model "
                           "without --subnetwork / --ensemble)")
     if manifest.get("phase") == "full":
+        own = [str(m["step"]) for _, m in ckpt.complete_checkpoints(run_dir / "checkpoints", verify=False)
+               if m.get("phase") != "full"]
         raise ExportError(f"checkpoint step {manifest['step']} is in the full-model phase, where every worker trains "
-                          "the whole model: there are no subnetworks in it; give the --step of a checkpoint "
-                          "of the SDP phase (none is left without --step), or export the full model")
+                          "the whole model: there are no subnetworks in it; "
+                          + (f"checkpoints of the SDP phase: step {', '.join(own)}" if own else
+                             "no checkpoint of the SDP phase is left (runs of subnetdp before 0.2 pruned it)")
+                          + "; or export the full model without --subnetwork / --ensemble")
     from ...engine import checkpoint as sdp_checkpoint  # torch.distributed.checkpoint takes 0.7 s to import
     torch.manual_seed(config["run.seed"])
     task = build_task(config, out=run_dir)  # its data (the example batch) and the run's own tokenizer
@@ -143,8 +150,8 @@ def _evaluated(run: RunWorkers, rank: int | None) -> str:
         return "This run recorded only the mean, min and max over the workers' subnetworks."
     shown = ", ".join(f"{k} {v:.4f}" for k, v in figures.items())
     return (f"The run's final evaluation at step {run.step}, of {what} as trained (its own norm statistics), on "
-            f"the held-out split of `{run.config['data.name']}`: {shown}. The exported model computes the same: "
-            f"tests/app/test_export_subnetworks.py checks that its evaluation equals these figures.")
+            f"the held-out split of `{run.config['data.name']}`: {shown}. The exported model computes the same "
+            "(the export compared their outputs before writing it).")
 
 
 def _provenance(run: RunWorkers, rank: int | None) -> dict[str, Any]:
@@ -166,8 +173,8 @@ class ExportedModels:
 def export_subnetwork(run_dir: Path, rank: int, out: Path, step: int | None = None,
                       overwrite: bool = False) -> ExportedModels:
     """Worker ``rank``'s subnetwork of ``run_dir``'s checkpoint as a standalone folder ``out``."""
-    _check_out(out, overwrite)
-    run = load_run_workers(run_dir, step)
+    _check_out(run_dir, out, overwrite)
+    run = load_run_workers(run_dir, step, rank)
     sub = run.standalone(rank)
     save_subnetwork(sub, out, _provenance(run, rank), overwrite=overwrite)
     return ExportedModels(out, run.step, [sub.num_parameters], run.skipped)
@@ -175,7 +182,7 @@ def export_subnetwork(run_dir: Path, rank: int, out: Path, step: int | None = No
 
 def export_ensemble(run_dir: Path, out: Path, step: int | None = None, overwrite: bool = False) -> ExportedModels:
     """All N subnetworks of ``run_dir``'s checkpoint and ensemble.json, in the folder ``out``."""
-    _check_out(out, overwrite)
+    _check_out(run_dir, out, overwrite)
     run = load_run_workers(run_dir, step)
     members = [run.standalone(r) for r in range(run.world_size)]
     save_ensemble(members, out, _provenance(run, None), [_provenance(run, r) for r in range(run.world_size)],
@@ -183,9 +190,14 @@ def export_ensemble(run_dir: Path, out: Path, step: int | None = None, overwrite
     return ExportedModels(out, run.step, [m.num_parameters for m in members], run.skipped)
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    """Before the (long) rebuild: the folder can be written."""
+def _check_out(run_dir: Path, out: Path, overwrite: bool) -> None:
+    """Before the (long) rebuild: the folder can be written, and is not the run's or above it."""
+    from ...export.folder import is_export_folder
+    target, run = out.resolve(), run_dir.resolve()
+    if target == run or target in run.parents:
+        raise ExportError(f"--out {out} is the run folder or holds it: choose a folder of its own")
     if out.exists() and not overwrite:
         raise ExportError(f"--out {out} already exists: pass --overwrite to replace it, or choose another --out")
-    if out.exists() and not (out.is_dir() and ((out / "config.json").is_file() or (out / "ensemble.json").is_file())):
-        raise ExportError(f"--out {out} exists and is not an export folder: not replacing it")
+    if out.exists() and not is_export_folder(out):
+        raise ExportError(f"--out {out} exists and is not a folder subnetdp exported (it holds other files): not "
+                          "replacing it")

@@ -119,7 +119,6 @@ def _evaluate(run: RunWorkers, assembled: list[nn.Module], members: list[nn.Modu
 def models_report(run_dir: Path, step: int | None = None, batch: int = 64, repeats: int = 20,
                   threads: int = 1, progress: bool = True) -> dict[str, Any]:
     """Measure every model ``run_dir``'s checkpoint yields (module docstring); returns the report."""
-    torch.set_num_threads(threads)
     run = load_run_workers(run_dir, step)
     task = run.task
     views = _assembled_views(run)
@@ -138,8 +137,13 @@ def models_report(run_dir: Path, step: int | None = None, batch: int = 64, repea
     jobs = [("assembled", views[0][2])] + [(f"subnetwork {r}", m) for r, m in enumerate(members)] \
         + [("ensemble", Ensemble(members))]
     costs = {}
-    for name, model in tqdm(jobs, desc="timing", unit="model", disable=not progress, leave=False):
-        costs[name] = inference_cost(model, example, batch=batch, repeats=repeats)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # the timings only: evaluation above used every thread it had
+    try:
+        for name, model in tqdm(jobs, desc="timing", unit="model", disable=not progress, leave=False):
+            costs[name] = inference_cost(model, example, batch=batch, repeats=repeats)
+    finally:
+        torch.set_num_threads(before)
     for (name, key, _), figures in zip(views, assembled_figures):
         add(name, key, figures, costs["assembled"])
     for r, (sub, figures) in enumerate(zip(subs, member_figures)):
