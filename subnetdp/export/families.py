@@ -59,17 +59,18 @@ class SubnetdpModel(Family):
 
     class_name = ""
     module_name = ""
+    builder = ""  # the function of subnetdp.models (and `subnetdp train`'s [model] name) taking the same kwargs
 
     def matches(self, module: nn.Module) -> bool:
         from .. import models
         return type(module) is getattr(models, self.class_name)
 
     def config(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        return {"class": self.class_name, "module": self.module_name, "kwargs": kwargs}
+        return {"class": self.class_name, "module": self.module_name, "kwargs": kwargs, "builder": self.builder}
 
 
 class ResNetFamily(SubnetdpModel):
-    name, class_name, module_name = "resnet", "ResNet", "subnetdp.models.resnet"
+    name, class_name, module_name, builder = "resnet", "ResNet", "subnetdp.models.resnet", "resnet18"
     uniform_widths = False  # inner_widths is per block
 
     def build(self, worker: Subnetwork, state: dict[str, torch.Tensor], entries: list[Any],
@@ -97,7 +98,7 @@ class ResNetFamily(SubnetdpModel):
 
 
 class ViTFamily(SubnetdpModel):
-    name, class_name, module_name = "vit", "ViT", "subnetdp.models.vit"
+    name, class_name, module_name, builder = "vit", "ViT", "subnetdp.models.vit", "vit"
 
     def build(self, worker: Subnetwork, state: dict[str, torch.Tensor], entries: list[Any],
               widths: dict[str, tuple[str, int, int]]) -> tuple[nn.Module, dict[str, Any]]:
@@ -129,7 +130,7 @@ def _head_dim(modules: list[nn.Module]) -> int:
 
 
 class LlamaFamily(SubnetdpModel):
-    name, class_name, module_name = "llama", "Llama", "subnetdp.models.llama"
+    name, class_name, module_name, builder = "llama", "Llama", "subnetdp.models.llama", "llama"
 
     def build(self, worker: Subnetwork, state: dict[str, torch.Tensor], entries: list[Any],
               widths: dict[str, tuple[str, int, int]]) -> tuple[nn.Module, dict[str, Any]]:

@@ -172,8 +172,11 @@ def _write(sub: Standalone, tmp: Path, folder_name: str, provenance: dict[str, A
                   "subnetwork": info}
         (tmp / "config.json").write_text(json.dumps(config, indent=1))
         # clones: tied tensors (one storage under two keys) are written twice, so load_state_dict reads both
+        # the metadata `subnetdp export`'s single files carry too: subnetdp.app.builders.rebuild_model(model,
+        # model_kwargs), or subnetdp.models.<model>(**model_kwargs), builds the model they load into
         save_file({k: v.detach().contiguous().clone() for k, v in sub.model.state_dict().items()},
-                  str(tmp / "model.safetensors"), metadata={"format": "pt"})
+                  str(tmp / "model.safetensors"), metadata={"format": "pt", "model": sub.config["builder"],
+                                                            "model_kwargs": json.dumps(sub.config["kwargs"])})
     (tmp / "README.md").write_text(model_card(sub, folder_name, provenance, modeling))
 
 

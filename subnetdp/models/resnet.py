@@ -96,5 +96,8 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-def resnet18(num_classes: int = 10, in_channels: int = 3, width: int = 64) -> ResNet:
-    return ResNet((2, 2, 2, 2), num_classes, in_channels, width)
+def resnet18(num_classes: int = 10, in_channels: int = 3, width: int = 64, layers: tuple[int, ...] = (2, 2, 2, 2),
+             inner_widths: tuple[int, ...] | None = None, projection_blocks: tuple[int, ...] = ()) -> ResNet:
+    """ResNet-18; ``layers``, ``inner_widths`` and ``projection_blocks`` give a shorter or thinner
+    one (an exported subnetwork of it)."""
+    return ResNet(tuple(layers), num_classes, in_channels, width, inner_widths, tuple(projection_blocks))

@@ -185,6 +185,15 @@ def test_our_models_load_from_their_folder_without_subnetdp(make, container, x, 
     sub = standalone_subnetwork(sim.workers[2], example_input=x)
     out = save_subnetwork(sub, tmp_path / "w2")
     assert isinstance(load_subnetwork(out), (ResNet, ViT, Llama))
+    # as `subnetdp export`'s single files: the builder and its kwargs in the safetensors metadata
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from subnetdp.app.builders import rebuild_model
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        meta = f.metadata()
+    rebuild_model(meta["model"], json.loads(meta["model_kwargs"])).load_state_dict(
+        load_file(str(out / "model.safetensors")), strict=True)
     torch.save(x, tmp_path / "x.pt")
     with torch.no_grad():
         torch.save(_logits(sub.model(x)), tmp_path / "expected.pt")
