@@ -197,6 +197,22 @@ def train_and_check_assembly(model: nn.Module, fresh: nn.Module, container: str,
     return full
 
 
+def train_steps(sim, batch, loss, steps: int = 2, train_mode: bool = False) -> None:
+    """Each worker r trains on batch(100 * step + r); gradients synced, Adam, weights synced.
+    ``train_mode``: the workers in train mode (norm statistics move), else as they are."""
+    opts = [torch.optim.Adam(w.parameters(), lr=1e-2) for w in sim.workers]
+    for step in range(steps):
+        for r, worker in enumerate(sim.workers):
+            if train_mode:
+                worker.train()
+            loss(worker, batch(100 * step + r)).backward()
+        sim.sync_gradients()
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+        sim.sync_weights()
+
+
 # ---------------------------------------------------------------------------------------------
 # Model families for neuron-level and block-level compatibility (tests/engine/test_model_families.py,
 # scripts/models_table.py). Each builder returns (model, batch(seed), loss(model, batch)); the models

@@ -34,6 +34,7 @@ from _models import (
     family_resnet18,
     family_vit,
     kept_columns,
+    train_steps,
 )
 
 # (family, builder, path of its stack of blocks); builder(seed) -> (model, batch(seed), loss(model, batch))
@@ -54,19 +55,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def _output(out) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.logits
-
-
-def train_steps(sim: SubnetworkSimulator, batch: Callable, loss: Callable, steps: int = 2) -> None:
-    """Each worker r trains on batch(100 * step + r); gradients synced, Adam, weights synced."""
-    opts = [torch.optim.Adam(w.parameters(), lr=1e-2) for w in sim.workers]
-    for step in range(steps):
-        for r, worker in enumerate(sim.workers):
-            loss(worker, batch(100 * step + r)).backward()
-        sim.sync_gradients()
-        for opt in opts:
-            opt.step()
-            opt.zero_grad()
-        sim.sync_weights()
 
 
 def check_training(builder: Callable, path: str, level: str, masking: str, steps: int = 1) -> None:

@@ -17,7 +17,16 @@ from subnetdp import SDPConfigError, SubnetworkSimulator, load_subnetwork, save_
 from subnetdp.export.standalone import pad_sites
 from subnetdp.models import Llama, ResNet, ViT, llama, resnet18, vit
 
-from _models import family_bert, family_gpt2, family_hf_llama, family_hf_vit, family_llama, family_resnet18, family_vit
+from _models import (
+    family_bert,
+    family_gpt2,
+    family_hf_llama,
+    family_hf_vit,
+    family_llama,
+    family_resnet18,
+    family_vit,
+    train_steps,
+)
 
 FAMILIES = [(family_resnet18, "blocks"), (family_vit, "blocks"), (family_llama, "layers"),
             (family_hf_llama, "model.layers"), (family_gpt2, "transformer.h"), (family_bert, "bert.encoder.layer"),
@@ -34,16 +43,7 @@ def trained(family, container: str, level: str = "block", workers: int = 4, **kw
     model, batch, loss = family(0)
     where = {("blocks" if level == "block" else "neurons"): container}
     sim = SubnetworkSimulator(model, workers, coverage=0.5, **where, **kwargs)
-    optimizers = [torch.optim.Adam(w.parameters(), lr=1e-2) for w in sim.workers]
-    for step in range(2):
-        for r, w in enumerate(sim.workers):
-            w.train()
-            loss(w, batch(100 * step + r)).backward()
-        sim.sync_gradients()
-        for o in optimizers:
-            o.step()
-            o.zero_grad()
-        sim.sync_weights()
+    train_steps(sim, batch, loss, train_mode=True)
     return sim, batch(7)[0]
 
 
