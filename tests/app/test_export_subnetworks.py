@@ -226,7 +226,8 @@ def test_the_readme_commands_on_a_study_config(tmp_path: Path, monkeypatch: pyte
     _train(study, Path("runs/study-r18"), "--workers", "4", "--simulate", *[a for s in sets for a in ("--set", s)])
     for argv in (["report", "runs/study-r18", "--out", "runs/study-r18-report", "--repeats", "2", "--no-progress"],
                  ["export", "runs/study-r18", "--subnetwork", "0", "--out", "exports/r18-w0"],
-                 ["export", "runs/study-r18", "--ensemble", "--out", "exports/r18-ensemble"]):
+                 ["export", "runs/study-r18", "--ensemble", "--out", "exports/r18-ensemble"],
+                 ["export", "runs/study-r18", "--out", "r18.safetensors", "--scale-branches"]):
         result = cli(*argv)
         assert result.returncode == 0, (argv, result.stderr[-3000:])
     assert json.loads(Path("runs/study-r18-report/models.json").read_text())["matches_run"]
