@@ -40,6 +40,12 @@ def _forget(tracker_ref: weakref.ref, key: int) -> None:
         tracker.live.pop(key, None)
 
 
+def _unsave(tracker_ref: weakref.ref, key: int) -> None:
+    tracker = tracker_ref()
+    if tracker is not None:
+        tracker.saved.discard(key)
+
+
 class LiveTensorTracker(TorchDispatchMode):
     """Peak live tensor bytes of the work done inside ``with tracker:``, split by kind."""
 
@@ -78,7 +84,13 @@ class LiveTensorTracker(TorchDispatchMode):
         self.baseline.setdefault(id(s), (s.nbytes(), kind))
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        self.saved.add(_key(t))
+        storage = local_tensor(t).untyped_storage()
+        key = id(storage)
+        if key not in self.saved:
+            self.saved.add(key)
+            # forgotten when it dies: a storage created later may get the same id (seen: a tensor
+            # allocated after backward counted as a saved activation)
+            weakref.finalize(storage, _unsave, weakref.ref(self), key)
         return t
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's protocol
