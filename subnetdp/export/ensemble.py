@@ -67,12 +67,19 @@ class Ensemble(nn.Module):
             return [_logits(f.result()) for f in futures]
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.combine(self.member_outputs(*args, **kwargs))
+
+    @staticmethod
+    def combine(logits: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The log of the mean of the softmax probabilities of ``logits`` (one per member, summed
+        in member order, as the simulator's sum), float32, clamped off zero."""
         total: torch.Tensor | None = None
-        for logits in self.member_outputs(*args, **kwargs):  # in member order, as the simulator's sum
-            probs = torch.softmax(logits.float(), dim=-1)
+        for member in logits:
+            probs = torch.softmax(member.float(), dim=-1)
             total = probs if total is None else total + probs
-        assert total is not None
-        mean = total / len(self.members)
+        if total is None:
+            raise ValueError("an ensemble needs at least one member")
+        mean = total / len(logits)
         return mean.clamp_min_(torch.finfo(mean.dtype).tiny).log_()
 
 

@@ -197,6 +197,12 @@ def test_a_run_with_a_full_phase_exports_the_subnetworks_the_sdp_phase_left(tmp_
     assert "full-model phase" in result.stderr and "checkpoint step 4" in result.stdout
     result = cli("export", str(full), "--ensemble", "--step", "8", "--out", str(tmp_path / "z"))
     assert result.returncode == 2 and "full-model phase" in result.stderr
+    # the report (as the README runs it on the full-phase recipe) measures the SDP phase's models
+    result = cli("report", str(full), "--out", str(tmp_path / "rep"), "--repeats", "1", "--batch", "4",
+                 "--no-progress")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "rep" / "models.json").read_text())
+    assert report["step"] == 4 and report["rows"][-1]["model"] == "ensemble of 4"
 
     resumed = tmp_path / "resumed"  # as if killed after the switch's checkpoint
     shutil.copytree(full, resumed)

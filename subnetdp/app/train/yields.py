@@ -94,7 +94,6 @@ def _evaluate(run: RunWorkers, assembled: list[nn.Module], members: list[nn.Modu
     cap = eval_cap(config, final=True)
     size = config["eval.batch_size"]
     sums = torch.zeros(len(assembled) + len(members) + 1, 3, dtype=torch.float64)
-    ensemble = Ensemble(members)
     device = torch.device("cpu")
     with tqdm(total=task.eval_batch_count(size, 0, 1, cap), desc="evaluating every model", unit="batch",
               disable=not progress, leave=False, dynamic_ncols=True) as bar:
@@ -103,15 +102,9 @@ def _evaluate(run: RunWorkers, assembled: list[nn.Module], members: list[nn.Modu
                 outs = [m(x).float() for m in assembled] + [m(x).float() for m in members]
             for i, out in enumerate(outs):
                 sums[i] += torch.tensor(task.eval_sums(out, y), dtype=torch.float64)
-            mixed = torch.stack([torch.softmax(o, dim=-1) for o in outs[len(assembled):]])
-            total = mixed[0]
-            for p in mixed[1:]:  # in member order, as Ensemble.forward and the training's all-reduce
-                total = total + p
-            mean = total / len(members)
-            log_mean = mean.clamp_min_(torch.finfo(mean.dtype).tiny).log_()
+            log_mean = Ensemble.combine(outs[len(assembled):])  # the members' logits, computed once
             sums[-1] += torch.tensor(task.eval_sums(log_mean, y), dtype=torch.float64)
             bar.update(1)
-    del ensemble
     figures = [task.eval_metrics(*row.tolist()) for row in sums]
     return figures[:len(assembled)], figures[len(assembled):-1], figures[-1]
 
